@@ -1,0 +1,161 @@
+"""Per-layer budgets: the one implementation of nnz, sparsity, rank, parameters and MACs.
+
+Conventions (PAPER.md section 1, confirmed by the STR authors):
+- sparsity and parameters are counted over conv and linear weights (and low-rank matrices);
+  BN, biases and thresholds are not counted;
+- MACs of a conv/linear layer: dense MACs x density of its effective weight; a low-rank matrix
+  reports its own MACs through ``budget_entries`` (T x r (out + in) instead of T x out x in).
+MACs are per example and need one forward pass (``example_input``); without it they are NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from strlowrank.threshold import SPARSIFIABLE, SoftThreshold, _matches, weight_parametrizations
+
+COLUMNS = [
+    "name", "kind", "param", "shape", "numel", "nnz", "sparsity", "threshold",
+    "rank", "full_rank", "macs_dense", "macs_sparse",
+]  # fmt: skip
+
+
+def _layer_macs(module: nn.Module, out: torch.Tensor, batch: int) -> float:
+    """Dense multiply-accumulates per example of a conv or linear layer for output ``out``."""
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return out.numel() / batch * w.shape[1]
+    # conv: every output element costs (C_in / groups) * prod(kernel) MACs
+    return out.numel() / batch * (w.shape[1] * math.prod(w.shape[2:]))
+
+
+def _method(module: nn.Module) -> tuple[str, float]:
+    """('str' | 'mask' | 'dense', mean threshold g(s) or NaN) of a conv/linear module."""
+    param, thr = "dense", float("nan")
+    for name, _, p in weight_parametrizations(module):
+        if name:
+            continue
+        if isinstance(p, SoftThreshold):
+            param, thr = "str", float(p.threshold().mean())
+        else:
+            param = "mask"
+    return param, thr
+
+
+def _trace(model: nn.Module, example_input, targets: list[nn.Module]) -> dict[int, tuple]:
+    """Run one forward and record (inputs, output) of each target module."""
+    seen: dict[int, tuple] = {}
+
+    def record(mod: nn.Module, inputs: tuple, output) -> None:
+        seen.setdefault(id(mod), (inputs, output))  # first call only (shared modules)
+
+    hooks = [m.register_forward_hook(record) for m in targets]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def budget_table(
+    model: nn.Module,
+    example_input: torch.Tensor | tuple | None = None,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+) -> pd.DataFrame:
+    """One row per conv/linear weight and per low-rank matrix, in network order, plus 'total'.
+
+    Columns: name, kind (conv2d, linear, gru.W, ...), param (str, mask, dense, lowrank, full),
+    shape, numel, nnz, sparsity, threshold (g(s) or NaN), rank, full_rank (low-rank matrices),
+    macs_dense, macs_sparse (per example; NaN without ``example_input``).
+    """
+    owners = [(n, m) for n, m in model.named_modules() if hasattr(m, "budget_entries")]
+    inside = tuple(n + "." for n, _ in owners)
+    layers = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, SPARSIFIABLE)
+        and not n.startswith(inside)
+        and _matches(n, include)
+        and not _matches(n, exclude)
+    ]
+    batch = 1
+    traced: dict[int, tuple] = {}
+    if example_input is not None:
+        first = example_input[0] if isinstance(example_input, tuple) else example_input
+        batch = first.shape[0]
+        traced = _trace(model, example_input, [m for _, m in layers + owners])
+    rows = []
+    with torch.no_grad():
+        for name, module in layers:
+            w = module.weight
+            numel, nnz = w.numel(), int(torch.count_nonzero(w))
+            param, thr = _method(module)
+            dense = _layer_macs(module, traced[id(module)][1], batch) if id(module) in traced else (
+                float("nan"))
+            rows.append({
+                "name": name, "kind": type(module).__name__.lower(), "param": param,
+                "shape": "x".join(map(str, w.shape)), "numel": numel, "nnz": nnz,
+                "sparsity": 1.0 - nnz / numel, "threshold": thr,
+                "rank": float("nan"), "full_rank": float("nan"),
+                "macs_dense": dense, "macs_sparse": dense * nnz / numel,
+            })  # fmt: skip
+        for name, module in owners:
+            inputs = traced.get(id(module), (None,))[0]
+            for entry in module.budget_entries(inputs):
+                row = {c: float("nan") for c in COLUMNS} | dict(entry)
+                row["name"] = f"{name}.{entry['name']}" if name else entry["name"]
+                if inputs is not None and batch > 1:  # entries count MACs for the whole input
+                    row["macs_dense"] /= batch
+                    row["macs_sparse"] /= batch
+                rows.append(row)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    rows.sort(key=lambda r: _position(order, r["name"]))
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    return pd.concat([table, _total(table)], ignore_index=True)
+
+
+def _position(order: dict[str, int], name: str) -> int:
+    """Network (registration) order of a row's module, so tables and plots follow the model."""
+    while name and name not in order:
+        name = name.rpartition(".")[0]
+    return order.get(name, len(order))
+
+
+def _total(table: pd.DataFrame) -> pd.DataFrame:
+    numel, nnz = int(table["numel"].sum()), int(table["nnz"].sum())
+    return pd.DataFrame([{
+        "name": "total", "kind": "total", "param": "", "shape": "", "numel": numel, "nnz": nnz,
+        "sparsity": 1.0 - nnz / max(numel, 1), "threshold": float("nan"),
+        "rank": float("nan"), "full_rank": float("nan"),
+        "macs_dense": table["macs_dense"].sum(min_count=1),
+        "macs_sparse": table["macs_sparse"].sum(min_count=1),
+    }], columns=COLUMNS)  # fmt: skip
+
+
+def layers(table: pd.DataFrame) -> pd.DataFrame:
+    """The per-layer rows of a budget table (without 'total')."""
+    return table[table["name"] != "total"]
+
+
+def totals(table: pd.DataFrame) -> dict[str, float]:
+    """The 'total' row as a dict: numel, nnz, sparsity, macs_dense, macs_sparse."""
+    row = table[table["name"] == "total"].iloc[0]
+    return {k: float(row[k]) for k in ("numel", "nnz", "sparsity", "macs_dense", "macs_sparse")}
+
+
+def dead_layers(table: pd.DataFrame) -> list[str]:
+    """Names of layers whose effective weight is entirely zero (100% sparsity, or rank 0)."""
+    rows = layers(table)
+    return list(rows.loc[rows["nnz"] == 0, "name"])

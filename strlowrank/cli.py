@@ -1,0 +1,151 @@
+"""The command line every entry point shares.
+
+    --config FILE   YAML config (safe loader)         --out DIR       run folder
+    --data-dir DIR  dataset root                       --epochs N      train.epochs
+    --device NAME   train.device                       --seed N        train.seed
+    --resume CKPT   continue a run                     --test-only     evaluate that checkpoint
+    --section.field VALUE (or =VALUE)                  any other config field, YAML-typed
+
+Precedence: dataclass defaults < --config < the flags above and dotted overrides. User errors
+(bad config, missing data, unreadable checkpoint) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from strlowrank.config import ConfigError, describe_fields, load_config, parse_value
+
+SHORTCUTS = {"epochs": "train.epochs", "device": "train.device", "seed": "train.seed",
+             "data_dir": "data.root", "out": "out"}  # fmt: skip
+
+
+def build_parser(
+    description: str, cfg_cls: type, prog: str | None = None
+) -> argparse.ArgumentParser:
+    """Parser with the shared flags; every config field is listed in the --help epilog."""
+    rows = describe_fields(cfg_cls)
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [
+        f"  --{name:<{width}} {help_} [{tname}, default: {default!r}]"
+        for name, tname, default, help_ in rows
+    ]
+    epilog = "config fields (override any with --NAME VALUE, YAML syntax):\n" + "\n".join(lines)
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--config", help="YAML file with config fields (see below)")
+    p.add_argument("--out", help="run folder: config.yaml, metrics.csv, budget.csv, summary.json, "
+                   "checkpoint.pt, plots/")  # fmt: skip
+    p.add_argument("--data-dir", help="dataset root (default: the embedded default data)")
+    p.add_argument("--epochs", type=int, help="number of training epochs (train.epochs)")
+    p.add_argument("--device", help="auto | cpu | cuda (train.device)")
+    p.add_argument("--seed", type=int, help="random seed (train.seed)")
+    p.add_argument("--resume", help="checkpoint.pt to continue from (or to evaluate)")
+    p.add_argument("--test-only", action="store_true",
+                   help="evaluate the --resume checkpoint on the test split and write summary.json")
+    return p
+
+
+def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
+    """``['--train.lr', '0.1', '--model.cell=lstm']`` -> {'train.lr': 0.1, 'model.cell': 'lstm'}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise ConfigError(f"unrecognized argument: {arg} (see --help)")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(extra):
+                raise ConfigError(f"{arg}: missing value")
+            key, text = arg[2:], extra[i + 1]
+            i += 2
+        out[key.replace("-", "_")] = parse_value(text)
+    return out
+
+
+def parse_config(cfg_cls: type, description: str, argv: Sequence[str] | None = None,
+                 prog: str | None = None) -> tuple[Any, argparse.Namespace]:  # fmt: skip
+    """Parse ``argv`` into (validated config, namespace with resume/test_only/config)."""
+    parser = build_parser(description, cfg_cls, prog)
+    args, extra = parser.parse_known_args(argv)
+    overrides = parse_overrides(extra)
+    for flag, key in SHORTCUTS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    if args.test_only and not args.resume:
+        raise ConfigError("--test-only needs --resume CHECKPOINT")
+    return load_config(cfg_cls, args.config, overrides), args
+
+
+def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
+    """Run an entry point; user errors print one line (no traceback) and return 2.
+
+    Set STRLOWRANK_DEBUG=1 to get the traceback instead.
+    """
+    from strlowrank.engine import Interrupted, TrainingError
+
+    try:
+        main(argv)
+    except Interrupted as e:
+        print(f"interrupted: {e}; continue with --resume", file=sys.stderr)
+        return 143
+    except (ConfigError, ValueError, FileNotFoundError, PermissionError, OSError,
+            TrainingError) as e:  # fmt: skip
+        if os.environ.get("STRLOWRANK_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, TrainingError) else 1
+    return 0
+
+
+def execute(cfg: Any, args: argparse.Namespace, build_task: Callable, report: Callable | None = None
+            ) -> dict[str, Any]:  # fmt: skip
+    """Compose a run: seed, (DDP), run folder, task, train or --test-only, report.
+
+    ``build_task(cfg, info) -> Task``; ``report(model, out_dir, summary)`` runs on rank 0 at the
+    end (plots). The resolved config is written to ``<out>/config.yaml`` before training.
+    """
+    from pathlib import Path
+
+    from strlowrank.checkpoint import load_checkpoint, load_model_state
+    from strlowrank.config import save_config, to_dict
+    from strlowrank.distributed import cleanup, init_distributed
+    from strlowrank.engine import Trainer, seed_everything
+
+    info = init_distributed(cfg.train.device)
+    try:
+        seed_everything(cfg.train.seed)
+        out = Path(cfg.out)
+        if info.is_main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, out / "config.yaml")
+            except OSError as e:
+                raise OSError(f"cannot write the run folder {out}: {e.strerror or e}") from None
+        task = build_task(cfg, info)
+        trainer = Trainer(task, cfg.train, out, info, to_dict(cfg))
+        if args.test_only:
+            state = load_checkpoint(args.resume, map_location=info.device)
+            load_model_state(trainer.model, state["model"], args.resume)
+            summary = trainer.finish()
+        else:
+            summary = trainer.fit(resume=args.resume)
+        if info.is_main:
+            if report is not None:
+                report(trainer.model, out, summary)
+            shown = {k: v for k, v in summary.items() if k.endswith("acc") or k == "sparsity"}
+            print("summary: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+            print(f"run folder: {out}")
+        return summary
+    finally:
+        cleanup(info)

@@ -1,0 +1,147 @@
+"""Soft Threshold Reparameterization (STR), Kusupati et al., ICML 2020, equation (2).
+
+    S_g(W, s) = sign(W) * relu(|W| - g(s)),   g = sigmoid
+
+A weight is replaced by its soft-thresholded version with a learnable threshold parameter ``s``
+(one per layer by default). Gradients are the true sub-gradients given by autograd:
+
+    dL/dW = dL/dS * 1[|W| > g(s)]
+    dL/ds = -g'(s) * sum_{|W| > g(s)} dL/dS * sign(W)
+
+There is no sparsity loss: weight decay on ``s`` (which is negative) pulls it towards 0 and so
+raises g(s). STR is applied as a ``torch.nn.utils.parametrize`` parametrization on stock conv and
+linear modules, selected by name patterns; removing it bakes S_g(W, s) into plain weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+GRANULARITIES = ("layer", "channel", "global")
+SPARSIFIABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def soft_threshold(
+    w: torch.Tensor, s: torch.Tensor, g: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid
+) -> torch.Tensor:
+    """Return sign(w) * relu(|w| - g(s)), computed in float32, cast back to w's dtype.
+
+    ``s`` broadcasts against ``w`` (a scalar for a per-layer threshold, shape [out, 1, ...] for
+    a per-output-channel one). Thresholds near 1e-3 are below bf16 resolution, so the arithmetic
+    runs in float32 even under autocast.
+    """
+    with torch.autocast(device_type=w.device.type, enabled=False):
+        w32 = w.float()
+        out = torch.sign(w32) * F.relu(w32.abs() - g(s.float()))
+    return out.to(w.dtype)
+
+
+class SoftThreshold(nn.Module):
+    """Parametrization W -> S_g(W, s) with a learnable threshold parameter ``s``.
+
+    ``s`` has shape [] (per layer, or shared for a global threshold) or [out, 1, ..., 1]
+    (per output channel). The same Parameter object may be shared by several instances.
+    """
+
+    param_roles = {"s": "threshold"}
+
+    def __init__(self, s: nn.Parameter) -> None:
+        super().__init__()
+        self.s = s
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return soft_threshold(w, self.s)
+
+    def threshold(self) -> torch.Tensor:
+        """g(s), detached: the value below which weights are zeroed."""
+        return torch.sigmoid(self.s.detach().float())
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_modules(
+    model: nn.Module,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    types: tuple[type[nn.Module], ...] = SPARSIFIABLE,
+) -> list[tuple[str, nn.Module]]:
+    """Conv/linear modules whose qualified names match an ``include`` and no ``exclude`` glob."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, types) and _matches(name, include) and not _matches(name, exclude)
+    ]
+
+
+def apply_soft_threshold(
+    model: nn.Module,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    s_init: float = -5.0,
+    granularity: str = "layer",
+) -> list[str]:
+    """Register STR on the ``weight`` of every selected conv/linear module of ``model``.
+
+    Args:
+        include, exclude: fnmatch globs over qualified module names (``"layer1.*"``, ``"fc"``).
+        s_init: initial threshold parameter; g(s_init) is the initial threshold.
+        granularity: ``"layer"`` (one s per weight tensor, the paper's default), ``"channel"``
+            (one s per output channel) or ``"global"`` (one s shared by all selected layers).
+    Returns:
+        The qualified names of the modules STR was applied to, in network order.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    candidates = select_modules(model, include, exclude)
+    selected = [(n, m) for n, m in candidates if not is_parametrized(m)]
+    if not selected:
+        raise ValueError(f"apply_soft_threshold: no conv/linear module matches include={include}")
+    shared = None
+    for _, module in selected:
+        w = module.weight
+        if granularity == "global":
+            shared = shared if shared is not None else nn.Parameter(torch.tensor(float(s_init)))
+            s = shared
+        elif granularity == "channel":
+            shape = (w.shape[0],) + (1,) * (w.dim() - 1)
+            s = nn.Parameter(torch.full(shape, float(s_init), device=w.device))
+        else:
+            s = nn.Parameter(torch.tensor(float(s_init), device=w.device))
+        parametrize.register_parametrization(module, "weight", SoftThreshold(s))
+    return [n for n, _ in selected]
+
+
+def is_parametrized(module: nn.Module, tensor_name: str = "weight") -> bool:
+    return parametrize.is_parametrized(module, tensor_name)
+
+
+def weight_parametrizations(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """Yield (module name, module, parametrization) for every parametrized ``weight``."""
+    for name, module in model.named_modules():
+        if is_parametrized(module):
+            for p in module.parametrizations["weight"]:
+                yield name, module, p
+
+
+def thresholded_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, SoftThreshold]]:
+    """Yield (name, module, SoftThreshold) for every STR-parametrized module."""
+    for name, module, p in weight_parametrizations(model):
+        if isinstance(p, SoftThreshold):
+            yield name, module, p
+
+
+def remove_soft_threshold(model: nn.Module) -> list[str]:
+    """Bake S_g(W, s) into plain ``weight`` Parameters and drop the thresholds (same outputs)."""
+    names = []
+    for name, module, _ in list(thresholded_modules(model)):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        names.append(name)
+    return names

@@ -1,0 +1,69 @@
+"""Config layering (defaults < YAML < command line) and one-line errors naming the field."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from strlowrank.cli import parse_config, parse_overrides
+from strlowrank.config import ConfigError, from_dict, load_config, option, to_dict
+from strlowrank.engine import TrainConfig
+
+
+@dataclass
+class DataCfg:
+    root: str | None = option(None, "dataset root")
+
+
+@dataclass
+class Cfg:
+    out: str = option("runs/x", "run folder")
+    target: float | None = option(None, "target sparsity", min=0.0, max=1.0)
+    data: DataCfg = option(factory=DataCfg)
+    train: TrainConfig = option(factory=TrainConfig)
+
+
+def test_layering(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.5\n  epochs: 3\nout: from_yaml\n")
+    cfg, args = parse_config(Cfg, "t", ["--config", str(path), "--epochs", "7",
+                                        "--train.optimizer=adam", "--data-dir", "/d"])
+    assert cfg.train.lr == 0.5 and cfg.train.epochs == 7 and cfg.train.optimizer == "adam"
+    assert cfg.out == "from_yaml" and cfg.data.root == "/d"
+    assert to_dict(from_dict(Cfg, to_dict(cfg))) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.lrr": 1}, "unknown config key 'train.lrr'"),
+    ({"train.lr": "fast"}, "train.lr: expected float"),
+    ({"train.epochs": 2.5}, "train.epochs: expected int"),
+    ({"train.epochs": 0}, "train.epochs: must be >= 1"),
+    ({"target": 1.5}, "target: must be <= 1.0"),
+    ({"train.weight_decay": -1e-4}, "train.weight_decay: must be >= 0.0"),
+    ({"train.optimizer": "lbfgs"}, "train.optimizer: must be one of"),
+    ({"train.progress": "yes please"}, "train.progress: expected bool"),
+])
+def test_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Cfg, None, overrides)
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Cfg, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(Cfg, bad)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("out: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Cfg, evil)
+
+
+def test_override_parsing():
+    assert parse_overrides(["--a.b", "1e-3", "--c.d=[x, y]", "--e.f=true"]) == {
+        "a.b": 1e-3, "c.d": ["x", "y"], "e.f": True}
+    with pytest.raises(ConfigError, match="unrecognized argument: --bogus"):
+        parse_overrides(["--bogus", "1"])
+    with pytest.raises(ConfigError, match="missing value"):
+        parse_overrides(["--a.b"])

@@ -1,0 +1,105 @@
+"""The training engine: run folder, exact resume, determinism, interruption, numerical faults."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from strlowrank import apply_soft_threshold
+from strlowrank.checkpoint import CheckpointError, load_checkpoint
+from strlowrank.distributed import DistInfo
+from strlowrank.engine import Interrupted, Task, TrainConfig, Trainer, TrainingError, seed_everything
+
+
+def make_task(seed: int = 0) -> Task:
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(96, 10, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    seed_everything(seed)
+    model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+    apply_soft_threshold(model, s_init=-4.0)
+    return Task(model=model, train_set=TensorDataset(x[:64], y[:64]),
+                val_set=TensorDataset(x[64:], y[64:]), test_set=TensorDataset(x[64:], y[64:]),
+                example_input=x[:2])
+
+
+def make_cfg(**kw) -> TrainConfig:
+    base = dict(epochs=4, batch_size=16, lr=0.2, weight_decay=1e-3, threshold_decay=0.1,
+                warmup_epochs=1, label_smoothing=0.1, clip_grad=5.0, progress=False)
+    return TrainConfig(**(base | kw))
+
+
+def train(out, resume=None, **kw) -> Trainer:
+    trainer = Trainer(make_task(), make_cfg(**kw), out, DistInfo())
+    trainer.fit(resume=resume)
+    return trainer
+
+
+def test_run_folder_and_learning(tmp_path):
+    trainer = train(tmp_path)
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3, 4]
+    assert metrics["sparsity"].iloc[-1] > metrics["sparsity"].iloc[0]  # decay on s prunes
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["val_acc"] > 0.5 and "test_acc" in summary
+    budget = pd.read_csv(tmp_path / "budget.csv")
+    assert list(budget["name"]) == ["0", "3", "total"]
+    history = pd.read_csv(tmp_path / "budget_history.csv")
+    assert len(history) == 4 * 2
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 4
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full = train(tmp_path / "full")
+    half = Trainer(make_task(), make_cfg(), tmp_path / "half", DistInfo())
+    # interrupt in the middle of epoch 2 (after batch 2 of 4)
+    orig = half._train_step
+
+    def step_then_stop(x, y):
+        out = orig(x, y)
+        if half.step == 6:
+            half._stop_signal = 15
+        return out
+
+    half._train_step = step_then_stop
+    with pytest.raises(Interrupted):
+        half.fit()
+    resumed = Trainer(make_task(seed=99), make_cfg(), tmp_path / "half", DistInfo())
+    resumed.fit(resume=tmp_path / "half" / "checkpoint.pt")
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (tmp_path / "full" / "metrics.csv").read_text() == (
+        tmp_path / "half" / "metrics.csv").read_text()
+
+
+def test_same_seed_same_metrics(tmp_path):
+    train(tmp_path / "a")
+    train(tmp_path / "b")
+    assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
+
+
+def test_nan_loss_stops_with_epoch_and_step(tmp_path):
+    trainer = Trainer(make_task(), make_cfg(epochs=3), tmp_path, DistInfo())
+    orig = trainer.task.model.forward
+
+    def poisoned(x):
+        out = orig(x)
+        return out * float("nan") if trainer.epoch == 1 and trainer.batch_in_epoch == 1 else out
+
+    trainer.task.model.forward = poisoned
+    with pytest.raises(TrainingError, match=r"epoch 2, step 5"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1  # last good one kept
+
+
+def test_checkpoint_of_another_model(tmp_path):
+    train(tmp_path / "a", epochs=1)
+    other = make_task()
+    other.model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+    trainer = Trainer(other, make_cfg(), tmp_path / "b", DistInfo())
+    with pytest.raises(CheckpointError, match="another model"):
+        trainer.load(tmp_path / "a" / "checkpoint.pt")

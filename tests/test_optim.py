@@ -1,0 +1,59 @@
+"""Optimizer groups by role and the warm-up + cosine schedule."""
+
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from strlowrank import apply_soft_threshold
+from strlowrank.optim import build_optimizer, param_groups, parameter_roles, warmup_cosine_factor
+
+
+def test_every_parameter_exactly_once_with_intended_decay():
+    model = torchvision.models.resnet18(num_classes=10)
+    apply_soft_threshold(model, s_init=-5.0, granularity="layer")
+    groups = param_groups(model, 5e-5, {"threshold": 1e-4, "norm_bias": 0.0})
+    by_role = {g["role"]: g for g in groups}
+    assert set(by_role) == {"weight", "threshold", "norm_bias"}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters()}
+    assert len(by_role["threshold"]["params"]) == 21
+    assert len(by_role["weight"]["params"]) == 21  # 20 convs + fc weight (parametrized originals)
+    assert by_role["threshold"]["weight_decay"] == 1e-4
+    assert by_role["weight"]["weight_decay"] == 5e-5
+    assert by_role["norm_bias"]["weight_decay"] == 0.0
+    assert all(p.dim() == 1 for p in by_role["norm_bias"]["params"])  # BN weights, biases
+
+
+def test_shared_global_threshold_listed_once():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    apply_soft_threshold(model, granularity="global")
+    roles = [r for _, _, r in parameter_roles(model)]
+    assert roles.count("threshold") == 1
+
+
+def test_declared_roles_and_lr_scale():
+    class Spectral(nn.Module):
+        param_roles = {"sigma": "spectrum"}
+
+        def __init__(self):
+            super().__init__()
+            self.sigma = nn.Parameter(torch.ones(3))
+
+    groups = param_groups(Spectral(), 0.1, {"spectrum": 0.0}, {"spectrum": 10.0})
+    opt = build_optimizer(groups, "adam", lr=1e-3)
+    assert groups[0]["role"] == "spectrum"
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2)
+    assert opt.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_warmup_cosine_values():
+    assert warmup_cosine_factor(0, 10, 110, 0.0) == pytest.approx(0.1)
+    assert warmup_cosine_factor(9, 10, 110, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine_factor(10, 10, 110, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine_factor(60, 10, 110, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine_factor(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(35, 10, 110, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
