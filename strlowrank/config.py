@@ -131,13 +131,27 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}{name}"
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], key)
-        elif dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = from_dict(hints[name], {}, prefix=f"{key}.")
-        if name in kwargs:
+        value = data.get(name, dataclasses.MISSING)
+        if dataclasses.is_dataclass(hints[name]):
+            # a section's defaults are its factory's instance (tracks override TrainConfig's)
+            base = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            base = to_dict(base) if base is not None else {}
+            if isinstance(value, dict):
+                value = _merge(base, value)
+            elif value is dataclasses.MISSING:
+                value = base
+        if value is not dataclasses.MISSING:
+            kwargs[name] = _coerce(value, hints[name], key)
             _check_range(kwargs[name], dict(f.metadata), key)
     return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Recursive dict update (``update`` wins) without modifying either argument."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -192,21 +206,19 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted name, type name, default, help) for every leaf field, for --help."""
+def describe_fields(cls: type, prefix: str = "", instance: Any = None) -> list[tuple]:
+    """(dotted name, type name, default, help) for every leaf field, for --help.
+
+    Defaults are read from a default instance, so a track's section factories show their values.
+    """
+    instance = from_dict(cls, {}) if instance is None else instance
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
+        tp, value = hints[f.name], getattr(instance, f.name)
         if dataclasses.is_dataclass(tp):
-            rows += describe_fields(tp, prefix=f"{prefix}{f.name}.")
+            rows += describe_fields(tp, f"{prefix}{f.name}.", value)
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
-        tname = str(tp).replace("typing.", "") if not isinstance(tp, type) else tp.__name__
-        rows.append((f"{prefix}{f.name}", tname, default, f.metadata.get("help", "")))
+        tname = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+        rows.append((f"{prefix}{f.name}", tname, value, f.metadata.get("help", "")))
     return rows

@@ -48,7 +48,7 @@ class TrainConfig:
     """Optimization and run settings shared by both tracks (the ``train.*`` config section)."""
 
     epochs: int = option(10, "number of training epochs", min=1)
-    batch_size: int = option(64, "batch size per process", min=1)
+    batch_size: int = option(64, "global batch size (split evenly over DDP processes)", min=1)
     optimizer: str = option("sgd", "sgd | adam | adamw", choices=("sgd", "adam", "adamw"))
     lr: float = option(0.1, "peak learning rate (after warm-up)", min=0.0)
     momentum: float = option(0.9, "SGD momentum", min=0.0, max=1.0)
@@ -172,8 +172,12 @@ class Trainer:
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if info.device.type == "cuda" else "off")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=amp == "fp16")
+        if cfg.batch_size % info.world_size:
+            raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by the "
+                             f"{info.world_size} processes")  # fmt: skip
+        self.batch_size = cfg.batch_size // info.world_size  # per process
         self.steps_per_epoch = math.ceil(
-            len(EpochSampler(len(task.train_set), 0, 0, False, info)) / cfg.batch_size
+            len(EpochSampler(len(task.train_set), 0, 0, False, info)) / self.batch_size
         )
         decay = dict(cfg.role_decay)
         decay.setdefault("threshold", cfg.threshold_decay if cfg.threshold_decay is not None
@@ -208,9 +212,9 @@ class Trainer:
     # ----------------------------------------------------------------------------- data
     def loader(self, dataset: Dataset, epoch: int, train: bool, start: int = 0) -> DataLoader:
         sampler = EpochSampler(len(dataset), self.cfg.seed, epoch, shuffle=train, info=self.info,
-                               start=start * self.cfg.batch_size, pad=train)  # fmt: skip
+                               start=start * self.batch_size, pad=train)  # fmt: skip
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler,
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.cfg.workers, generator=g,
                           pin_memory=self.info.device.type == "cuda",
                           persistent_workers=False)  # fmt: skip

@@ -1,0 +1,43 @@
+"""Configuration of the speech track (``python speech/train_gru.py``): learned-rank GRU/LSTM
+keyword spotting; defaults train the STR GRU-128 on the synthetic Speech Commands tree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from speech.features import FeatureConfig
+from speech.models import SpeechModelConfig
+from strlowrank.config import option
+from strlowrank.engine import TrainConfig
+
+
+@dataclass
+class SpeechDataConfig:
+    root: str | None = option(None, "Speech Commands root (default: the synthetic espeak tree)")
+    task: str = option("google12", "google12 (10 words + unknown + silence) | all35",
+                       choices=("google12", "all35"))  # fmt: skip
+    silence_fraction: float = option(0.1, "silence clips per split, relative to its size",
+                                     min=0.0, max=1.0)  # fmt: skip
+    unknown_fraction: float | None = option(
+        0.1, "google12: unknown-word clips kept, relative to the split (null: keep all)",
+        min=0.0, max=1.0)  # fmt: skip
+    augment_shift: int = option(0, "training augmentation: random time shift, in frames", min=0)
+    augment_noise: float = option(0.0, "training augmentation: feature noise std", min=0.0)
+
+
+@dataclass
+class SpectraConfig:
+    refactorize_every_epochs: int = option(
+        1, "STR: re-orthonormalize P, Q by SVD every N epochs (0: never)", min=0)  # fmt: skip
+
+
+@dataclass
+class SpeechConfig:
+    out: str = option("runs/speech", "run folder")
+    data: SpeechDataConfig = option(factory=SpeechDataConfig)
+    features: FeatureConfig = option(factory=FeatureConfig)
+    model: SpeechModelConfig = option(factory=SpeechModelConfig)
+    lowrank: SpectraConfig = option(factory=SpectraConfig)
+    train: TrainConfig = option(factory=lambda: TrainConfig(
+        epochs=20, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0,
+        threshold_decay=0.0, warmup_epochs=1.0, clip_grad=1.0))  # fmt: skip

@@ -1,0 +1,61 @@
+"""Configuration of the vision track (``python vision/train.py``): defaults for the embedded
+Fashion-MNIST subset; configs/vision_*.yaml hold the paper's ImageNet recipes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from strlowrank.config import option
+from strlowrank.engine import TrainConfig
+
+METHODS = ("dense", "str", "gmp", "uniform", "transfer")
+
+
+@dataclass
+class VisionDataConfig:
+    name: str = option("fashion_mnist", "fashion_mnist | imagenet | cifar10 | imagefolder",
+                       choices=("fashion_mnist", "imagenet", "cifar10", "imagefolder"))  # fmt: skip
+    root: str | None = option(None, "dataset root (default: the shipped Fashion-MNIST subset)")
+    image_size: int | None = option(None, "input side in pixels (default: 32 small, 224 ImageNet)",
+                                    min=8)  # fmt: skip
+    augment: bool = option(True, "crop + flip training augmentation (small-image datasets)")
+    skip_bad_images: bool = option(False, "drop unreadable images (with a count), don't fail")
+
+
+@dataclass
+class VisionModelConfig:
+    name: str = option("resnet20", "resnet18 | resnet50 | mobilenet_v1 | resnet20 | "
+                       "resnet18_small | mobilenet_v1_small")  # fmt: skip
+    width: float = option(1.0, "MobileNetV1 width multiplier", min=0.05)
+
+
+@dataclass
+class MethodConfig:
+    """How the network is sparsified."""
+
+    name: str = option("str", "dense | str | gmp | uniform | transfer", choices=METHODS)
+    s_init: float = option(-6.0, "STR: initial threshold parameter; g(s_init) is the threshold")
+    granularity: str = option("layer", "STR threshold: layer | channel | global",
+                              choices=("layer", "channel", "global"))  # fmt: skip
+    keep_first_dense: bool = option(False, "leave the stem conv unsparsified")
+    keep_last_dense: bool = option(False, "leave the classifier unsparsified")
+    final_sparsity: float = option(0.9, "gmp/uniform: final overall sparsity", min=0.0, max=0.999)
+    gmp_scope: str = option("global", "gmp: global | layer magnitude ranking",
+                            choices=("global", "layer"))  # fmt: skip
+    start_epoch: float = option(0.0, "gmp/uniform/transfer: epoch where pruning starts", min=0.0)
+    end_epoch: float | None = option(None, "... and where it ends (default 75% of training)",
+                                     min=0.0)  # fmt: skip
+    update_every: int = option(20, "gmp/uniform/transfer: steps between mask updates", min=1)
+    budget: str | None = option(None, "transfer: budget.csv of an STR run (per-layer densities)")
+
+
+@dataclass
+class VisionConfig:
+    out: str = option("runs/vision", "run folder")
+    data: VisionDataConfig = option(factory=VisionDataConfig)
+    model: VisionModelConfig = option(factory=VisionModelConfig)
+    method: MethodConfig = option(factory=MethodConfig)
+    train: TrainConfig = option(factory=lambda: TrainConfig(
+        epochs=15, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+        threshold_decay=0.02, warmup_epochs=1.0, label_smoothing=0.1))  # fmt: skip
