@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from speech.features import FeatureConfig
 from speech.models import SpeechModelConfig
 from strlowrank.config import option
+from strlowrank.controller import ControllerConfig
 from strlowrank.engine import TrainConfig
 
 
@@ -38,6 +39,7 @@ class SpeechConfig:
     features: FeatureConfig = option(factory=FeatureConfig)
     model: SpeechModelConfig = option(factory=SpeechModelConfig)
     lowrank: SpectraConfig = option(factory=SpectraConfig)
+    controller: ControllerConfig = option(factory=ControllerConfig)
     train: TrainConfig = option(factory=lambda: TrainConfig(
         epochs=20, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0,
         threshold_decay=0.0, warmup_epochs=1.0, clip_grad=1.0))  # fmt: skip

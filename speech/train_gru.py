@@ -23,6 +23,7 @@ from speech.config import SpeechConfig
 from speech.features import augment, load_features
 from speech.models import build_model, recurrent_params
 from strlowrank.cli import execute, parse_config, run_main
+from strlowrank.controller import build_controller
 from strlowrank.distributed import DistInfo
 from strlowrank.engine import Task
 from strlowrank.lowrank import Refactorize, matrix_spectra
@@ -67,6 +68,11 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
                 "hidden": cfg.model.hidden, "params": recurrent_params(model),
                 "ranks": {n: int(r) for n, r in zip(ranks["name"], ranks["rank"])}}  # fmt: skip
 
+    controller = build_controller(cfg.controller, model, val.x[:1])
+    if controller is not None:
+        if cfg.model.param != "str":
+            raise ValueError("controller.target: a budget target needs model.param str")
+        callbacks.append(controller)
     augmenting = d.augment_shift > 0 or d.augment_noise > 0
     return Task(model=model, train_set=TensorDataset(train.x, train.y),
                 val_set=TensorDataset(val.x, val.y), test_set=TensorDataset(test.x, test.y),

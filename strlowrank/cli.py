@@ -49,6 +49,13 @@ def build_parser(
     p.add_argument("--resume", help="checkpoint.pt to continue from (or to evaluate)")
     p.add_argument("--test-only", action="store_true",
                    help="evaluate the --resume checkpoint on the test split and write summary.json")
+    if any(name.startswith("controller.") for name, *_ in rows):
+        g = p.add_argument_group("budget targets (a controller steers the threshold decay)")
+        g.add_argument("--target-sparsity", metavar="S",
+                       help="final overall sparsity, e.g. 0.9 (or 90)")
+        g.add_argument("--target-macs", metavar="F", help="final sparse/dense MACs, e.g. 0.1")
+        g.add_argument("--target-params", metavar="N", help="final parameter count (speech)")
+        g.add_argument("--target-rank", metavar="R", help="final sum of learned ranks (speech)")
     return p
 
 
@@ -75,8 +82,11 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
 def parse_config(cfg_cls: type, description: str, argv: Sequence[str] | None = None,
                  prog: str | None = None) -> tuple[Any, argparse.Namespace]:  # fmt: skip
     """Parse ``argv`` into (validated config, namespace with resume/test_only/config)."""
+    from strlowrank.controller import expand_target_flags
+
     parser = build_parser(description, cfg_cls, prog)
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(expand_target_flags(argv))
     overrides = parse_overrides(extra)
     for flag, key in SHORTCUTS.items():
         value = getattr(args, flag)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -154,6 +155,17 @@ def accuracy_counts(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float
     return float(hit[:, 0].sum()), float(hit.any(dim=1).sum())
 
 
+def replicas_in_sync(model: nn.Module, info: DistInfo) -> bool:
+    """True when every DDP rank holds bit-identical parameters (compares float64 checksums)."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        sums = torch.stack([flat.sum(), (flat * weights.remainder(97)).sum()])
+        both = torch.cat([sums, -sums])  # max over ranks of x and of -x: equal iff all ranks agree
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(both[:2], -both[2:]))
+
+
 class Trainer:
     """Train and evaluate ``task.model`` as configured; only rank 0 prints and writes."""
 
@@ -187,6 +199,9 @@ class Trainer:
         self.groups = param_groups(self.model, cfg.weight_decay, decay, cfg.role_lr)
         self.optimizer = build_optimizer(self.groups, cfg.optimizer, cfg.lr, cfg.momentum,
                                          cfg.nesterov)  # fmt: skip
+        for cb in task.callbacks:  # callbacks that steer the optimizer (budget controller)
+            if hasattr(cb, "bind"):
+                cb.bind(self.optimizer)
         total = cfg.epochs * self.steps_per_epoch
         warm = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.scheduler = warmup_cosine(self.optimizer, warm, total, cfg.min_lr_ratio)
@@ -414,6 +429,9 @@ class Trainer:
             summary |= self.task.summarize(table)
         if train_time is not None:
             summary["train_time_s"] = round(train_time, 2)
+        if self.info.enabled:
+            summary["world_size"] = self.info.world_size
+            summary["replicas_in_sync"] = replicas_in_sync(self.model, self.info)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -11,7 +11,14 @@ from torch.utils.data import TensorDataset
 from strlowrank import apply_soft_threshold
 from strlowrank.checkpoint import CheckpointError, load_checkpoint
 from strlowrank.distributed import DistInfo
-from strlowrank.engine import Interrupted, Task, TrainConfig, Trainer, TrainingError, seed_everything
+from strlowrank.engine import (
+    Interrupted,
+    Task,
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    seed_everything,
+)
 
 
 def make_task(seed: int = 0) -> Task:
@@ -79,7 +86,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 def test_same_seed_same_metrics(tmp_path):
     train(tmp_path / "a")
     train(tmp_path / "b")
-    assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
+    a, b = (tmp_path / r / "metrics.csv" for r in "ab")
+    assert a.read_text() == b.read_text()
 
 
 def test_nan_loss_stops_with_epoch_and_step(tmp_path):

@@ -56,4 +56,5 @@ def test_warmup_cosine_values():
     assert warmup_cosine_factor(10, 10, 110, 0.0) == pytest.approx(1.0)
     assert warmup_cosine_factor(60, 10, 110, 0.0) == pytest.approx(0.5)
     assert warmup_cosine_factor(110, 10, 110, 0.1) == pytest.approx(0.1)
-    assert warmup_cosine_factor(35, 10, 110, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    quarter = 0.5 * (1 + math.cos(math.pi / 4))
+    assert warmup_cosine_factor(35, 10, 110, 0.0) == pytest.approx(quarter)

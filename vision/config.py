@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strlowrank.config import option
+from strlowrank.controller import ControllerConfig
 from strlowrank.engine import TrainConfig
 
 METHODS = ("dense", "str", "gmp", "uniform", "transfer")
@@ -17,8 +18,8 @@ class VisionDataConfig:
     name: str = option("fashion_mnist", "fashion_mnist | imagenet | cifar10 | imagefolder",
                        choices=("fashion_mnist", "imagenet", "cifar10", "imagefolder"))  # fmt: skip
     root: str | None = option(None, "dataset root (default: the shipped Fashion-MNIST subset)")
-    image_size: int | None = option(None, "input side in pixels (default: 32 small, 224 ImageNet)",
-                                    min=8)  # fmt: skip
+    image_size: int | None = option(
+        None, "input side in pixels (default: 28 Fashion-MNIST, 32 CIFAR, 224 others)", min=8)
     augment: bool = option(True, "crop + flip training augmentation (small-image datasets)")
     skip_bad_images: bool = option(False, "drop unreadable images (with a count), don't fail")
 
@@ -56,6 +57,7 @@ class VisionConfig:
     data: VisionDataConfig = option(factory=VisionDataConfig)
     model: VisionModelConfig = option(factory=VisionModelConfig)
     method: MethodConfig = option(factory=MethodConfig)
+    controller: ControllerConfig = option(factory=ControllerConfig)
     train: TrainConfig = option(factory=lambda: TrainConfig(
         epochs=15, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
         threshold_decay=0.02, warmup_epochs=1.0, label_smoothing=0.1))  # fmt: skip

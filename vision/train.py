@@ -18,6 +18,7 @@ import torch
 
 from strlowrank import apply_soft_threshold, pruning
 from strlowrank.cli import execute, parse_config, run_main
+from strlowrank.controller import build_controller
 from strlowrank.distributed import DistInfo
 from strlowrank.engine import Task
 from vision.config import VisionConfig
@@ -54,10 +55,16 @@ def sparsify(model: torch.nn.Module, cfg: VisionConfig) -> list:
 def build_task(cfg: VisionConfig, info: DistInfo) -> Task:
     d = cfg.data
     train_set, val_set, num_classes, in_chans = build_datasets(
-        d.name, d.root, d.image_size, augment=d.augment, skip_bad_images=d.skip_bad_images)
+        d.name, d.root, d.image_size, augment=d.augment, skip_bad_images=d.skip_bad_images
+    )
     model = build_model(cfg.model.name, num_classes, in_chans, width=cfg.model.width)
     callbacks = sparsify(model, cfg)
     example = val_set[0][0].unsqueeze(0)
+    controller = build_controller(cfg.controller, model, example)
+    if controller is not None:
+        if cfg.method.name != "str":
+            raise ValueError("controller.target: a budget target needs method.name str")
+        callbacks.append(controller)
 
     def summarize(table) -> dict:
         return {"track": "vision", "method": cfg.method.name, "model": cfg.model.name}

@@ -1,0 +1,376 @@
+"""Budget control: steer the decay on STR thresholds so that a run ends at a requested total.
+
+STR has no sparsity loss; the weight decay lambda_s on the threshold parameters s is the sparsity
+knob (PAPER.md section 1). Here lambda_s is a feedback variable. Every ``every`` optimizer steps
+the controller measures the total y (a fraction that rises with the thresholds: sparsity, MAC
+reduction, parameter reduction, rank reduction) and compares it with a target schedule
+(t = steps done / total steps, y_0 = the total at the start, y_T = the requested total):
+
+    p = clip((t - t_start) / (t_end - t_start), 0, 1)
+    r(t) = y_T + (y_0 - y_T) (1 - p)^3            (cubic, Zhu & Gupta 2017; linear: 1 - p)
+
+A PI law in log space sets the decay of every optimizer group whose role is "threshold":
+
+    e_k = r(t_k) - y_k,     I_k = I_{k-1} + e_k (t_k - t_{k-1})
+    lambda_s = clip(lambda_0 exp(k_p e_k + k_i I_k), lambda_min, lambda_max)
+
+(the integral is frozen while the decay is saturated in the direction of the error). Decay acts
+through the optimizer and fades with the learning rate, so once the schedule holds the target
+(t >= t_end, when |e| > tolerance), after an overshoot (y - r > overshoot, which decay cannot
+undo) and at the last step, an exact correction shifts every threshold parameter by one common
+delta, found by bisection (y is non-decreasing in delta):
+
+    s_l <- s_l + delta,     y(s + delta) = r(t)
+
+Since g(s) = sigmoid(s) ~ exp(s) for s << 0, the shift multiplies every layer's threshold by about
+the same factor exp(delta): the per-layer allocation learned by STR is kept. docs/CONTROLLER.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from strlowrank.budget import budget_table, layers
+from strlowrank.config import option
+from strlowrank.optim import parameter_roles
+
+METRICS = ("sparsity", "macs", "params", "rank")
+TRACE_COLUMNS = ["step", "target", "measured", "achieved", "decay"]
+Measure = Callable[[nn.Module], float]
+
+
+@dataclass
+class ControllerConfig:
+    """Budget controller settings (the ``controller.*`` config section); off unless ``target``."""
+
+    target: float | None = option(
+        None, "requested final total, in the metric's unit: sparsity (fraction, or % if > 1), "
+        "macs (sparse / dense MACs), params (count), rank (sum of learned ranks); None: off",
+        min=0.0,
+    )  # fmt: skip
+    metric: str = option("sparsity", "what the target counts", choices=METRICS)
+    start: float = option(0.0, "fraction of training where the ramp to the target starts",
+                          min=0.0, max=1.0)  # fmt: skip
+    end: float = option(0.75, "fraction of training where the ramp reaches the target (then hold)",
+                        min=0.0, max=1.0)  # fmt: skip
+    shape: str = option("cubic", "ramp shape: cubic (Zhu & Gupta) | linear",
+                        choices=("cubic", "linear"))  # fmt: skip
+    every: int = option(10, "update interval in optimizer steps", min=1)
+    kp: float = option(10.0, "proportional gain: log-decay change per unit of error", min=0.0)
+    ki: float = option(100.0, "integral gain: log-decay change per unit error x training fraction",
+                       min=0.0)  # fmt: skip
+    decay_init: float | None = option(
+        None, "initial decay on s; default: the threshold group's configured decay", min=0.0
+    )
+    decay_min: float = option(1e-6, "lower bound of the decay on s", min=0.0)
+    decay_max: float = option(0.1, "upper bound of the decay on s", min=0.0)
+    correction: str = option(
+        "hold", "exact common shift of all s: off | final (last step) | hold (after the ramp, when "
+        "the error exceeds tolerance, and at the last step)", choices=("off", "final", "hold")
+    )  # fmt: skip
+    tolerance: float = option(0.001, "hold-phase error that triggers a correction", min=0.0)
+    overshoot: float = option(
+        0.02, "during the ramp, a total above the schedule by more than this is shifted back "
+        "(decay cannot lower thresholds; fully pruned layers get no gradient to recover)", min=0.0
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------- metrics
+def budget_metric(
+    kept: str = "nnz",
+    full: str = "numel",
+    example_input: torch.Tensor | tuple | None = None,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    rank_rows: bool = False,
+) -> Measure:
+    """A measure 1 - sum(kept) / sum(full) over the per-layer rows of :func:`budget_table`.
+
+    ``rank_rows`` keeps only rows with a rank (low-rank matrices). ``example_input`` is needed
+    only for the MAC columns; it is moved to the model's device at each call.
+    """
+
+    def measure(model: nn.Module) -> float:
+        ex = example_input
+        if isinstance(ex, torch.Tensor):
+            ex = ex.to(next(model.parameters()).device)
+        rows = layers(budget_table(model, ex, include, exclude))
+        if rank_rows:
+            rows = rows[rows["rank"].notna()]
+        total = float(rows[full].sum())
+        return 1.0 - float(rows[kept].sum()) / total if total > 0 else 0.0
+
+    return measure
+
+
+def sparsity_metric(include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> Measure:
+    """Total sparsity 1 - nnz / numel (the budget table's 'total' sparsity). For low-rank
+    matrices nnz is the parameter count of the compact factors, so this is also 1 - params / dense
+    params."""
+    return budget_metric("nnz", "numel", None, include, exclude)
+
+
+def macs_metric(example_input: torch.Tensor | tuple, include: Sequence[str] = ("*",),
+                exclude: Sequence[str] = ()) -> Measure:  # fmt: skip
+    """MAC reduction 1 - macs_sparse / macs_dense (one forward of ``example_input`` per call)."""
+    return budget_metric("macs_sparse", "macs_dense", example_input, include, exclude)
+
+
+def rank_metric(include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> Measure:
+    """Rank reduction 1 - sum(rank) / sum(full_rank) over the low-rank matrices."""
+    return budget_metric("rank", "full_rank", None, include, exclude, rank_rows=True)
+
+
+def make_measure(metric: str, example_input=None, include: Sequence[str] = ("*",),
+                 exclude: Sequence[str] = ()) -> Measure:  # fmt: skip
+    """The measure of ``metric`` (one of :data:`METRICS`); params is total sparsity."""
+    if metric in ("sparsity", "params"):
+        return sparsity_metric(include, exclude)
+    if metric == "macs":
+        if example_input is None:
+            raise ValueError("the macs target needs an example input (Task.example_input)")
+        return macs_metric(example_input, include, exclude)
+    if metric == "rank":
+        return rank_metric(include, exclude)
+    raise ValueError(f"unknown budget metric {metric!r} ({', '.join(METRICS)})")
+
+
+def unit_scale(metric: str, model: nn.Module, include: Sequence[str] = ("*",),
+               exclude: Sequence[str] = ()) -> float:  # fmt: skip
+    """The metric's full size in user units: 1 (sparsity, macs), dense parameters, full ranks."""
+    if metric in ("sparsity", "macs"):
+        return 1.0
+    rows = layers(budget_table(model, None, include, exclude))
+    if metric == "params":
+        return float(rows["numel"].sum())
+    if metric == "rank":
+        full = float(rows["full_rank"].sum())
+        if not full > 0:
+            raise ValueError("the rank target needs low-rank matrices in the model")
+        return full
+    raise ValueError(f"unknown budget metric {metric!r} ({', '.join(METRICS)})")
+
+
+def to_reduction(metric: str, value: float, scale: float = 1.0) -> float:
+    """A target in user units -> the measure's unit (a fraction that rises with s).
+
+    sparsity: the fraction itself (% if > 1); macs: 1 - sparse/dense MACs (% if > 1);
+    params, rank: 1 - value / scale (scale from :func:`unit_scale`).
+    """
+    if metric in ("sparsity", "macs") and value > 1.0:
+        value /= 100.0
+    return value if metric == "sparsity" else 1.0 - value / scale
+
+
+def from_reduction(metric: str, reduction: float, scale: float = 1.0) -> float:
+    """The inverse of :func:`to_reduction` (for logging in user units)."""
+    return reduction if metric == "sparsity" else scale * (1.0 - reduction)
+
+
+def expand_target_flags(argv: Sequence[str], section: str = "controller") -> list[str]:
+    """``--target-sparsity 0.9`` -> ``--controller.metric sparsity --controller.target 0.9``
+    (also --target-macs, --target-params, --target-rank, and the ``--flag=value`` form)."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        metric = flag.removeprefix("--target-")
+        if flag.startswith("--target-") and metric in METRICS:
+            value = value if eq else next(it, "")
+            out += [f"--{section}.metric", metric, f"--{section}.target", value]
+        else:
+            out.append(arg)
+    return out
+
+
+# --------------------------------------------------------------------------------- controller
+def schedule_value(t: float, y0: float, target: float, start: float, end: float,
+                   shape: str = "cubic") -> float:  # fmt: skip
+    """r(t): y0 before ``start``, ramp (cubic or linear), ``target`` from ``end`` on."""
+    p = 1.0 if end <= start else min(max((t - start) / (end - start), 0.0), 1.0)
+    remaining = (1.0 - p) ** 3 if shape == "cubic" else 1.0 - p
+    return target + (y0 - target) * remaining
+
+
+def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every trainable parameter whose role is 'threshold' (STR layers, STR matrices)."""
+    return [p for _, p, role in parameter_roles(model) if role == "threshold"]
+
+
+@torch.no_grad()
+def shift_thresholds(model: nn.Module, measure: Measure, target: float,
+                     max_shift: float = 2.0**14) -> tuple[float, float]:  # fmt: skip
+    """Shift every threshold parameter by one delta so that ``measure`` is closest to ``target``.
+
+    ``measure`` must be non-decreasing in delta. Returns (delta, measured total after the shift).
+    """
+    params = threshold_parameters(model)
+    base = [p.detach().clone() for p in params]
+
+    def at(delta: float) -> float:
+        for p, b in zip(params, base):
+            p.copy_(b + delta)
+        return measure(model)
+
+    y0 = at(0.0)
+    lo, hi, y_lo, y_hi, step = 0.0, 0.0, y0, y0, 0.125
+    while y_hi < target and hi < max_shift:  # bracket: y(lo) < target <= y(hi)
+        lo, y_lo, hi = hi, y_hi, hi + step
+        y_hi, step = at(hi), 2 * step
+    while y_lo >= target and lo > -max_shift:
+        hi, y_hi, lo = lo, y_lo, lo - step
+        y_lo, step = at(lo), 2 * step
+    for _ in range(40):
+        if hi - lo < 1e-7 * max(1.0, abs(hi)):
+            break
+        mid = 0.5 * (lo + hi)
+        y_mid = at(mid)
+        lo, y_lo, hi, y_hi = (mid, y_mid, hi, y_hi) if y_mid < target else (lo, y_lo, mid, y_mid)
+    delta, y = (lo, y_lo) if abs(y_lo - target) < abs(y_hi - target) else (hi, y_hi)
+    at(delta)
+    return delta, y
+
+
+class BudgetController:
+    """Engine callback that steers the decay on s towards a requested total (module docstring).
+
+    ``measure(model)`` returns the current total as a fraction non-decreasing in the thresholds
+    (:func:`to_reduction` of ``cfg.target``; ``scale`` from :func:`unit_scale`). Call :meth:`bind`
+    with the optimizer before training: the controller writes ``weight_decay`` of the optimizer's
+    ``role == "threshold"`` groups. metrics.csv gets ``target_<metric>`` and ``achieved_<metric>``
+    (user units), ``threshold_decay`` and ``threshold_shift`` (the summed corrections of s).
+    """
+
+    def __init__(self, cfg: ControllerConfig, measure: Measure, scale: float = 1.0) -> None:
+        if cfg.end < cfg.start:
+            raise ValueError(f"controller.end ({cfg.end}) must be >= start ({cfg.start})")
+        if cfg.target is None:
+            raise ValueError("BudgetController needs a target (controller.target)")
+        self.cfg, self.measure, self.scale = cfg, measure, scale
+        self.target = to_reduction(cfg.metric, cfg.target, scale)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.total_steps, self.done, self.last_update = 0, 0, 0
+        self.started = False
+        self.y0 = self.log_decay0 = self.decay = self.achieved = math.nan
+        self.integral = self.shift = 0.0
+        self.trace: list[list[float]] = []  # [steps, target, measured, achieved, decay]
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> BudgetController:
+        """Use the optimizer's ``role == "threshold"`` param groups (there must be one)."""
+        self.optimizer = optimizer
+        if not self.groups():
+            raise ValueError("budget controller: the optimizer has no 'threshold' param group")
+        return self
+
+    def groups(self) -> list[dict]:
+        """The threshold groups, looked up each time (``load_state_dict`` replaces the dicts)."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        return [g for g in groups if g.get("role") == "threshold"]
+
+    def schedule(self, steps_done: int) -> float:
+        t = steps_done / max(self.total_steps, 1)
+        return schedule_value(t, self.y0, self.target, self.cfg.start, self.cfg.end, self.cfg.shape)
+
+    # ----------------------------------------------------------------------------- callback
+    def on_train_start(self, model: nn.Module, steps_per_epoch: int, epochs: int) -> None:
+        if not self.groups():
+            raise RuntimeError("budget controller: call bind(optimizer) before training")
+        self.total_steps = steps_per_epoch * epochs
+        if not self.started:
+            d0 = self.cfg.decay_init
+            d0 = float(self.groups()[0]["weight_decay"]) if d0 is None else d0
+            d0 = min(max(d0, self.cfg.decay_min, 1e-30), self.cfg.decay_max)
+            self.log_decay0, self.decay = math.log(d0), d0
+            self.y0 = self.achieved = self.measure(model)
+            self.started = True
+        self._apply()
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        self.done = step + 1
+        last = self.done >= self.total_steps
+        if self.done % self.cfg.every and not last:
+            return
+        r = self.schedule(self.done)
+        measured = y = self.measure(model)
+        self._update_decay(r - y, (self.done - self.last_update) / max(self.total_steps, 1))
+        self.last_update = self.done
+        if self._corrects(r - y, last):
+            delta, y = shift_thresholds(model, self.measure, r)
+            self.shift += delta
+        self.achieved = y
+        self.trace.append([float(self.done), r, measured, y, self.decay])
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        self.achieved = self.measure(model)
+        metric, scale = self.cfg.metric, self.scale
+        return {f"target_{metric}": from_reduction(metric, self.schedule(self.done), scale),
+                f"achieved_{metric}": from_reduction(metric, self.achieved, scale),
+                "threshold_decay": self.decay, "threshold_shift": self.shift}  # fmt: skip
+
+    # ----------------------------------------------------------------------------- control law
+    def _update_decay(self, error: float, dt: float) -> None:
+        """PI step in log space with conditional integration (anti-windup)."""
+        lo, hi = math.log(max(self.cfg.decay_min, 1e-30)), math.log(self.cfg.decay_max)
+        integral = self.integral + error * dt
+        u = self.log_decay0 + self.cfg.kp * error + self.cfg.ki * integral
+        if (u > hi and error > 0) or (u < lo and error < 0):
+            integral = self.integral  # saturated: do not wind up
+            u = self.log_decay0 + self.cfg.kp * error + self.cfg.ki * integral
+        self.integral = integral
+        self.decay = math.exp(min(max(u, lo), hi))
+        self._apply()
+
+    def _corrects(self, error: float, last: bool) -> bool:
+        mode = self.cfg.correction
+        if mode == "off":
+            return False
+        if last:
+            return True
+        if mode != "hold":
+            return False
+        if self.done >= self.cfg.end * self.total_steps:
+            return abs(error) > self.cfg.tolerance
+        return -error > self.cfg.overshoot
+
+    def _apply(self) -> None:
+        for g in self.groups():
+            g["weight_decay"] = self.decay
+
+    # ----------------------------------------------------------------------------- state
+    STATE_KEYS = ("target", "total_steps", "done", "last_update", "started", "y0", "log_decay0",
+                  "decay", "achieved", "integral", "shift")  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {k: getattr(self, k) for k in self.STATE_KEYS}
+        return state | {"trace": [list(r) for r in self.trace]}
+
+    def trace_frame(self) -> pd.DataFrame:
+        """The per-update trajectory (measured: before any correction; achieved: after)."""
+        return pd.DataFrame(self.trace, columns=TRACE_COLUMNS)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (an empty dict, from a run without controller, is a no-op)."""
+        for k in self.STATE_KEYS:
+            if k in state:
+                setattr(self, k, state[k])
+        self.trace = [list(r) for r in state.get("trace", self.trace)]
+        if self.optimizer is not None and self.started:
+            self._apply()
+
+
+def build_controller(cfg: ControllerConfig, model: nn.Module, example_input=None,
+                     include: Sequence[str] = ("*",),
+                     exclude: Sequence[str] = ()) -> BudgetController | None:  # fmt: skip
+    """The controller for ``cfg`` (None when ``cfg.target`` is None); call ``bind`` next."""
+    if cfg.target is None:
+        return None
+    scale = unit_scale(cfg.metric, model, include, exclude)
+    measure = make_measure(cfg.metric, example_input, include, exclude)
+    return BudgetController(cfg, measure, scale)

@@ -1,0 +1,221 @@
+"""Sweeps: a grid of configs for either track, one run folder each, and one results.csv.
+
+    python -m strlowrank.sweep --track speech --grid configs/sweep_speech.yaml --out runs/sweep \\
+        [--seeds 0 1] [--dry-run] [--command "python my_trainer.py"]
+
+The grid file (YAML) has any of
+    base: {epochs: 10, train.lr: 0.01}          arguments common to all runs
+    grid: {train.threshold_decay: [1e-4, 3e-4]}  dotted key -> values; the cartesian product
+    runs: [{model.param: full}, {model.param: lowrank, model.rank: 8}]   explicit override sets
+(runs x grid x seeds when several are given). Each run is ``<command> --out DIR/<name> --key
+value ...`` in a subprocess (speech/train_gru.py or vision/train.py by default), its output in
+DIR/<name>/train.log; <name> comes from the run's own overrides (base left out), so it is stable.
+A run whose summary.json exists is skipped, one with only a checkpoint.pt is resumed: restarting
+the sweep finishes what is missing. DIR/results.csv gets one row per run (overrides + summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from tqdm import tqdm
+
+from strlowrank.analysis import flatten, load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"speech": "speech/train_gru.py", "vision": "vision/train.py"}
+MAX_NAME = 100
+
+
+@dataclass
+class SweepRun:
+    """One point of the sweep: its folder name and its overrides (base not included)."""
+
+    name: str
+    overrides: dict[str, Any]
+
+
+def load_grid(path: str | Path) -> dict[str, Any]:
+    """Read and check a grid file: a mapping with base / grid / runs (all optional)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict) or set(data) - {"base", "grid", "runs"}:
+        raise ValueError(f"{path}: expected a mapping with keys base, grid, runs")
+    if not isinstance(data.get("base") or {}, dict) or not isinstance(data.get("grid") or {}, dict):
+        raise ValueError(f"{path}: base and grid must be mappings")
+    for key, values in (data.get("grid") or {}).items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{path}: grid.{key} must be a non-empty list of values")
+    runs = data.get("runs") or []
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise ValueError(f"{path}: runs must be a list of mappings")
+    return data
+
+
+def format_value(value: Any) -> str:
+    """A command-line value the entry scripts parse back to ``value`` (YAML syntax)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    return yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+    """A stable, filesystem-safe folder name: 'key=value' pairs (last part of dotted keys when
+    unambiguous) joined by '__', e.g. 'threshold_decay=0.0001__seed=0'; long names are shortened
+    with a hash of the full overrides."""
+    if not overrides:
+        return "base"
+    leaves = [k.rsplit(".", 1)[-1] for k in overrides]
+    parts = []
+    for key, leaf in zip(overrides, leaves):
+        label = leaf if leaves.count(leaf) == 1 else key
+        parts.append(f"{label}={format_value(overrides[key])}")
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "__".join(parts)).strip("-.")
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha1(repr(sorted(overrides.items())).encode()).hexdigest()[:8]
+        name = f"{name[: MAX_NAME - 9]}-{digest}"
+    return name
+
+
+def expand(spec: dict[str, Any], seeds: Sequence[int] | None = None) -> list[SweepRun]:
+    """The runs of a grid spec: each explicit run x the grid's product x the seeds."""
+    grid = spec.get("grid") or {}
+    explicit = spec.get("runs") or [{}]
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    runs = []
+    for extra in explicit:
+        for point in points:
+            for seed in seeds if seeds else [None]:
+                overrides = {**extra, **point} | ({"seed": seed} if seed is not None else {})
+                runs.append(SweepRun(run_name(overrides), overrides))
+    names = [r.name for r in runs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"the sweep has identical runs: {', '.join(duplicates)}")
+    return runs
+
+
+def default_command(track: str) -> list[str]:
+    """[python, <track's entry script>] for 'speech' or 'vision'."""
+    if track not in SCRIPTS:
+        raise ValueError(f"unknown track {track!r} (known: {', '.join(SCRIPTS)})")
+    return [sys.executable, str(ROOT / SCRIPTS[track])]
+
+
+def command_line(command: Sequence[str], out: Path, args: dict[str, Any]) -> list[str]:
+    """``command --out DIR --key value ...`` (a checkpoint.pt in DIR adds --resume)."""
+    line = [*command, "--out", str(out)]
+    for key, value in args.items():
+        line += [f"--{key}", format_value(value)]
+    if (out / "checkpoint.pt").is_file():
+        line += ["--resume", str(out / "checkpoint.pt")]
+    return line
+
+
+def result_row(run: SweepRun, folder: Path, status: str) -> dict[str, Any]:
+    """One results.csv row: run name, folder, status, overrides, flattened summary.json."""
+    row: dict[str, Any] = {"run": run.name, "path": str(folder), "status": status}
+    row |= run.overrides
+    if (folder / "summary.json").is_file():
+        loaded = load_run(folder)
+        row |= {"track": loaded.track, "method": loaded.method} | flatten(loaded.summary)
+    return row
+
+
+def _execute(line: list[str], folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.log", "a") as log:
+        log.write("$ " + shlex.join(line) + "\n")
+        log.flush()
+        return subprocess.run(line, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return "\n".join("    " + line for line in lines[-n:])
+
+
+def run_sweep(runs: Sequence[SweepRun], out: str | Path, command: Sequence[str],
+              base: dict[str, Any] | None = None, dry_run: bool = False,
+              progress: bool = True) -> pd.DataFrame:  # fmt: skip
+    """Run every missing run (skip those with summary.json); write and return results.csv."""
+    out = Path(out)
+    rows = []
+    bar = tqdm(runs, desc="sweep", unit="run", disable=not progress or dry_run)
+    for run in bar:
+        folder = out / run.name
+        bar.set_postfix_str(run.name[:40])
+        if (folder / "summary.json").is_file():
+            status = "done"
+        elif dry_run:
+            print(shlex.join(command_line(command, folder, {**(base or {}), **run.overrides})))
+            status = "pending"
+        else:
+            line = command_line(command, folder, {**(base or {}), **run.overrides})
+            code = _execute(line, folder)
+            done = code == 0 and (folder / "summary.json").is_file()
+            status = "ok" if done else f"failed ({code})"
+            if status != "ok":
+                tqdm.write(f"{run.name}: {status}, see {folder / 'train.log'}\n"
+                           f"{_tail(folder / 'train.log')}")  # fmt: skip
+        rows.append(result_row(run, folder, status))
+        if not dry_run:
+            _write_results(rows, out)
+    return pd.DataFrame(rows)
+
+
+def _write_results(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".results.csv.tmp"
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    tmp.replace(out / "results.csv")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m strlowrank.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--track", choices=sorted(SCRIPTS), help="which entry script to run")
+    parser.add_argument("--grid", required=True, help="grid YAML (base / grid / runs)")
+    parser.add_argument("--out", required=True, help="sweep folder: one run folder per run")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run every point with these seeds")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--command", help="trainer command instead of the track's entry script")
+    args = parser.parse_args(argv)
+    if not args.track and not args.command:
+        parser.error("give --track speech|vision (or --command)")
+    try:
+        spec = load_grid(args.grid)
+        runs = expand(spec, args.seeds)
+        command = shlex.split(args.command) if args.command else default_command(args.track)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        record = {"track": args.track, "command": command, "seeds": args.seeds, **spec}
+        (Path(args.out) / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    table = run_sweep(runs, args.out, command, spec.get("base"), args.dry_run)
+    failed = table[table["status"].str.startswith("failed")]
+    print(f"sweep: {len(table)} run(s), {int((table['status'] == 'done').sum())} skipped "
+          f"(done before), {len(failed)} failed")  # fmt: skip
+    if not args.dry_run:
+        print(f"results: {Path(args.out) / 'results.csv'}")
+        print(f"report: python -m strlowrank.report {args.out} --out {Path(args.out) / 'report'}")
+    return 1 if len(failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
