@@ -116,10 +116,7 @@ def budget_table(
             for entry in module.budget_entries(inputs):
                 row = {c: float("nan") for c in COLUMNS} | dict(entry)
                 row["name"] = f"{name}.{entry['name']}" if name else entry["name"]
-                if inputs is not None and batch > 1:  # entries count MACs for the whole input
-                    row["macs_dense"] /= batch
-                    row["macs_sparse"] /= batch
-                rows.append(row)
+                rows.append(row)  # entries report MACs per example (per sequence)
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     rows.sort(key=lambda r: _position(order, r["name"]))
     table = pd.DataFrame(rows, columns=COLUMNS)

@@ -67,6 +67,8 @@ class TrainConfig:
     role_lr: dict[str, float] = option(
         factory=dict, help="lr multiplier per role, e.g. {threshold: 1.0}"
     )
+    role_optimizer: dict[str, str] = option(
+        factory=dict, help="another optimizer for some roles, e.g. {threshold: sgd}")
     warmup_epochs: float = option(0.0, "linear warm-up epochs before the cosine decay", min=0.0)
     min_lr_ratio: float = option(0.0, "final lr as a fraction of the peak", min=0.0, max=1.0)
     label_smoothing: float = option(0.0, "label smoothing of the training loss", min=0.0, max=1.0)
@@ -198,7 +200,7 @@ class Trainer:
                          else cfg.weight_decay)  # fmt: skip
         self.groups = param_groups(self.model, cfg.weight_decay, decay, cfg.role_lr)
         self.optimizer = build_optimizer(self.groups, cfg.optimizer, cfg.lr, cfg.momentum,
-                                         cfg.nesterov)  # fmt: skip
+                                         cfg.nesterov, cfg.role_optimizer)  # fmt: skip
         for cb in task.callbacks:  # callbacks that steer the optimizer (budget controller)
             if hasattr(cb, "bind"):
                 cb.bind(self.optimizer)

@@ -75,12 +75,86 @@ def param_groups(
     return list(groups.values())
 
 
+ALGORITHMS = ("sgd", "adam", "adamw")
+
+
+class RoleOptimizer(torch.optim.Optimizer):
+    """One optimizer whose groups follow their own rule, ``group["algo"]`` in sgd | adam | adamw.
+
+    The learned-rank recipe needs Adam for the factors but SGD for the thresholds (Adam's
+    normalized step lets the task gradient on s win against any decay, so nothing is pruned).
+    SGD: buf = mu buf + (g + lambda p), p -= lr buf (torch's SGD without dampening).
+    Adam: torch's Adam; coupled L2 for "adam", decoupled decay p *= 1 - lr lambda for "adamw".
+    """
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float = 0.9,
+                 nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:  # fmt: skip
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
+                        weight_decay=0.0, algo="adam")  # fmt: skip
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            update = self._sgd if group["algo"] == "sgd" else self._adam
+            for p in group["params"]:
+                if p.grad is not None:
+                    update(p, group)
+        return loss
+
+    def _sgd(self, p: torch.Tensor, group: dict) -> None:
+        d = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = d.clone()
+        else:
+            state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+        buf = state["momentum_buffer"]
+        d = d.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        p.add_(d, alpha=-group["lr"])
+
+    def _adam(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros(())
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        grad, wd, lr = p.grad, group["weight_decay"], group["lr"]
+        if wd and group["algo"] == "adamw":
+            p.mul_(1 - lr * wd)
+        elif wd:
+            grad = grad.add(p, alpha=wd)
+        (b1, b2), m, v = group["betas"], state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        t = float(state["step"])
+        m.mul_(b1).add_(grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
+        p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+
+
 def build_optimizer(
-    groups: list[dict], name: str, lr: float, momentum: float = 0.9, nesterov: bool = False
+    groups: list[dict], name: str, lr: float, momentum: float = 0.9, nesterov: bool = False,
+    role_algorithm: dict[str, str] | None = None,
 ) -> torch.optim.Optimizer:
-    """SGD (coupled L2 decay, the paper's choice), Adam (coupled) or AdamW (decoupled)."""
+    """SGD (coupled L2 decay, the paper's choice), Adam (coupled) or AdamW (decoupled).
+
+    ``role_algorithm`` ({"threshold": "sgd"}) gives some roles another rule than ``name``;
+    then a :class:`RoleOptimizer` runs every group with its own rule.
+    """
+    role_algorithm = role_algorithm or {}
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
+        g["algo"] = role_algorithm.get(g["role"], name)
+        if g["algo"] not in ALGORITHMS:
+            raise ValueError(f"unknown optimizer {g['algo']!r} for role {g['role']} {ALGORITHMS}")
+    if any(g["algo"] != name for g in groups):
+        return RoleOptimizer(groups, lr, momentum, nesterov)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "adam":
@@ -97,7 +171,7 @@ def describe_groups(groups: Iterable[dict]) -> str:
         n = sum(p.numel() for p in g["params"])
         lines.append(
             f"  {g['role']:<10} {len(g['params']):>4} tensors {n:>11,d} params  "
-            f"decay {g['weight_decay']:.3g}  lr x{g['lr_scale']:g}"
+            f"{g.get('algo', ''):<5} decay {g['weight_decay']:.3g}  lr x{g['lr_scale']:g}"
         )
     return "optimizer groups:\n" + "\n".join(lines)
 

@@ -58,3 +58,43 @@ def test_warmup_cosine_values():
     assert warmup_cosine_factor(110, 10, 110, 0.1) == pytest.approx(0.1)
     quarter = 0.5 * (1 + math.cos(math.pi / 4))
     assert warmup_cosine_factor(35, 10, 110, 0.0) == pytest.approx(quarter)
+
+
+@pytest.mark.parametrize("algo,reference", [
+    ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01)),
+    ("sgd_nesterov", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)),
+    ("adam", lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.01)),
+    ("adamw", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)),
+])
+def test_role_optimizer_matches_torch(algo, reference):
+    """Each rule of the mixed optimizer reproduces torch's optimizer step for step."""
+    torch.manual_seed(0)
+    ref_model = nn.Linear(5, 3)
+    model = nn.Linear(5, 3)
+    model.load_state_dict(ref_model.state_dict())
+    ref_opt = reference(list(ref_model.parameters()))
+    hyper = ref_opt.param_groups[0]
+    group = {"params": list(model.parameters()), "algo": algo.split("_")[0], "lr": hyper["lr"],
+             "weight_decay": hyper["weight_decay"], "nesterov": hyper.get("nesterov", False)}
+    from strlowrank.optim import RoleOptimizer
+
+    opt = RoleOptimizer([group], lr=hyper["lr"], momentum=hyper.get("momentum", 0.9))
+    for _ in range(5):
+        x = torch.randn(8, 5)
+        for m, o in ((ref_model, ref_opt), (model, opt)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_role_algorithm_mix():
+    model = torchvision.models.resnet18(num_classes=10)
+    apply_soft_threshold(model)
+    groups = param_groups(model, 1e-4)
+    opt = build_optimizer(groups, "adam", 1e-3, role_algorithm={"threshold": "sgd"})
+    algos = {g["role"]: g["algo"] for g in opt.param_groups}
+    assert algos == {"weight": "adam", "threshold": "sgd", "norm_bias": "adam"}
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        build_optimizer(param_groups(model, 1e-4), "adam", 1e-3, role_algorithm={"weight": "lbfgs"})
