@@ -67,3 +67,22 @@ def test_override_parsing():
         parse_overrides(["--bogus", "1"])
     with pytest.raises(ConfigError, match="missing value"):
         parse_overrides(["--a.b"])
+
+
+def test_shipped_configs_load():
+    """Every YAML in configs/ is valid for its track (paper recipes keep their exact numbers)."""
+    from pathlib import Path
+
+    from speech.config import SpeechConfig
+    from vision.config import VisionConfig
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(paths) >= 8
+    for path in paths:
+        cls = VisionConfig if path.name.startswith("vision_") else SpeechConfig
+        cfg = load_config(cls, path)
+        if path.name == "vision_resnet50_str90.yaml":
+            assert cfg.method.s_init == -3200 and cfg.train.weight_decay == 2.251757813e-5
+            assert cfg.train.lr == 0.256 and cfg.train.momentum == 0.875
+        if path.name == "vision_mobilenetv1_str89.yaml":
+            assert cfg.method.s_init == -12800 and cfg.train.threshold_decay == 3.751757813e-5
