@@ -113,7 +113,10 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
             TrainingError) as e:  # fmt: skip
         if os.environ.get("STRLOWRANK_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e).strip()
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker
+            message = message.splitlines()[-1]
+        print(f"error: {message}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
     return 0
 

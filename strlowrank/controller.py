@@ -161,11 +161,15 @@ def unit_scale(metric: str, model: nn.Module, include: Sequence[str] = ("*",),
 def to_reduction(metric: str, value: float, scale: float = 1.0) -> float:
     """A target in user units -> the measure's unit (a fraction that rises with s).
 
-    sparsity: the fraction itself (% if > 1); macs: 1 - sparse/dense MACs (% if > 1);
+    sparsity: the fraction itself; macs: 1 - sparse/dense MACs (both fractions in (0, 1));
     params, rank: 1 - value / scale (scale from :func:`unit_scale`).
     """
-    if metric in ("sparsity", "macs") and value > 1.0:
-        value /= 100.0
+    if metric in ("sparsity", "macs") and not 0.0 < value < 1.0:
+        raise ValueError(f"controller.target: a {metric} target is a fraction in (0, 1), "
+                         f"got {value:g}")  # fmt: skip
+    if metric in ("params", "rank") and not 0.0 < value < scale:
+        raise ValueError(f"controller.target: {value:g} {metric} is not below the model's "
+                         f"{scale:g}")  # fmt: skip
     return value if metric == "sparsity" else 1.0 - value / scale
 
 

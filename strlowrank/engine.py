@@ -255,9 +255,10 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
         value = float(loss.detach())
         if not math.isfinite(value):
+            ckpt = self.out / "checkpoint.pt"
+            kept = f"the last good checkpoint is {ckpt}" if ckpt.is_file() else "no checkpoint yet"
             raise TrainingError(
-                f"non-finite loss ({value}) at epoch {self.epoch + 1}, step {self.step}; "
-                f"the last good checkpoint is {self.out / 'checkpoint.pt'}"
+                f"non-finite loss ({value}) at epoch {self.epoch + 1}, step {self.step}; {kept}"
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

@@ -1,4 +1,5 @@
-"""Shared test settings: a private cache folder and few threads, so tests never touch ~/.cache."""
+"""Shared test settings: a private cache folder, so tests never touch ~/.cache, and one thread
+(CPU results are bit-identical only at equal thread counts; subprocesses inherit it)."""
 
 import pytest
 import torch
@@ -7,4 +8,5 @@ import torch
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("STRLOWRANK_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    torch.set_num_threads(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)

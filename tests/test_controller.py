@@ -107,7 +107,9 @@ def test_rank_metric_on_str_matrices_and_shift():
 
 def test_target_units_and_flags():
     model = make_task().model
-    assert to_reduction("sparsity", 90) == pytest.approx(0.9)
+    assert to_reduction("sparsity", 0.9) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="controller.target: a sparsity target is a fraction"):
+        to_reduction("sparsity", 90)
     assert to_reduction("macs", 0.1) == pytest.approx(0.9)
     assert from_reduction("macs", 0.9) == pytest.approx(0.1)
     numel = totals(budget_table(model))["numel"]

@@ -54,7 +54,18 @@ _MARKER = ".complete"
 
 
 class UnreadableImageError(OSError):
-    """An image file that PIL cannot open or decode (truncated, corrupt, not an image)."""
+    """An image file that PIL cannot open or decode (truncated, corrupt, not an image).
+
+    A DataLoader worker re-raises it in the main process as ``UnreadableImageError("Caught ...
+    Original Traceback ...")``; only the original one-line message is kept, so that the command
+    line still prints one line with train.workers > 0.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST asset
@@ -349,3 +360,25 @@ def build_datasets(
     train_tf, val_tf = imagenet_transforms(image_size or 224, mean_std)
     train, val = image_folder_pair(root, train_tf, val_tf, mode, skip_bad_images)
     return train, val, len(train.classes), 1 if mode == "L" else 3
+
+
+def write_toy_tree(root: str | Path, classes: int = 3, train_per_class: int = 12,
+                   val_per_class: int = 4, size: int = 16, seed: int = 0) -> Path:  # fmt: skip
+    """A tiny ImageFolder tree of random RGB PNGs whose brightness encodes the class.
+
+    For smoke tests and the notebooks' tiny mode (seconds, not minutes). Existing trees are kept.
+    """
+    root = Path(root)
+    if (root / _MARKER).is_file():
+        return root
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                level = 40 + c * 160 // max(classes - 1, 1)
+                img = np.clip(rng.normal(level, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    (root / _MARKER).write_text("toy\n")
+    return root

@@ -1,0 +1,309 @@
+"""Factorized matrices for low-rank RNNs: full, fixed low rank, and STR on singular values.
+
+PAPER.md section 4 (STR, Kusupati et al., ICML 2020, section 4.2, defined here). An STR matrix is
+
+    W = P_n diag(relu(sigma - tau)) Q_n^T,      tau = g(s) * max_i sigma_i,   g = sigmoid
+
+with P_n, Q_n the column-normalized factors P [out, k], Q [in, k] (k = min(out, in)), sigma [k]
+the spectrum and s one threshold parameter per matrix. The learned rank is the number of
+nonzero thresholded values relu(sigma_i - tau). Two properties make the rank learnable:
+
+- scale lives in sigma only: rescaling a column of P or Q changes nothing (it is normalized away);
+- the threshold is relative to the spectrum's own scale: multiplying sigma by c > 0 multiplies
+  tau by c as well, so growing the spectrum cannot escape the threshold; g(s) < 1 keeps the top
+  singular value, so a matrix never collapses below rank 1.
+
+The fixed-rank baseline is W = W1 W2 (EdgeML-style, FastGRNN). ``refactorize_`` re-orthonormalizes
+P and Q by an SVD without changing any effective matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("full", "lowrank", "str")
+THRESHOLD_SCALES = ("max", "rms", "init", "one")
+
+
+def uniform_init(out_features: int, in_features: int, bound: float | None = None) -> torch.Tensor:
+    """U(-bound, bound) [out, in], default bound 1/sqrt(in) (torch RNNs use 1/sqrt(hidden))."""
+    bound = 1.0 / math.sqrt(in_features) if bound is None else bound
+    return torch.empty(out_features, in_features).uniform_(-bound, bound)
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype != torch.float32 else t
+
+
+class FullMatrix(nn.Module):
+    """A dense matrix W [out, in]; its compact form is itself (out * in parameters)."""
+
+    param_roles = {"weight": "weight"}
+
+    def __init__(self, out_features: int, in_features: int, init: torch.Tensor | None = None):
+        super().__init__()
+        w = uniform_init(out_features, in_features) if init is None else init.detach().clone()
+        self.weight = nn.Parameter(w.float())
+
+    def forward(self) -> torch.Tensor:
+        return _float32(self.weight)
+
+    def rank(self) -> int:
+        """The full rank min(out, in) (the matrix is stored densely whatever its numerical rank)."""
+        return min(self.weight.shape)
+
+    def num_params(self) -> int:
+        return self.weight.numel()
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, I_in) or (I_out, W): A [out, r] @ B [r, in] == W with r = min(out, in)."""
+        w = self.forward().detach()
+        out_f, in_f = w.shape
+        if out_f >= in_f:
+            return w.clone(), torch.eye(in_f, dtype=w.dtype, device=w.device)
+        return torch.eye(out_f, dtype=w.dtype, device=w.device), w.clone()
+
+
+class LowRankMatrix(nn.Module):
+    """W = W1 W2 with W1 [out, r], W2 [r, in] and a fixed rank r (r (out + in) parameters).
+
+    ``init`` is a dense [out, in] matrix factorized by truncated SVD (W1 = U_r sqrt(S_r),
+    W2 = sqrt(S_r) V_r^T), or the string ``"randn"`` for EdgeML's 0.1 * N(0, 1) factors.
+    """
+
+    param_roles = {"W1": "weight", "W2": "weight"}
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        init: torch.Tensor | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= rank <= min(out_features, in_features):
+            raise ValueError(f"rank {rank} outside [0, {min(out_features, in_features)}]")
+        if isinstance(init, str):
+            if init != "randn":
+                raise ValueError(f"unknown low-rank init {init!r} (a tensor, None or 'randn')")
+            w1, w2 = 0.1 * torch.randn(out_features, rank), 0.1 * torch.randn(rank, in_features)
+        else:
+            dense = uniform_init(out_features, in_features) if init is None else init.float()
+            u, s, vh = torch.linalg.svd(dense.detach(), full_matrices=False)
+            root = s[:rank].sqrt()
+            w1, w2 = u[:, :rank] * root, root[:, None] * vh[:rank]
+        self.W1 = nn.Parameter(w1.contiguous())
+        self.W2 = nn.Parameter(w2.contiguous())
+
+    @classmethod
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor) -> LowRankMatrix:
+        """A fixed-rank matrix holding copies of A [out, r] and B [r, in]."""
+        m = cls(a.shape[0], b.shape[1], a.shape[1], init="randn")
+        with torch.no_grad():
+            m.W1.copy_(a)
+            m.W2.copy_(b)
+        return m
+
+    def forward(self) -> torch.Tensor:
+        return _float32(self.W1) @ _float32(self.W2)
+
+    def rank(self) -> int:
+        return self.W1.shape[1]
+
+    def num_params(self) -> int:
+        return self.W1.numel() + self.W2.numel()
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.W1.detach().float().clone(), self.W2.detach().float().clone()
+
+
+class STRMatrix(nn.Module):
+    """W = P_n diag(relu(sigma - tau)) Q_n^T, tau = g(s) * scale(sigma) (module docstring).
+
+    Shapes: P [out, k], sigma [k], Q [in, k], s [] with k = min(out, in). Initialized from the
+    SVD of ``init`` (default: a standard uniform init), so at s -> -inf it equals ``init``.
+
+    ``threshold_scale``: ``"max"`` (tau = g(s) max sigma, the default), ``"init"`` (g(s) times
+    the initial largest singular value, a fixed scale) or ``"one"`` (tau = g(s), raw STR).
+    """
+
+    param_roles = {"P": "factor", "Q": "factor", "sigma": "spectrum", "s": "threshold"}
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        s_init: float = -4.0,
+        init: torch.Tensor | None = None,
+        threshold_scale: str = "max",
+        s_bias: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if threshold_scale not in THRESHOLD_SCALES:
+            raise ValueError(f"threshold_scale must be one of {THRESHOLD_SCALES}")
+        dense = uniform_init(out_features, in_features) if init is None else init.float()
+        u, s, vh = torch.linalg.svd(dense.detach(), full_matrices=False)
+        self.P = nn.Parameter(u.contiguous())
+        self.sigma = nn.Parameter(s.contiguous())
+        self.Q = nn.Parameter(vh.T.contiguous())
+        self.s = nn.Parameter(torch.tensor(float(s_init)))
+        self.threshold_scale = threshold_scale
+        self.register_buffer("sigma_ref", s.max().clone())
+        self.register_buffer("s_bias", torch.tensor(float(s_bias)))
+
+    def scale(self) -> torch.Tensor:
+        """The threshold's unit: max or RMS of sigma (with gradient), the initial max, or 1."""
+        if self.threshold_scale == "max":
+            return _float32(self.sigma).max().clamp_min(0.0)
+        if self.threshold_scale == "rms":  # sqrt(mean sigma^2) = ||W_sigma||_F / sqrt(k)
+            return _float32(self.sigma).square().mean().sqrt()
+        if self.threshold_scale == "init":
+            return self.sigma_ref.float()
+        return torch.ones((), device=self.sigma.device)
+
+    def tau(self) -> torch.Tensor:
+        """The threshold in the matrix's units, tau = g(s) * scale (a 0-d tensor)."""
+        return self.g() * self.scale()
+
+    def g(self) -> torch.Tensor:
+        """g = sigmoid(s + s_bias): the threshold as a fraction of ``scale()``."""
+        return torch.sigmoid(_float32(self.s) + self.s_bias)
+
+    def spectrum(self) -> torch.Tensor:
+        """The thresholded singular values relu(sigma - tau) [k] (float32, differentiable)."""
+        with torch.autocast(device_type=self.sigma.device.type, enabled=False):
+            return F.relu(_float32(self.sigma) - self.tau())
+
+    def normalized_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column-normalized P_n [out, k] and Q_n [in, k]."""
+        return F.normalize(_float32(self.P), dim=0), F.normalize(_float32(self.Q), dim=0)
+
+    def forward(self) -> torch.Tensor:
+        with torch.autocast(device_type=self.sigma.device.type, enabled=False):
+            p, q = self.normalized_factors()
+            return (p * self.spectrum()) @ q.T
+
+    def rank(self) -> int:
+        """Learned rank: the number of nonzero thresholded singular values."""
+        return int((self.spectrum().detach() > 0).sum())
+
+    def num_params(self) -> int:
+        return self.rank() * (self.P.shape[0] + self.Q.shape[0])
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A = P_n[:, act] sqrt(e) [out, r], B = sqrt(e) Q_n[:, act]^T [r, in], A @ B == W."""
+        with torch.no_grad():
+            e = self.spectrum()
+            keep = e > 0
+            p, q = self.normalized_factors()
+            root = e[keep].sqrt()
+            return (p[:, keep] * root).clone(), (root[:, None] * q[:, keep].T).clone()
+
+    @torch.no_grad()
+    def refactorize_(self) -> None:
+        """Re-orthonormalize P, Q by an SVD of W; the effective matrix and the rank are unchanged.
+
+        With W = U diag(S) V^T (S_1 >= ... >= S_r > 0 = S_{r+1} ...), the new threshold tau' and
+        spectrum sigma'_i = S_i + tau' (active) reproduce relu(sigma' - tau') = S. For the
+        ``max`` scale tau' = g S_1 + g tau', so tau' = g S_1 / (1 - g). Pruned values keep their
+        ratio to the threshold (sigma'_j = sigma_j tau' / tau), so they stay pruned.
+        """
+        e = self.spectrum()
+        active = int((e > 0).sum())
+        tau_old = float(self.tau())
+        u, s_vals, vh = torch.linalg.svd(self.forward(), full_matrices=False)
+        g = float(self.g())
+        top = float(s_vals[0]) if active else 0.0
+        tau = g * top / (1.0 - g) if self.threshold_scale == "max" and active else tau_old
+        pruned = torch.sort(self.sigma.float()[e <= 0], descending=True).values
+        ratio = tau / tau_old if tau_old > 0 else 1.0
+        new_sigma = torch.cat([s_vals[:active] + tau, pruned * ratio])
+        self.P.copy_(u)
+        self.Q.copy_(vh.T)
+        self.sigma.copy_(new_sigma)
+
+
+def make_matrix(
+    kind: str,
+    out_features: int,
+    in_features: int,
+    rank: int | None = None,
+    init: torch.Tensor | str | None = None,
+    s_init: float = -4.0,
+    threshold_scale: str = "max",
+    s_bias: float = 0.0,
+) -> nn.Module:
+    """Factory: ``"full"`` | ``"lowrank"`` (needs ``rank``) | ``"str"`` over a dense ``init``.
+
+    ``init`` is a dense [out, in] tensor (default U(-1/sqrt(in), 1/sqrt(in))); the string
+    ``"randn"`` selects EdgeML's 0.1 * N(0, 1) factors for ``"lowrank"``.
+    """
+    if kind == "full":
+        return FullMatrix(out_features, in_features, None if isinstance(init, str) else init)
+    if kind == "lowrank":
+        if rank is None:
+            raise ValueError("make_matrix('lowrank', ...) needs a rank")
+        return LowRankMatrix(out_features, in_features, rank, init)
+    if kind == "str":
+        dense = None if isinstance(init, str) else init
+        return STRMatrix(out_features, in_features, s_init, dense, threshold_scale, s_bias)
+    raise ValueError(f"unknown matrix kind {kind!r}; expected one of {KINDS}")
+
+
+def refactorize_(model: nn.Module) -> int:
+    """Call ``refactorize_`` on every STRMatrix of ``model``; returns how many were refactorized."""
+    mats = [m for m in model.modules() if isinstance(m, STRMatrix)]
+    for m in mats:
+        m.refactorize_()
+    return len(mats)
+
+
+class Refactorize:
+    """Engine callback: ``refactorize_(model)`` every ``every_steps`` optimizer steps (0: never)
+    and at the end of every ``every_epochs``-th epoch (0: never). Reports no metrics.
+
+    Function-preserving, but optimizer moments of P, Q, sigma refer to the old coordinates, so
+    prefer rare calls (once per epoch) when the optimizer keeps momentum.
+    """
+
+    def __init__(self, every_steps: int = 0, every_epochs: int = 1) -> None:
+        self.every_steps = every_steps
+        self.every_epochs = every_epochs
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        if self.every_steps and (step + 1) % self.every_steps == 0:
+            refactorize_(model)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float] | None:
+        if self.every_epochs and (epoch + 1) % self.every_epochs == 0:
+            refactorize_(model)
+        return None
+
+
+def matrix_spectra(model: nn.Module, stage: str) -> list[dict]:
+    """One row per singular value of every recurrent matrix (W, U) of every ``RNNLayer``.
+
+    Rows: {"layer", "matrix", "stage", "index", "sigma", "threshold"}. For an ``STRMatrix``,
+    sigma is the raw learnable spectrum sorted descending and threshold is tau (same units);
+    for full / fixed-rank matrices sigma = svdvals of the effective matrix, threshold NaN.
+    """
+    from strlowrank.rnn import RNNLayer  # rnn imports this module
+
+    rows = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, RNNLayer):
+            continue
+        for mat_name, m in layer.matrices().items():
+            with torch.no_grad():
+                if isinstance(m, STRMatrix):
+                    sigma = torch.sort(_float32(m.sigma).detach(), descending=True).values
+                    tau = float(m.tau())
+                else:
+                    sigma, tau = torch.linalg.svdvals(m().detach().float()), float("nan")
+            rows += [{"layer": name, "matrix": mat_name, "stage": stage, "index": i,
+                      "sigma": float(v), "threshold": tau} for i, v in enumerate(sigma.tolist())]
+    return rows
