@@ -17,10 +17,10 @@ class SpeechDataConfig:
     root: str | None = option(None, "Speech Commands root (default: the synthetic espeak tree)")
     task: str = option("google12", "google12 (10 words + unknown + silence) | all35",
                        choices=("google12", "all35"))  # fmt: skip
-    silence_fraction: float = option(0.1, "silence clips per split, relative to its size",
+    silence_fraction: float = option(0.1, "silence clips per split, relative to its keywords",
                                      min=0.0, max=1.0)  # fmt: skip
     unknown_fraction: float | None = option(
-        0.1, "google12: unknown-word clips kept, relative to the split (null: keep all)",
+        0.1, "google12: unknown-word clips kept, relative to the keywords (null: keep all)",
         min=0.0, max=1.0)  # fmt: skip
     augment_shift: int = option(0, "training augmentation: random time shift, in frames", min=0)
     augment_noise: float = option(0.0, "training augmentation: feature noise std", min=0.0)
@@ -29,7 +29,7 @@ class SpeechDataConfig:
 @dataclass
 class SpectraConfig:
     refactorize_every_epochs: int = option(
-        1, "STR: re-orthonormalize P, Q by SVD every N epochs (0: never)", min=0)  # fmt: skip
+        0, "STR: re-orthonormalize P, Q by SVD every N epochs (0: never)", min=0)  # fmt: skip
 
 
 @dataclass
@@ -40,6 +40,9 @@ class SpeechConfig:
     model: SpeechModelConfig = option(factory=SpeechModelConfig)
     lowrank: SpectraConfig = option(factory=SpectraConfig)
     controller: ControllerConfig = option(factory=ControllerConfig)
+    # docs/LEARNED_RANK.md: Adam for factors and the rest, Adam x10 for the spectrum, SGD for s
     train: TrainConfig = option(factory=lambda: TrainConfig(
-        epochs=20, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0,
-        threshold_decay=0.0, warmup_epochs=1.0, clip_grad=1.0))  # fmt: skip
+        epochs=15, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, momentum=0.9,
+        threshold_decay=0.005, role_optimizer={"threshold": "sgd"},
+        role_lr={"spectrum": 10.0, "threshold": 33.333}, role_decay={"spectrum": 0.0},
+        warmup_epochs=1.0, clip_grad=1.0))  # fmt: skip

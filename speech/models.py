@@ -31,7 +31,7 @@ class SpeechModelConfig:
     layers: int = option(1, "stacked recurrent layers", min=1)
     rank_w: int = option(16, "input-to-hidden rank for param=lowrank (FastGRNN, Google-12)", min=0)
     rank_u: int = option(25, "hidden-to-hidden rank for param=lowrank", min=0)
-    s_init: float = option(-6.0, "STR: initial threshold parameter; g(s_init + s_bias) is the "
+    s_init: float = option(-10.0, "STR: initial threshold parameter; g(s_init + s_bias) is the "
                            "initial threshold as a fraction of the threshold unit")  # fmt: skip
     threshold_scale: str = option("init", "STR threshold unit: init (initial top singular value) "
                                   "| max | rms | one", choices=("init", "max", "rms", "one"))

@@ -52,7 +52,7 @@ def build_parser(
     if any(name.startswith("controller.") for name, *_ in rows):
         g = p.add_argument_group("budget targets (a controller steers the threshold decay)")
         g.add_argument("--target-sparsity", metavar="S",
-                       help="final overall sparsity, e.g. 0.9 (or 90)")
+                       help="final overall sparsity, a fraction, e.g. 0.9")
         g.add_argument("--target-macs", metavar="F", help="final sparse/dense MACs, e.g. 0.1")
         g.add_argument("--target-params", metavar="N", help="final parameter count (speech)")
         g.add_argument("--target-rank", metavar="R", help="final sum of learned ranks (speech)")

@@ -51,7 +51,7 @@ class ControllerConfig:
     """Budget controller settings (the ``controller.*`` config section); off unless ``target``."""
 
     target: float | None = option(
-        None, "requested final total, in the metric's unit: sparsity (fraction, or % if > 1), "
+        None, "requested final total, in the metric's unit: sparsity (a fraction), "
         "macs (sparse / dense MACs), params (count), rank (sum of learned ranks); None: off",
         min=0.0,
     )  # fmt: skip

@@ -115,7 +115,8 @@ class LowRankMatrix(nn.Module):
         return self.W1.shape[1]
 
     def num_params(self) -> int:
-        return self.W1.numel() + self.W2.numel()
+        """Parameters of the deployable form: the factors, or the dense matrix if smaller."""
+        return min(self.W1.numel() + self.W2.numel(), self.W1.shape[0] * self.W2.shape[1])
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.W1.detach().float().clone(), self.W2.detach().float().clone()
@@ -192,7 +193,9 @@ class STRMatrix(nn.Module):
         return int((self.spectrum().detach() > 0).sum())
 
     def num_params(self) -> int:
-        return self.rank() * (self.P.shape[0] + self.Q.shape[0])
+        """Parameters of the deployable form: r (out + in) as factors, or out in if smaller."""
+        out_f, in_f = self.P.shape[0], self.Q.shape[0]
+        return min(self.rank() * (out_f + in_f), out_f * in_f)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A = P_n[:, act] sqrt(e) [out, r], B = sqrt(e) Q_n[:, act]^T [r, in], A @ B == W."""

@@ -126,14 +126,16 @@ class RNNLayer(nn.Module):
 
     def export(self) -> RNNLayer:
         """A compact copy: every factorized matrix stored as two factors at its (learned) rank,
-        shrunk singular values folded in (a fixed ``lowrank`` layer); full matrices stay dense.
+        shrunk singular values folded in (a fixed ``lowrank`` layer), unless the dense matrix is
+        smaller (r (out + in) >= out in); full matrices stay dense.
         Outputs equal this layer's outputs up to float rounding."""
         compact = RNNLayer(self.cell, self.input_size, self.hidden_size, kind="full")
         for name, m in self.matrices().items():
-            if not isinstance(m, (STRMatrix, LowRankMatrix)):
-                new = make_matrix("full", *m.weight.shape, init=m.weight.detach())
-            else:
-                new = LowRankMatrix.from_factors(*m.factors())
+            a, b = m.factors()
+            if a.shape[1] * (a.shape[0] + b.shape[1]) >= a.shape[0] * b.shape[1]:
+                new = make_matrix("full", a.shape[0], b.shape[1], init=(a @ b).detach())
+            else:  # factors only pay off below r = out in / (out + in)
+                new = LowRankMatrix.from_factors(a, b)
             setattr(compact, name, new)
         compact.load_state_dict(
             {"bias_ih": self.bias_ih.detach(), "bias_hh": self.bias_hh.detach()}, strict=False

@@ -36,7 +36,7 @@ class MethodConfig:
     """How the network is sparsified."""
 
     name: str = option("str", "dense | str | gmp | uniform | transfer", choices=METHODS)
-    s_init: float = option(-6.0, "STR: initial threshold parameter; g(s_init) is the threshold")
+    s_init: float = option(-10.0, "STR: initial threshold parameter; g(s_init) is the threshold")
     granularity: str = option("layer", "STR threshold: layer | channel | global",
                               choices=("layer", "channel", "global"))  # fmt: skip
     keep_first_dense: bool = option(False, "leave the stem conv unsparsified")
@@ -60,4 +60,4 @@ class VisionConfig:
     controller: ControllerConfig = option(factory=ControllerConfig)
     train: TrainConfig = option(factory=lambda: TrainConfig(
         epochs=15, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-        threshold_decay=0.02, warmup_epochs=1.0, label_smoothing=0.1))  # fmt: skip
+        threshold_decay=0.008, warmup_epochs=1.0, label_smoothing=0.1))  # fmt: skip

@@ -1,0 +1,1 @@
+"""Speech track: Speech Commands data, a synthetic keyword generator, features, GRU models."""
