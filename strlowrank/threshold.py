@@ -27,16 +27,65 @@ GRANULARITIES = ("layer", "channel", "global")
 SPARSIFIABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+class _SoftThresholdFn(torch.autograd.Function):
+    """S = W - clamp(W, -g(s), g(s)) in float32; saves S (and W, a leaf that lives anyway).
+
+    A scalar threshold on CPU reads g(s) as a Python number (no device sync there) and uses the
+    single-pass kernels softshrink / softshrink_backward, which compute exactly this S and
+    dL/dW = dL/dS * 1[|W| > g(s)].
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        t = torch.sigmoid(s.float())
+        w32 = w.float()
+        ctx.lambd = float(t) if s.numel() == 1 and w.device.type == "cpu" else None
+        if ctx.lambd is not None:
+            out = F.softshrink(w32, ctx.lambd).to(w.dtype)
+        else:
+            out = torch.clamp(w32, -t, t)
+            out = torch.sub(w32, out, out=out).to(w.dtype)  # one allocation, two passes
+        ctx.save_for_backward(out, w, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        out, w, s = ctx.saved_tensors
+        sgn = torch.sign(out.float())  # sign(S): +-1 where kept, 0 where pruned
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            g = torch.sigmoid(s.float())
+            if s.numel() == 1:  # one BLAS pass, no temporary
+                signed = torch.dot(grad.float().reshape(-1), sgn.view(-1)).reshape(s.shape)
+            else:
+                signed = (grad.float() * sgn).sum_to_size(s.shape)
+            grad_s = (-g * (1.0 - g) * signed).to(s.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[0] and ctx.lambd is not None:
+            grad_w = torch.ops.aten.softshrink_backward(grad.float(), w.float(), ctx.lambd)
+            grad_w = grad_w.to(grad.dtype)
+        elif ctx.needs_input_grad[0]:
+            grad_w = sgn.square_().mul_(grad).to(grad.dtype)
+        return grad_w, grad_s
+
+
 def soft_threshold(
-    w: torch.Tensor, s: torch.Tensor, g: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid
+    w: torch.Tensor,
+    s: torch.Tensor,
+    g: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Return sign(w) * relu(|w| - g(s)), computed in float32, cast back to w's dtype.
 
     ``s`` broadcasts against ``w`` (a scalar for a per-layer threshold, shape [out, 1, ...] for
     a per-output-channel one). Thresholds near 1e-3 are below bf16 resolution, so the arithmetic
-    runs in float32 even under autocast.
+    runs in float32 even under autocast. With g = sigmoid the fused autograd function computes it
+    (two passes each way, only S saved); ``fused=False`` or another g uses the plain expression,
+    whose autograd gives the same values and sub-gradients.
     """
     with torch.autocast(device_type=w.device.type, enabled=False):
+        if fused and g is torch.sigmoid:
+            return _SoftThresholdFn.apply(w, s)
         w32 = w.float()
         out = torch.sign(w32) * F.relu(w32.abs() - g(s.float()))
     return out.to(w.dtype)
@@ -51,12 +100,13 @@ class SoftThreshold(nn.Module):
 
     param_roles = {"s": "threshold"}
 
-    def __init__(self, s: nn.Parameter) -> None:
+    def __init__(self, s: nn.Parameter, fused: bool = True) -> None:
         super().__init__()
         self.s = s
+        self.fused = fused  # False: the plain autograd expression (benchmarks, reference)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return soft_threshold(w, self.s)
+        return soft_threshold(w, self.s, fused=self.fused)
 
     def threshold(self) -> torch.Tensor:
         """g(s), detached: the value below which weights are zeroed."""

@@ -1,0 +1,124 @@
+"""P2 and P3: the low-rank GRU against torch's nn.GRU of the same size (issue #7).
+
+P2, training step (forward, mean-pool + linear loss, backward, Adam) at H=128, T=99, B=64,
+I=32 (log-mel): nn.GRU vs ``RNNLayer`` with STR matrices (W, U reconstructed once per step
+and run through torch's fused recurrence). Target <= 1.2x (goal 1.1x).
+P3, inference (no grad) at H in {128, 256, 512}, B in {1, 64}, ranks r = H/8, H/4 (r_W = r_U),
+I=32, T=99: nn.GRU vs the TorchScript export ``strlowrank.export.export_gru`` (one input
+matmul, two thin factor products per step). Targets: >= 1.5x at H=128 B=64 r=H/4, >= 2.5x at
+H=512. Run: python bench/bench_rnn.py [--part p2 p3] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import add_common_args, interleaved, print_table, setup, summarize, write_json
+from strlowrank.export import export_gru, file_bytes
+from strlowrank.rnn import RNNLayer
+
+STEPS, FEATURES = 99, 32
+
+
+class _Head(nn.Module):
+    """rnn -> mean over time -> linear, for a training step of either GRU."""
+
+    def __init__(self, rnn: nn.Module, hidden: int, classes: int = 12) -> None:
+        super().__init__()
+        self.rnn, self.fc = rnn, nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(x)[0].mean(dim=1))
+
+
+def p2(args: argparse.Namespace, hidden: int = 128, batch: int = 64) -> list[dict]:
+    torch.manual_seed(0)
+    gru = nn.GRU(FEATURES, hidden, batch_first=True)
+    models = {
+        "nn.GRU": _Head(gru, hidden),
+        "str": _Head(RNNLayer.from_torch(gru, kind="str", s_init=-5.0, s_bias=2.0), hidden),
+        "lowrank(16,25)": _Head(RNNLayer("gru", FEATURES, hidden, "lowrank", None, 16, 25), hidden),
+    }
+    x = torch.randn(batch, STEPS, FEATURES, device=args.device)
+    y = torch.randint(0, 12, (batch,), device=args.device)
+    steps = {}
+    for name, model in models.items():
+        model.to(args.device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        steps[name] = step
+    stats = summarize(interleaved(steps, args.repeats, args.warmup, args.device), "nn.GRU")
+    return [
+        {"H": hidden, "B": batch, "T": STEPS, "model": k, "ms": v["ms"], "x_nn.GRU": v["ratio"],
+         "target": "<= 1.2" if k == "str" else ""}
+        for k, v in stats.items()
+    ]  # fmt: skip
+
+
+def p3_case(hidden: int, batch: int, rank: int, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    gru = nn.GRU(FEATURES, hidden, batch_first=True).eval()
+    layer = RNNLayer("gru", FEATURES, hidden, "lowrank", rank_w=min(rank, FEATURES), rank_u=rank)
+    exported = export_gru(layer.eval())
+    x = torch.randn(batch, STEPS, FEATURES)
+    with torch.no_grad():
+        err = float((exported(x)[0] - layer(x)[0]).abs().max())
+        stats = summarize(
+            interleaved(
+                {"dense": lambda: gru(x), "export": lambda: exported(x)}, args.repeats, args.warmup
+            ),
+            "dense",
+        )
+    speedup = 1.0 / stats["export"]["ratio"]
+    target = {128: 1.5 if batch == 64 and rank == hidden // 4 else None, 512: 2.5}.get(hidden)
+    return {
+        "H": hidden, "B": batch, "r": rank, "dense_ms": stats["dense"]["ms"],
+        "export_ms": stats["export"]["ms"], "speedup": speedup,
+        "speedup_min": stats["dense"]["min_ms"] / stats["export"]["min_ms"],
+        "target": f">= {target}" if target else "", "met": "" if not target else speedup >= target,
+        "max_abs_err": err, "dense_bytes": file_bytes(nn.GRU(FEATURES, hidden)),
+        "export_bytes": file_bytes(exported),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(parser, repeats=5)
+    parser.add_argument("--part", nargs="+", default=["p2", "p3"], choices=["p2", "p3"])
+    parser.add_argument("--hidden", nargs="+", type=int, default=[128, 256, 512])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 64])
+    args = parser.parse_args(argv)
+    env = setup(args.threads)
+    out: dict = {}
+    if "p2" in args.part:
+        out["p2"] = p2(args)
+        cols = ["H", "B", "T", "model", "ms", "x_nn.GRU", "target"]
+        print_table(out["p2"], cols, f"P2 GRU training step ({args.device})")
+    if "p3" in args.part:
+        out["p3"] = [
+            p3_case(h, b, r, args)
+            for h in args.hidden for b in args.batch for r in (h // 8, h // 4)
+        ]  # fmt: skip
+        cols = ["H", "B", "r", "dense_ms", "export_ms", "speedup", "speedup_min", "target", "met",
+                "max_abs_err", "dense_bytes", "export_bytes"]  # fmt: skip
+        title = "P3 GRU inference: TorchScript low-rank export vs nn.GRU (cpu)"
+        print_table(out["p3"], cols, title)
+    write_json("p2_p3_rnn", env, out, args.json)
+    return out
+
+
+if __name__ == "__main__":
+    main()

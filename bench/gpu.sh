@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GPU smoke runs and CUDA benchmarks for issue #7, for a lent GPU machine (a few minutes).
+#
+#   bash bench/gpu.sh [OUT_DIR]        (default: $OUT if set, else /tmp/strlowrank_gpu)
+#
+# Uses the preinstalled python (.venv/bin/python if present, else $PYTHON, else python);
+# installs nothing and needs no network. Every step has its own timeout and a failure does not
+# stop the next step; the summary at the end lists each step's exit status (124 = timeout).
+set -x
+set -o pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO" || exit 1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -x "$REPO/.venv/bin/python" ]]; then PY="$REPO/.venv/bin/python"; else PY="${PYTHON:-python}"; fi
+TORCHRUN=("$PY" -m torch.distributed.run)
+OUT_DIR="${1:-${OUT:-/tmp/strlowrank_gpu}}"
+mkdir -p "$OUT_DIR"
+STATUS=()
+
+step() {  # step NAME TIMEOUT_S CMD...: run with a timeout, log to OUT_DIR/NAME.log, record rc
+  local name="$1" limit="$2"; shift 2
+  timeout --kill-after=10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT_DIR/$name.log"
+  STATUS+=("$name=$rc")
+}
+
+step env 60 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0))'"
+
+# Vision track, 1 epoch with bf16 autocast: the shipped Fashion-MNIST subset (no download).
+step vision_amp 300 "$PY" vision/train.py --epochs 1 --device cuda --train.amp bf16 \
+  --model.name resnet20 --method.name str --train.progress false --out "$OUT_DIR/vision_amp"
+# The same through torchrun with one process (DDP code path, nccl).
+step vision_ddp1 300 "${TORCHRUN[@]}" --standalone --nproc_per_node=1 vision/train.py --epochs 1 \
+  --device cuda --train.amp bf16 --method.name str --train.progress false --out "$OUT_DIR/vision_ddp"
+
+# Speech track: a small synthetic tree (espeak-ng, 40 speakers, ~600 clips), 1 epoch bf16.
+step speech_data 300 "$PY" -c "
+from speech.synth import SynthConfig, generate_dataset
+generate_dataset('$OUT_DIR/speech_data', SynthConfig(n_speakers=40, workers=8), progress=False)"
+step speech_amp 300 "$PY" speech/train_gru.py --data-dir "$OUT_DIR/speech_data" --epochs 1 \
+  --device cuda --train.amp bf16 --train.progress false --out "$OUT_DIR/speech_amp"
+step speech_ddp1 300 "${TORCHRUN[@]}" --standalone --nproc_per_node=1 speech/train_gru.py \
+  --data-dir "$OUT_DIR/speech_data" --epochs 1 --device cuda --train.amp bf16 \
+  --train.progress false --out "$OUT_DIR/speech_ddp"
+
+# Benchmarks on CUDA: P1 (STR step overhead) and P2 (GRU training step); P3/P4 are CPU exports.
+step bench_p1_cuda 300 "$PY" bench/bench_str_overhead.py --device cuda --repeats 10 --warmup 3 \
+  --json "$OUT_DIR/p1_cuda.json"
+step bench_p2_cuda 200 "$PY" bench/bench_rnn.py --part p2 --device cuda --repeats 10 --warmup 3 \
+  --json "$OUT_DIR/p2_cuda.json"
+
+set +x
+echo "gpu.sh summary (exit status per step; 0 ok, 124 timeout): ${STATUS[*]}"
+echo "logs and JSON in $OUT_DIR"
