@@ -40,9 +40,10 @@ class SpeechConfig:
     model: SpeechModelConfig = option(factory=SpeechModelConfig)
     lowrank: SpectraConfig = option(factory=SpectraConfig)
     controller: ControllerConfig = option(factory=ControllerConfig)
-    # docs/LEARNED_RANK.md: Adam for factors and the rest, Adam x10 for the spectrum, SGD for s
+    # docs/LEARNED_RANK.md: Adam for the factors P, Q and the rest; SGD (the paper's optimizer) for
+    # the singular values (lr 30: their gradients are ~5e-4) and the thresholds (lr 0.1)
     train: TrainConfig = option(factory=lambda: TrainConfig(
-        epochs=15, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, momentum=0.9,
-        threshold_decay=0.005, role_optimizer={"threshold": "sgd"},
-        role_lr={"spectrum": 10.0, "threshold": 33.333}, role_decay={"spectrum": 0.0},
-        warmup_epochs=1.0, clip_grad=1.0))  # fmt: skip
+        epochs=20, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, momentum=0.9,
+        threshold_decay=0.01, spectrum_decay=3e-4,
+        role_optimizer={"threshold": "sgd", "spectrum": "sgd"},
+        role_lr={"spectrum": 10000.0, "threshold": 33.333}, warmup_epochs=1.0, clip_grad=1.0))

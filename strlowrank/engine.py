@@ -58,11 +58,14 @@ class TrainConfig:
     threshold_decay: float | None = option(
         None, "weight decay on STR thresholds s (the sparsity knob); default: weight_decay", min=0.0
     )
+    spectrum_decay: float | None = option(
+        None, "weight decay on singular values of STR low-rank matrices (the rank knob); "
+        "default: weight_decay", min=0.0)  # fmt: skip
     norm_decay: float | None = option(
         None, "weight decay on norm weights and biases; default: weight_decay", min=0.0
     )
     role_decay: dict[str, float] = option(
-        factory=dict, help="weight decay for other parameter roles, e.g. {spectrum: 0.0}"
+        factory=dict, help="weight decay for other parameter roles, e.g. {factor: 0.0}"
     )
     role_lr: dict[str, float] = option(
         factory=dict, help="lr multiplier per role, e.g. {threshold: 1.0}"
@@ -197,6 +200,8 @@ class Trainer:
         decay.setdefault("threshold", cfg.threshold_decay if cfg.threshold_decay is not None
                          else cfg.weight_decay)  # fmt: skip
         decay.setdefault("norm_bias", cfg.norm_decay if cfg.norm_decay is not None
+                         else cfg.weight_decay)  # fmt: skip
+        decay.setdefault("spectrum", cfg.spectrum_decay if cfg.spectrum_decay is not None
                          else cfg.weight_decay)  # fmt: skip
         self.groups = param_groups(self.model, cfg.weight_decay, decay, cfg.role_lr)
         self.optimizer = build_optimizer(self.groups, cfg.optimizer, cfg.lr, cfg.momentum,

@@ -76,9 +76,17 @@ def test_shipped_configs_load():
     from speech.config import SpeechConfig
     from vision.config import VisionConfig
 
+    from strlowrank.sweep import expand, load_grid
+
     paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert len(paths) >= 8
     for path in paths:
+        if path.name.startswith("sweep_"):  # sweep grids: every run's overrides are valid
+            spec = load_grid(path)
+            cls = VisionConfig if "vision" in path.name else SpeechConfig
+            for run in expand(spec):
+                load_config(cls, None, {**spec["base"], **run.overrides})
+            continue
         cls = VisionConfig if path.name.startswith("vision_") else SpeechConfig
         cfg = load_config(cls, path)
         if path.name == "vision_resnet50_str90.yaml":
