@@ -1,0 +1,68 @@
+"""speech/train_gru.py end to end on a tiny tree: run folder, ranks, spectra, export, resume."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from test_speech_data import make_tree
+
+from speech.config import SpeechConfig
+from speech.models import build_model
+from speech.train_gru import main
+from strlowrank.checkpoint import load_checkpoint
+from strlowrank.config import load_config, to_dict
+
+FAST = ["--epochs", "1", "--train.progress=false", "--model.hidden=16", "--device=cpu",
+        "--data.silence_fraction=0.5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_tree(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("sc") / "tree")
+
+
+@pytest.mark.parametrize("param", ["str", "lowrank", "full"])
+def test_one_epoch_run_folder(tmp_path, tiny_tree, param):
+    out = tmp_path / param
+    main(["--out", str(out), "--data-dir", str(tiny_tree), *FAST, f"--model.param={param}",
+          "--model.rank_w=4", "--model.rank_u=4"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["track"] == "speech" and summary["method"] == param
+    assert {"test_acc", "val_acc", "params", "ranks"} <= set(summary)
+    budget = pd.read_csv(out / "budget.csv").set_index("name")
+    assert budget.loc["rnns.0.U", "full_rank"] == 16
+    assert summary["ranks"]["rnns.0.U"] == budget.loc["rnns.0.U", "rank"]
+    if param == "lowrank":
+        assert summary["ranks"] == {"rnns.0.W": 4, "rnns.0.U": 4}
+        assert summary["params"] == 4 * (48 + 32) + 4 * (48 + 16)
+    spectra = pd.read_csv(out / "spectra.csv")
+    assert set(spectra["stage"]) == {"init", "final"} and set(spectra["matrix"]) == {"W", "U"}
+    assert (out / "plots" / "spectra.png").is_file()
+
+
+def test_checkpoint_exports_to_equal_compact_model(tmp_path, tiny_tree):
+    out = tmp_path / "str"
+    main(["--out", str(out), "--data-dir", str(tiny_tree), *FAST])
+    state = load_checkpoint(out / "checkpoint.pt")
+    cfg = load_config(SpeechConfig, out / "config.yaml")
+    assert state["config"] == to_dict(cfg)
+    model = build_model(cfg.model, 32, 12)
+    model.load_state_dict(state["model"])
+    model.eval()
+    compact = model.export()
+    x = torch.randn(3, 99, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in compact.rnns.parameters()) <= sum(
+        p.numel() for p in model.rnns.parameters())
+
+
+def test_resume_and_test_only(tmp_path, tiny_tree):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--data-dir", str(tiny_tree), *FAST]
+    main(args)
+    main([*args, "--epochs", "2", "--resume", str(out / "checkpoint.pt")])
+    assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2]
+    main([*args, "--resume", str(out / "checkpoint.pt"), "--test-only"])
+    assert "test_acc" in json.loads((out / "summary.json").read_text())
