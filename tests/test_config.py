@@ -74,9 +74,8 @@ def test_shipped_configs_load():
     from pathlib import Path
 
     from speech.config import SpeechConfig
-    from vision.config import VisionConfig
-
     from strlowrank.sweep import expand, load_grid
+    from vision.config import VisionConfig
 
     paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert len(paths) >= 8
