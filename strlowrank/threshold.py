@@ -16,6 +16,7 @@ linear modules, selected by name patterns; removing it bakes S_g(W, s) into plai
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -40,6 +41,8 @@ class _SoftThresholdFn(torch.autograd.Function):
         t = torch.sigmoid(s.float())
         w32 = w.float()
         ctx.lambd = float(t) if s.numel() == 1 and w.device.type == "cpu" else None
+        if ctx.lambd is not None and not math.isfinite(ctx.lambd):
+            ctx.lambd = None  # a NaN threshold must reach the loss (the engine reports it)
         if ctx.lambd is not None:
             out = F.softshrink(w32, ctx.lambd).to(w.dtype)
         else:

@@ -74,6 +74,7 @@ def test_shipped_configs_load():
     from pathlib import Path
 
     from speech.config import SpeechConfig
+    from strlowrank.cli import SHORTCUTS
     from strlowrank.sweep import expand, load_grid
     from vision.config import VisionConfig
 
@@ -83,8 +84,9 @@ def test_shipped_configs_load():
         if path.name.startswith("sweep_"):  # sweep grids: every run's overrides are valid
             spec = load_grid(path)
             cls = VisionConfig if "vision" in path.name else SpeechConfig
-            for run in expand(spec):
-                load_config(cls, None, {**spec["base"], **run.overrides})
+            for run in expand(spec):  # sweep arguments may use the CLI shortcuts (epochs, seed)
+                args = {**spec["base"], **run.overrides}
+                load_config(cls, None, {SHORTCUTS.get(k, k): v for k, v in args.items()})
             continue
         cls = VisionConfig if path.name.startswith("vision_") else SpeechConfig
         cfg = load_config(cls, path)
