@@ -4,7 +4,9 @@ STR has no sparsity loss; the weight decay lambda_s on the threshold parameters 
 knob (PAPER.md section 1). Here lambda_s is a feedback variable. Every ``every`` optimizer steps
 the controller measures the total y (a fraction that rises with the thresholds: sparsity, MAC
 reduction, parameter reduction, rank reduction) and compares it with a target schedule
-(t = steps done / total steps, y_0 = the total at the start, y_T = the requested total):
+(t = steps done / total steps, y_T = the requested total). Until t_start (default 0.2) plain STR
+runs with the configured decay, since its thresholds take a while to reach the weights' scale
+and a controller acting through that dead time would wind up; y_0 is the total measured at t_start:
 
     p = clip((t - t_start) / (t_end - t_start), 0, 1)
     r(t) = y_T + (y_0 - y_T) (1 - p)^3            (cubic, Zhu & Gupta 2017; linear: 1 - p)
@@ -29,6 +31,7 @@ the same factor exp(delta): the per-layer allocation learned by STR is kept. doc
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +42,9 @@ from torch import nn
 
 from strlowrank.budget import budget_table, layers
 from strlowrank.config import option
+from strlowrank.lowrank import STRMatrix
 from strlowrank.optim import parameter_roles
+from strlowrank.threshold import thresholded_modules
 
 METRICS = ("sparsity", "macs", "params", "rank")
 TRACE_COLUMNS = ["step", "target", "measured", "achieved", "decay"]
@@ -56,18 +61,25 @@ class ControllerConfig:
         min=0.0,
     )  # fmt: skip
     metric: str = option("sparsity", "what the target counts", choices=METRICS)
-    start: float = option(0.0, "fraction of training where the ramp to the target starts",
-                          min=0.0, max=1.0)  # fmt: skip
+    start: float = option(
+        0.2, "fraction of training where the controller takes over: before it plain STR runs "
+        "with the configured decay; the ramp starts from the total measured then", min=0.0, max=1.0
+    )  # fmt: skip
     end: float = option(0.75, "fraction of training where the ramp reaches the target (then hold)",
                         min=0.0, max=1.0)  # fmt: skip
     shape: str = option("cubic", "ramp shape: cubic (Zhu & Gupta) | linear",
                         choices=("cubic", "linear"))  # fmt: skip
+    role: str = option(
+        "threshold", "the parameter role whose weight decay is steered: threshold (the decay on "
+        "s, STR's sparsity knob) | spectrum (the decay on singular values, the rank knob of STR "
+        "matrices with a fixed threshold unit)", choices=("threshold", "spectrum")
+    )  # fmt: skip
     every: int = option(10, "update interval in optimizer steps", min=1)
     kp: float = option(10.0, "proportional gain: log-decay change per unit of error", min=0.0)
     ki: float = option(100.0, "integral gain: log-decay change per unit error x training fraction",
                        min=0.0)  # fmt: skip
     decay_init: float | None = option(
-        None, "initial decay on s; default: the threshold group's configured decay", min=0.0
+        None, "initial decay; default: the steered group's configured decay", min=0.0
     )
     decay_min: float = option(1e-6, "lower bound of the decay on s", min=0.0)
     decay_max: float = option(0.1, "upper bound of the decay on s", min=0.0)
@@ -76,6 +88,10 @@ class ControllerConfig:
         "the error exceeds tolerance, and at the last step)", choices=("off", "final", "hold")
     )  # fmt: skip
     tolerance: float = option(0.001, "hold-phase error that triggers a correction", min=0.0)
+    compensate: bool = option(
+        True, "a correction keeps the thresholded value of every weight (singular value) that "
+        "survives it: only those that cross the threshold change (no jump of the survivors)"
+    )  # fmt: skip
     overshoot: float = option(
         0.02, "during the ramp, a total above the schedule by more than this is shifted back "
         "(decay cannot lower thresholds; fully pruned layers get no gradient to recover)", min=0.0
@@ -208,38 +224,119 @@ def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, p, role in parameter_roles(model) if role == "threshold"]
 
 
+Site = tuple[torch.Tensor, Callable[[], torch.Tensor], bool]
+
+
+def threshold_sites(model: nn.Module) -> list[Site]:
+    """(values, threshold(), magnitude?) for every thresholded tensor whose threshold does not
+    depend on the values: STR weights (|W| against g(s)) and the singular values of STR
+    matrices with a fixed threshold unit (sigma against tau; ``threshold_scale`` init or one).
+    With ``"max"`` / ``"rms"`` units tau moves with sigma, so those matrices are left out."""
+    sites: list[Site] = [
+        (module.parametrizations.weight.original, p.threshold, True)
+        for _, module, p in thresholded_modules(model)
+    ]
+    sites += [
+        (m.sigma, lambda m=m: m.tau().detach(), False)
+        for m in model.modules()
+        if isinstance(m, STRMatrix) and m.threshold_scale in ("init", "one")
+    ]
+    return sites
+
+
+@torch.no_grad()
+def compensate_survivors(values: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
+                         magnitude: bool = True) -> None:  # fmt: skip
+    """Keep the soft-thresholded value of every entry above both thresholds across a threshold
+    change ``before`` -> ``after``: |v| += after - before there (v itself when not
+    ``magnitude``). Entries between the two thresholds cross (pruned or revived, with values
+    below |after - before|); the count above the threshold is the one ``after`` gives."""
+    mag = values.abs() if magnitude else values
+    survives = mag > torch.maximum(before, after)
+    moved = mag + (after - before).to(values.dtype)
+    values.copy_(torch.where(survives, torch.sign(values) * moved if magnitude else moved, values))
+
+
+def _bisect(f: Callable[[float], float], target: float, low: float,
+            high: float) -> tuple[float, float, bool]:  # fmt: skip
+    """x in [low, high] with non-decreasing f(x) closest to ``target``, by bracketing from 0
+    (steps doubling from 1/8) and bisection; (x, f(x), reached). f is left evaluated at some x."""
+    y0 = f(0.0)
+    lo, hi, y_lo, y_hi, step = 0.0, 0.0, y0, y0, 0.125
+    while y_hi < target and hi < high:  # bracket: f(lo) < target <= f(hi)
+        lo, y_lo, hi = hi, y_hi, min(hi + step, high)
+        y_hi, step = f(hi), 2 * step
+    while y_lo >= target and lo > low:
+        hi, y_hi, lo = lo, y_lo, max(lo - step, low)
+        y_lo, step = f(lo), 2 * step
+    if y_hi < target or y_lo > target:
+        return 0.0, y0, False
+    for _ in range(40):
+        if hi - lo < 1e-7 * max(1.0, abs(hi)):
+            break
+        mid = 0.5 * (lo + hi)
+        y_mid = f(mid)
+        lo, y_lo, hi, y_hi = (mid, y_mid, hi, y_hi) if y_mid < target else (lo, y_lo, mid, y_mid)
+    return (lo, y_lo, True) if abs(y_lo - target) < abs(y_hi - target) else (hi, y_hi, True)
+
+
+@torch.no_grad()
+def move_boundary(values: torch.Tensor, base: torch.Tensor, threshold: torch.Tensor, rel: float,
+                  magnitude: bool = True) -> None:  # fmt: skip
+    """What a compensated threshold change t -> t (1 + rel) does to the entries, with t kept:
+    rel > 0 prunes the survivors whose margin m = |v| - t is below rel t (|v| <- t, value 0);
+    rel < 0 revives the entries with rel t < m <= 0 (|v| <- |v| - rel t, value m - rel t)."""
+    mag = base.abs() if magnitude else base
+    margin = mag - threshold
+    if rel >= 0:
+        new = torch.where((margin > 0) & (margin < rel * threshold), threshold.to(mag.dtype), mag)
+    else:
+        new = torch.where((margin <= 0) & (margin > rel * threshold), mag - rel * threshold, mag)
+    values.copy_(torch.sign(base) * new if magnitude else new)
+
+
 @torch.no_grad()
 def shift_thresholds(model: nn.Module, measure: Measure, target: float,
-                     max_shift: float = 2.0**14) -> tuple[float, float]:  # fmt: skip
+                     max_shift: float = 64.0,
+                     compensate: bool = True) -> tuple[float, float]:  # fmt: skip
     """Shift every threshold parameter by one delta so that ``measure`` is closest to ``target``.
 
-    ``measure`` must be non-decreasing in delta. Returns (delta, measured total after the shift).
+    ``measure`` must be non-decreasing in delta. With ``compensate`` the values that survive
+    keep their thresholded value (:func:`compensate_survivors`), so the shift acts like
+    magnitude pruning (or reviving) at the threshold and leaves the rest of the network as it
+    was. A target that no shift within ``max_shift`` reaches (g(s) saturates: a threshold can
+    not exceed its unit, and a saturated s gets no gradient) keeps s and, with ``compensate``,
+    moves the entries at the boundary instead (:func:`move_boundary`, one relative margin for
+    every site, found by bisection); without it the model is left as it was.
+    Returns (delta of s, measured total after).
     """
     params = threshold_parameters(model)
     base = [p.detach().clone() for p in params]
+    sites = threshold_sites(model) if compensate else []
+    before = [threshold().clone() for _, threshold, _ in sites]
 
     def at(delta: float) -> float:
         for p, b in zip(params, base):
             p.copy_(b + delta)
         return measure(model)
 
-    y0 = at(0.0)
-    lo, hi, y_lo, y_hi, step = 0.0, 0.0, y0, y0, 0.125
-    while y_hi < target and hi < max_shift:  # bracket: y(lo) < target <= y(hi)
-        lo, y_lo, hi = hi, y_hi, hi + step
-        y_hi, step = at(hi), 2 * step
-    while y_lo >= target and lo > -max_shift:
-        hi, y_hi, lo = lo, y_lo, lo - step
-        y_lo, step = at(lo), 2 * step
-    for _ in range(40):
-        if hi - lo < 1e-7 * max(1.0, abs(hi)):
-            break
-        mid = 0.5 * (lo + hi)
-        y_mid = at(mid)
-        lo, y_lo, hi, y_hi = (mid, y_mid, hi, y_hi) if y_mid < target else (lo, y_lo, mid, y_mid)
-    delta, y = (lo, y_lo) if abs(y_lo - target) < abs(y_hi - target) else (hi, y_hi)
-    at(delta)
-    return delta, y
+    delta, y, reached = _bisect(at, target, -max_shift, max_shift)
+    y = at(delta if reached else 0.0)
+    if reached:
+        for (values, threshold, magnitude), old in zip(sites, before):
+            compensate_survivors(values, old, threshold(), magnitude)
+        return delta, measure(model) if sites else y
+    if not sites:
+        return 0.0, y
+    saved = [values.detach().clone() for values, _, _ in sites]
+
+    def moved(rel: float) -> float:
+        for (values, _, magnitude), b, t in zip(sites, saved, before):
+            move_boundary(values, b, t, rel, magnitude)
+        return measure(model)
+
+    rel, y, reached = _bisect(moved, target, -1.0, 2.0**20)
+    return 0.0, moved(rel if reached else 0.0)
 
 
 class BudgetController:
@@ -248,8 +345,8 @@ class BudgetController:
     ``measure(model)`` returns the current total as a fraction non-decreasing in the thresholds
     (:func:`to_reduction` of ``cfg.target``; ``scale`` from :func:`unit_scale`). Call :meth:`bind`
     with the optimizer before training: the controller writes ``weight_decay`` of the optimizer's
-    ``role == "threshold"`` groups. metrics.csv gets ``target_<metric>`` and ``achieved_<metric>``
-    (user units), ``threshold_decay`` and ``threshold_shift`` (the summed corrections of s).
+    ``role == cfg.role`` groups. metrics.csv gets ``target_<metric>`` and ``achieved_<metric>``
+    (user units), ``<role>_decay`` and ``threshold_shift`` (the summed corrections of s).
     """
 
     def __init__(self, cfg: ControllerConfig, measure: Measure, scale: float = 1.0) -> None:
@@ -261,26 +358,31 @@ class BudgetController:
         self.target = to_reduction(cfg.metric, cfg.target, scale)
         self.optimizer: torch.optim.Optimizer | None = None
         self.total_steps, self.done, self.last_update = 0, 0, 0
-        self.started = False
+        self.started = self.warned = False
         self.y0 = self.log_decay0 = self.decay = self.achieved = math.nan
         self.integral = self.shift = 0.0
         self.trace: list[list[float]] = []  # [steps, target, measured, achieved, decay]
 
     def bind(self, optimizer: torch.optim.Optimizer) -> BudgetController:
-        """Use the optimizer's ``role == "threshold"`` param groups (there must be one)."""
+        """Use the optimizer's ``role == cfg.role`` param groups (there must be one)."""
         self.optimizer = optimizer
         if not self.groups():
-            raise ValueError("budget controller: the optimizer has no 'threshold' param group")
+            raise ValueError(f"budget controller: the optimizer has no {self.cfg.role!r} param "
+                             "group (controller.role)")  # fmt: skip
         return self
 
     def groups(self) -> list[dict]:
-        """The threshold groups, looked up each time (``load_state_dict`` replaces the dicts)."""
+        """The steered groups, looked up each time (``load_state_dict`` replaces the dicts)."""
         groups = self.optimizer.param_groups if self.optimizer is not None else []
-        return [g for g in groups if g.get("role") == "threshold"]
+        return [g for g in groups if g.get("role") == self.cfg.role]
 
     def schedule(self, steps_done: int) -> float:
+        """r(t); NaN before the ramp has started (``y0`` is measured when it starts)."""
         t = steps_done / max(self.total_steps, 1)
         return schedule_value(t, self.y0, self.target, self.cfg.start, self.cfg.end, self.cfg.shape)
+
+    def _ramp_started(self, steps_done: int) -> bool:
+        return steps_done >= self.cfg.start * self.total_steps
 
     # ----------------------------------------------------------------------------- callback
     def on_train_start(self, model: nn.Module, steps_per_epoch: int, epochs: int) -> None:
@@ -292,7 +394,9 @@ class BudgetController:
             d0 = float(self.groups()[0]["weight_decay"]) if d0 is None else d0
             d0 = min(max(d0, self.cfg.decay_min, 1e-30), self.cfg.decay_max)
             self.log_decay0, self.decay = math.log(d0), d0
-            self.y0 = self.achieved = self.measure(model)
+            self.achieved = self.measure(model)
+            if self._ramp_started(0):
+                self.y0 = self.achieved
             self.started = True
         self._apply()
 
@@ -301,13 +405,26 @@ class BudgetController:
         last = self.done >= self.total_steps
         if self.done % self.cfg.every and not last:
             return
+        if not self._ramp_started(self.done):  # plain STR: the configured decay, no correction
+            self.achieved = self.measure(model)
+            self.trace.append([float(self.done), math.nan, self.achieved, self.achieved,
+                               self.decay])  # fmt: skip
+            return
+        if math.isnan(self.y0):  # the ramp starts here, from the total STR reached on its own
+            self.y0 = self.measure(model)
+            self.last_update = self.done
         r = self.schedule(self.done)
         measured = y = self.measure(model)
         self._update_decay(r - y, (self.done - self.last_update) / max(self.total_steps, 1))
         self.last_update = self.done
         if self._corrects(r - y, last):
-            delta, y = shift_thresholds(model, self.measure, r)
+            delta, y = shift_thresholds(model, self.measure, r, compensate=self.cfg.compensate)
             self.shift += delta
+            if abs(y - r) > 0.01 and not self.warned:
+                self.warned = True
+                warnings.warn(f"budget controller: the target {r:.4f} is out of reach of a "
+                              f"threshold shift (total {y:.4f}); relying on the decay alone",
+                              RuntimeWarning, stacklevel=2)  # fmt: skip
         self.achieved = y
         self.trace.append([float(self.done), r, measured, y, self.decay])
 
@@ -316,7 +433,7 @@ class BudgetController:
         metric, scale = self.cfg.metric, self.scale
         return {f"target_{metric}": from_reduction(metric, self.schedule(self.done), scale),
                 f"achieved_{metric}": from_reduction(metric, self.achieved, scale),
-                "threshold_decay": self.decay, "threshold_shift": self.shift}  # fmt: skip
+                f"{self.cfg.role}_decay": self.decay, "threshold_shift": self.shift}  # fmt: skip
 
     # ----------------------------------------------------------------------------- control law
     def _update_decay(self, error: float, dt: float) -> None:

@@ -1,19 +1,25 @@
 """Exports that make sparse and low-rank models faster at inference (issue #7).
 
-Low-rank GRU (``export_gru``): a TorchScript module. With W = A_W B_W [3H, I] and
-U = A_U B_U [3H, H] (rank r, ``RNNLayer.export``), the input projection of all T steps is one
-matmul, x B_W^T A_W^T + b_ih, and each step costs two thin products (h B_U^T) A_U^T + b_hh
-(r (I + 3H) instead of 3H I MACs) and the gate arithmetic of torch's GRU:
+Low-rank GRU (``export_gru``): a TorchScript module (``backend="script"``) or the same math
+as one compiled C++ op with fused gates (``backend="cpp"``, ``strlowrank.gru_cpp``). With
+W = A_W B_W [3H, I] and U = A_U B_U [3H, H] (rank r, ``RNNLayer.export``), the input
+projection of all T steps is one matmul, x B_W^T A_W^T + b_ih, and each step costs two thin
+products (h B_U^T) A_U^T + b_hh (r (I + 3H) instead of 3H I MACs) and the gate arithmetic
+of torch's GRU:
 
     r, z = sigmoid(gi_rz + gh_rz),   n = tanh(gi_n + r * gh_n),   h' = n + z (h - n)
 
 A matrix whose factors cost more than its dense form is stored dense.
 
-Sparse CNN (``export_sparse_cnn``): conv (groups 1) and linear layers whose weights are sparse
-are replaced by a CSR sparse x dense product (1x1 convs directly on [C, H W], k x k convs on
-unfolded patches, linear layers on x^T), but only where timing that layer on its real input
-shape says the sparse product is faster; every other layer stays dense. BatchNorm and the rest
-of the graph are untouched, so outputs equal the pruned model's within float rounding.
+Sparse CNN (``export_sparse_cnn``, kernels in ``strlowrank.sparse_cnn_ops``): every eval-mode
+BatchNorm is first folded into the conv before it (rows of W scaled, a bias added; zero
+patterns unchanged) and max-pools run through oneDNN. Then conv (groups 1) and linear layers
+whose weights are sparse are replaced by CSR sparse x dense products (1x1 convs directly on
+[C, H W]; k x k convs as per-tap products on shifted windows of the padded input accumulated
+in place, or one product on the concatenated windows; linear layers on x^T), but only where
+timing that layer on its real input shape says the fastest CSR path beats the dense layer;
+every other layer stays dense (with its BN folded). Residual adds, ReLUs and pooling are
+untouched, so outputs equal the pruned model's within float rounding.
 
 ``file_bytes`` gives the size on disk of what ``save_export`` writes.
 """
@@ -29,11 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from strlowrank.rnn import RNNLayer
+from strlowrank.sparse_cnn_ops import (
+    SparseConv2d,
+    SparseLinear,
+    _set_submodule,
+    fold_batchnorm_,
+    use_onednn_maxpool_,
+)
 
 # --------------------------------------------------------------------------- low-rank GRU
 
@@ -86,13 +98,19 @@ def _cheapest(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, torch.Tensor, tor
     return False, a @ b, a.new_zeros(in_f, 0)
 
 
-def export_gru(layer: RNNLayer | nn.GRU, script: bool = True) -> nn.Module:
-    """The fastest honest inference form of one GRU layer: a scripted ``LowRankGRU``.
+def export_gru(layer: RNNLayer | nn.GRU, script: bool = True, backend: str = "script") -> nn.Module:
+    """The fastest honest inference form of one GRU layer.
 
     ``layer`` is an ``RNNLayer`` (full, lowrank or str matrices, exported at their learned
     ranks by ``RNNLayer.export``) or a single-layer batch-first ``nn.GRU``. Outputs equal the
     layer's (out [B, T, H], h_T [B, H]) within float rounding.
+
+    backend: ``"script"`` (portable): a ``LowRankGRU``, scripted unless ``script=False``;
+    ``"cpp"``: a ``strlowrank.gru_cpp.CompiledLowRankGRU`` (the whole time loop in one C++ op,
+    built at first use; CPU float32 inference), RuntimeError if it cannot be built here.
     """
+    if backend not in ("script", "cpp"):
+        raise ValueError(f"export_gru: backend must be 'script' or 'cpp', got {backend!r}")
     if isinstance(layer, nn.GRU):
         if not layer.batch_first:
             raise ValueError("export_gru: nn.GRU must be batch_first")
@@ -102,6 +120,12 @@ def export_gru(layer: RNNLayer | nn.GRU, script: bool = True) -> nn.Module:
     compact = layer.export()
     factors = [m.factors() for m in (compact.W, compact.U)]
     module = LowRankGRU(*factors, compact.bias_ih, compact.bias_hh).eval()
+    if backend == "cpp":
+        from strlowrank import gru_cpp
+
+        if not gru_cpp.available():
+            raise RuntimeError(f"export_gru(backend='cpp'): {gru_cpp.unavailable_reason()}")
+        return gru_cpp.CompiledLowRankGRU(module).eval()
     if not script:
         return module
     with warnings.catch_warnings():
@@ -112,62 +136,12 @@ def export_gru(layer: RNNLayer | nn.GRU, script: bool = True) -> nn.Module:
 # --------------------------------------------------------------------------- sparse CNN
 
 
-class SparseConv2d(nn.Module):
-    """A conv (groups 1) as CSR W [C_out, C_in k k] times patches; 1x1 convs skip the unfold."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        if conv.groups != 1 or isinstance(conv.padding, str):
-            raise ValueError("SparseConv2d needs groups=1 and numeric padding")
-        self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        self.padding, self.dilation = conv.padding, conv.dilation
-        self.out_channels = conv.out_channels
-        self.register_buffer("weight", _csr(conv.weight.detach().flatten(1)))
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width = x.shape[0], x.shape[2], x.shape[3]
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
-            self.kernel_size, self.stride, self.padding, self.dilation)  # fmt: skip
-        out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if (kh, kw, ph, pw) == (1, 1, 0, 0):
-            cols = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
-            cols = cols.reshape(batch, x.shape[1], out_h * out_w)
-        else:
-            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        out = torch.stack([self.weight @ cols[i] for i in range(batch)])
-        out = out.view(batch, self.out_channels, out_h, out_w)
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
-
-
-class SparseLinear(nn.Module):
-    """y = x W^T + b with W stored CSR [out, in]: computed as (W x^T)^T."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.register_buffer("weight", _csr(linear.weight.detach()))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = (self.weight @ x.reshape(-1, x.shape[-1]).t()).t()
-        out = out.reshape(*x.shape[:-1], out.shape[-1])
-        return out if self.bias is None else out + self.bias
-
-
-def _csr(w: torch.Tensor) -> torch.Tensor:
-    """A 2-d float tensor as CSR with int32 indices (smaller on disk, same MKL product)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        c = w.float().contiguous().to_sparse_csr()
-        return torch.sparse_csr_tensor(
-            c.crow_indices().to(torch.int32), c.col_indices().to(torch.int32), c.values(),
-            c.shape)  # fmt: skip
-
-
 @dataclass
 class LayerChoice:
-    """One candidate layer of ``export_sparse_cnn``: its timings (ms) and the chosen path."""
+    """One candidate layer of ``export_sparse_cnn``: its timings (ms) and the chosen path.
+
+    ``sparse_ms`` is the fastest CSR path, ``path`` the one chosen ("dense" or a
+    ``SparseConv2d`` mode: "matmul", "shift", "cols"; "linear" for ``SparseLinear``)."""
 
     name: str
     kind: str
@@ -177,6 +151,7 @@ class LayerChoice:
     dense_ms: float
     sparse_ms: float
     sparse: bool
+    path: str = "dense"
 
 
 def best_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -236,6 +211,8 @@ def export_sparse_cnn(
     min_sparsity: float = 0.5,
     margin: float = 0.9,
     repeats: int = 5,
+    fold_bn: bool = True,
+    fast_pool: bool = True,
 ) -> tuple[nn.Module, list[LayerChoice]]:
     """Replace sparse conv/linear layers by CSR products where timing says they are faster.
 
@@ -244,15 +221,24 @@ def export_sparse_cnn(
         example: an input of the batch size and image size to optimize for.
         min_sparsity: layers with fewer zeros stay dense without timing.
         margin: a layer goes sparse when sparse_ms < margin * dense_ms (timing noise guard).
-        repeats: timed calls per layer and path (fastest, after one warm-up call).
+        repeats: timed calls per layer and path (fastest, after one warm-up call; the paths
+            are timed interleaved).
+        fold_bn: fold eval-mode BatchNorms into the convs before them first
+            (``sparse_cnn_ops.fold_batchnorm_``; zero patterns are unchanged).
+        fast_pool: run max-pools through oneDNN (``sparse_cnn_ops.MaxPool2dOneDNN``).
     Returns:
         (the exported model in eval mode, one ``LayerChoice`` per timed layer).
     """
     model = _bake(model)
+    if fold_bn:
+        fold_batchnorm_(model)
+    if fast_pool:
+        use_onednn_maxpool_(model)
     candidates = {
         n: m for n, m in model.named_modules()
         if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1
-                                        and not isinstance(m.padding, str))
+                                        and not isinstance(m.padding, str)
+                                        and m.padding_mode == "zeros")
     }  # fmt: skip
     inputs = _inputs(model, example, list(candidates))
     choices = []
@@ -265,25 +251,44 @@ def export_sparse_cnn(
                 choices.append(choice)
                 if choice.sparse:
                     _set_submodule(model, name, sparse)
+                else:
+                    choice.path = "dense"
     return model, choices
 
 
 def _time_layer(
     name: str, module: nn.Module, x: torch.Tensor, sparsity: float, repeats: int
 ) -> tuple[LayerChoice, nn.Module]:
-    """Time ``module`` and its CSR replacement on ``x``; (the timings, the replacement)."""
-    sparse = SparseLinear(module) if isinstance(module, nn.Linear) else SparseConv2d(module)
-    dense_ms = best_ms(lambda: module(x), repeats)
-    sparse_ms = best_ms(lambda: sparse(x), repeats)
+    """Time ``module`` and its CSR replacements (every applicable ``SparseConv2d`` mode) on
+    ``x``, interleaved; (the timings with the fastest CSR path, that replacement)."""
+    if isinstance(module, nn.Linear):
+        paths: dict[str, nn.Module] = {"linear": SparseLinear(module)}
+    elif module.kernel_size == (1, 1) and module.padding in (0, (0, 0)):
+        paths = {"matmul": SparseConv2d(module, "matmul")}
+    else:
+        paths = {mode: SparseConv2d(module, mode) for mode in ("shift", "cols")}
+    ms = _interleaved_best_ms({"dense": module, **paths}, x, repeats)
+    path = min(paths, key=ms.__getitem__)
     choice = LayerChoice(
         name, type(module).__name__, "x".join(map(str, module.weight.shape)),
-        "x".join(map(str, x.shape)), sparsity, dense_ms, sparse_ms, False)  # fmt: skip
-    return choice, sparse
+        "x".join(map(str, x.shape)), sparsity, ms["dense"], ms[path], False, path)  # fmt: skip
+    return choice, paths[path]
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+def _interleaved_best_ms(
+    modules: dict[str, nn.Module], x: torch.Tensor, repeats: int
+) -> dict[str, float]:
+    """Fastest of ``repeats`` calls of each module on ``x`` (ms), one round after another
+    (after one warm-up round), so that a change of machine load hits all of them alike."""
+    for module in modules.values():
+        module(x)
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for _ in range(repeats):
+        for name, module in modules.items():
+            start = time.perf_counter()
+            module(x)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 # --------------------------------------------------------------------------- files

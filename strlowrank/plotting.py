@@ -264,6 +264,64 @@ def plot_sparsity_trajectory(metrics: pd.DataFrame, title: str = "Training") -> 
     return fig
 
 
+CONTROLLER_UNITS = {
+    "sparsity": "overall sparsity", "macs": "sparse / dense MACs",
+    "params": "parameters", "rank": "sum of learned ranks",
+}  # fmt: skip
+
+
+def controller_metric(metrics: pd.DataFrame) -> str | None:
+    """The budget metric a run's controller steered (its ``target_<metric>`` column), if any."""
+    for metric in CONTROLLER_UNITS:
+        if f"target_{metric}" in metrics and f"achieved_{metric}" in metrics:
+            return metric
+    return None
+
+
+@styled
+def plot_controller(metrics: pd.DataFrame, title: str = "Budget controller") -> Figure:
+    """One run's budget controller per epoch (metrics.csv rows): target vs achieved total in the
+    metric's unit (left), the weight decay it steered (on the thresholds or on singular values)
+    and the summed threshold shift (right). Before the controller takes over the target is
+    empty (plain STR)."""
+    metric = controller_metric(metrics)
+    if metric is None:
+        raise ValueError("plot_controller: no target_<metric> / achieved_<metric> columns")
+    rows = metrics.sort_values("epoch")
+    fig, axes = _figure(1, 2, (11, 4.2), sharex=True)
+    color = method_color("str")
+    axes[0].plot(rows["epoch"], rows[f"achieved_{metric}"], color=color, marker="o",
+                 markersize=3, label="achieved")  # fmt: skip
+    axes[0].plot(rows["epoch"], rows[f"target_{metric}"], color="black", linestyle=":",
+                 marker="x", markersize=4, label="target (schedule)")  # fmt: skip
+    final = rows[f"target_{metric}"].dropna()
+    if len(final):
+        axes[0].axhline(final.iloc[-1], color="#8c8c8c", linewidth=0.8)
+    if metric in ("sparsity", "macs"):
+        _percent(axes[0].yaxis)
+    axes[0].set_ylabel(CONTROLLER_UNITS[metric])
+    axes[0].legend(loc="best")
+    role = next((r for r in ("threshold", "spectrum") if f"{r}_decay" in rows), "threshold")
+    what = {"threshold": "decay on the thresholds s", "spectrum": "decay on singular values"}
+    if f"{role}_decay" in rows:
+        axes[1].plot(rows["epoch"], rows[f"{role}_decay"], color=color, marker="o", markersize=3,
+                     label=what[role])  # fmt: skip
+        axes[1].set_yscale("log")
+    axes[1].set_ylabel(f"steered {what[role]}")
+    if "threshold_shift" in rows:
+        twin = axes[1].twinx()
+        twin.step(rows["epoch"], rows["threshold_shift"], where="post", color="#d62728",
+                  linewidth=1.2, label="summed shift of s")  # fmt: skip
+        twin.set_ylabel("summed shift of s", color="#d62728")
+        lines = axes[1].get_lines() + twin.get_lines()
+        axes[1].legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    return fig
+
+
 def _per_layer_lines(ax: Axes, history: pd.DataFrame, column: str) -> int:
     """One line per layer of ``column`` over epochs, colored by depth; legend or colorbar."""
     known = history.groupby("name", sort=False)[column].apply(lambda v: v.notna().any())
@@ -359,6 +417,8 @@ def run_figures(run: Run) -> dict[str, Figure]:
     table = analysis.metrics([run])
     if table is not None:
         figs["training"] = plot_sparsity_trajectory(table, f"Training: {name}")
+        if controller_metric(table) is not None:
+            figs["controller"] = plot_controller(table, f"Budget controller: {name}")
     history = analysis.histories([run])
     if history is not None and history["threshold"].gt(0).any():
         figs["thresholds"] = plot_threshold_trajectory(history, f"Thresholds g(s): {name}")

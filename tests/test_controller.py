@@ -47,7 +47,7 @@ TRAIN = dict(epochs=12, batch_size=32, lr=0.1, weight_decay=1e-4, progress=False
 
 def make_trainer(out, target: float, seed: int = 0, **ctl) -> tuple[Trainer, BudgetController]:
     task = make_task(seed)
-    cfg = ControllerConfig(target=target, every=4, **ctl)
+    cfg = ControllerConfig(target=target, every=4, **({"start": 0.0} | ctl))
     controller = build_controller(cfg, task.model)
     task.callbacks.append(controller)
     trainer = Trainer(task, TrainConfig(**TRAIN), out, DistInfo())
@@ -82,6 +82,54 @@ def test_shift_hits_target_and_keeps_relative_thresholds(target):
     assert y == pytest.approx(totals(budget_table(model))["sparsity"])
     for b, a in zip(before, after):
         assert a - b == pytest.approx(delta, abs=1e-5)
+
+
+def _thresholded_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [m.weight.detach().clone() for m in model if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("target", [0.2, 0.8])  # lower, raise the thresholds (start: ~0.5)
+def test_compensated_shift_keeps_survivors_and_changes_only_crossers(target):
+    model = make_task().model
+    shift_thresholds(model, sparsity_metric(), 0.5, compensate=False)
+    before = _thresholded_weights(model)
+    delta, y = shift_thresholds(model, sparsity_metric(), target)
+    after = _thresholded_weights(model)
+    assert abs(y - target) < 2e-3 and y == pytest.approx(sparsity_metric()(model))
+    assert (delta > 0) == (target > 0.5)
+    for b, a in zip(before, after):
+        both = (b != 0) & (a != 0)
+        assert both.sum() > 0
+        assert torch.equal(a[both], b[both]) or (a[both] - b[both]).abs().max() < 1e-6
+        crossed = (b != 0) != (a != 0)
+        if target > 0.5:  # only pruned: every zero of before is still zero
+            assert not ((b == 0) & (a != 0)).any()
+        else:  # only revived, each with a value below the threshold change
+            assert not ((b != 0) & (a == 0)).any()
+        assert crossed.sum() > 0 or b.numel() < 100
+
+
+def test_plain_shift_moves_every_survivor():
+    model = make_task().model
+    shift_thresholds(model, sparsity_metric(), 0.5, compensate=False)
+    before = _thresholded_weights(model)
+    shift_thresholds(model, sparsity_metric(), 0.3, compensate=False)
+    after = _thresholded_weights(model)
+    both = [(a - b)[(a != 0) & (b != 0)].abs().min() for a, b in zip(after, before)]
+    assert min(both) > 1e-4  # a lower threshold makes every kept weight larger
+
+
+def test_compensated_rank_shift_keeps_kept_singular_values():
+    torch.manual_seed(0)
+    layer = RNNLayer("gru", 8, 16, kind="str", s_init=-4.0, threshold_scale="init")
+    before = [m.spectrum().detach().clone() for m in (layer.W, layer.U)]
+    full = float(layers(budget_table(layer))["full_rank"].sum())
+    shift_thresholds(layer, rank_metric(), to_reduction("rank", 10, full))
+    after = [m.spectrum().detach() for m in (layer.W, layer.U)]
+    assert sum(int((a > 0).sum()) for a in after) == 10
+    for b, a in zip(before, after):
+        kept = (a > 0) & (b > 0)
+        assert torch.allclose(a[kept], b[kept], atol=1e-6)
 
 
 def test_metrics_are_the_budget_table():
@@ -177,6 +225,25 @@ def test_training_reaches_target_through_threshold_decay(finished):
     assert (metrics["achieved_sparsity"] - metrics["sparsity"]).abs().max() < 1e-9
 
 
+def test_plain_str_until_start_then_ramp_from_there(tmp_path):
+    trainer, ctl = make_trainer(tmp_path, 0.8, start=0.4)
+    trainer.fit()
+    trace = ctl.trace_frame()
+    before, after = trace[trace["step"] < 0.4 * 96], trace[trace["step"] >= 0.4 * 96]
+    assert len(before) >= 8 and before["target"].isna().all()
+    assert list(before["decay"]) == pytest.approx([1e-4] * len(before))
+    assert (before["measured"] == before["achieved"]).all()  # no correction before start
+    assert before["measured"].iloc[-1] > before["measured"].iloc[0]  # STR prunes on its own
+    first = after.iloc[0]  # the ramp starts from the total measured at the start
+    assert first["measured"] == pytest.approx(ctl.y0)
+    assert first["target"] == pytest.approx(schedule_value(first["step"] / 96, ctl.y0, 0.8, 0.4,
+                                                           0.75))  # fmt: skip
+    assert after["decay"].iloc[1:].ne(1e-4).all()
+    assert abs(totals(trainer.budget())["sparsity"] - 0.8) < 0.005
+    metrics = pd.read_csv(trainer.out / "metrics.csv")
+    assert metrics["target_sparsity"].isna().sum() == 4  # epochs 1-4 of 12 end before t = 0.4
+
+
 def test_resume_keeps_controller_state(tmp_path, run_80):
     full, full_ctl = run_80
     half, half_ctl = make_trainer(tmp_path / "half", 0.8)
@@ -199,3 +266,93 @@ def test_resume_keeps_controller_state(tmp_path, run_80):
     assert (full.out / "metrics.csv").read_text() == (
         tmp_path / "half" / "metrics.csv").read_text()
     assert not math.isnan(resumed_ctl.decay)
+
+
+def test_controller_plot_shows_target_and_achieved(run_80):
+    from strlowrank import analysis, plotting
+
+    trainer, _ = run_80
+    metrics = pd.read_csv(trainer.out / "metrics.csv")
+    figs = plotting.run_figures(analysis.load_run(trainer.out))
+    assert "controller" in figs
+    achieved, target = figs["controller"].axes[0].get_lines()[:2]
+    assert list(achieved.get_ydata()) == pytest.approx(list(metrics["achieved_sparsity"]))
+    assert list(target.get_ydata()) == pytest.approx(list(metrics["target_sparsity"]))
+    with pytest.raises(ValueError, match="target_"):
+        plotting.plot_controller(metrics.drop(columns=["target_sparsity"]))
+
+
+def test_unreachable_target_leaves_thresholds_alone():
+    model = make_task().model
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):  # |W| >= 2 > sigmoid(s) for every s: nothing prunable
+                w = m.parametrizations.weight.original
+                w.copy_(torch.sign(w) * (2.0 + w.abs()))
+    before = [p.detach().clone() for p in threshold_parameters(model)]
+    weights = _thresholded_weights(model)
+    delta, y = shift_thresholds(model, sparsity_metric(), 0.5, compensate=False)
+    assert delta == 0.0 and y == 0.0  # out of reach of s: nothing moves
+    assert all(torch.equal(p, b) for p, b in zip(threshold_parameters(model), before))
+    assert all(torch.equal(a, b) for a, b in zip(_thresholded_weights(model), weights))
+    # compensated: s stays, the entries with the smallest margins go to the threshold instead
+    delta, y = shift_thresholds(model, sparsity_metric(), 0.5)
+    assert delta == 0.0 and abs(y - 0.5) < 2e-3
+    assert all(torch.equal(p, b) for p, b in zip(threshold_parameters(model), before))
+    for a, b in zip(_thresholded_weights(model), weights):
+        kept = a != 0
+        assert torch.equal(a[kept], b[kept])  # survivors untouched
+        assert b[~kept].abs().max() <= b[kept].abs().min()  # the smallest were pruned
+
+
+def test_boundary_move_prunes_ranks_past_the_threshold_ceiling():
+    torch.manual_seed(0)
+    layer = RNNLayer("gru", 8, 16, kind="str", s_init=-4.0, threshold_scale="init")
+    full = float(layers(budget_table(layer))["full_rank"].sum())
+    with torch.no_grad():  # tau at its ceiling (sigma_ref) and spectra grown past it
+        for m in (layer.W, layer.U):
+            m.s.fill_(60.0)
+            m.sigma.mul_(3.0)
+    before = [m.spectrum().detach().clone() for m in (layer.W, layer.U)]
+    kept_before = sum(int((b > 0).sum()) for b in before)
+    assert kept_before > 6
+    delta, y = shift_thresholds(layer, rank_metric(), to_reduction("rank", kept_before - 4, full))
+    after = [m.spectrum().detach() for m in (layer.W, layer.U)]
+    assert delta == 0.0 and float(layer.W.s) == 60.0  # s saturated: the boundary moved instead
+    assert sum(int((a > 0).sum()) for a in after) == kept_before - 4
+    for b, a in zip(before, after):
+        kept = a > 0
+        assert torch.allclose(a[kept], b[kept])  # survivors keep their values
+
+
+def test_spectrum_role_steers_the_singular_value_decay(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 6, 4, generator=g), torch.randint(0, 3, (96,), generator=g)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = RNNLayer("gru", 4, 16, kind="str", s_init=-4.0, threshold_scale="init")
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    task = Task(model=Net(), train_set=TensorDataset(x[:64], y[:64]),
+                val_set=TensorDataset(x[64:], y[64:]))  # fmt: skip
+    full = unit_scale("params", task.model)
+    cfg = ControllerConfig(target=0.4 * full, metric="params", role="spectrum", every=2, start=0.0)
+    ctl = build_controller(cfg, task.model)
+    task.callbacks.append(ctl)
+    train = TrainConfig(epochs=4, batch_size=16, lr=0.01, optimizer="adam", weight_decay=0.0,
+                        spectrum_decay=1e-3, role_optimizer={"spectrum": "sgd"}, progress=False)
+    trainer = Trainer(task, train, tmp_path, DistInfo())
+    ctl.bind(trainer.optimizer)
+    trainer.fit()
+    assert group_decay(trainer, "spectrum") == ctl.decay != pytest.approx(1e-3)
+    assert group_decay(trainer, "threshold") == pytest.approx(0.0)  # not steered
+    params = float(layers(trainer.budget())["nnz"].sum())
+    assert abs(params - 0.4 * full) / (0.4 * full) < 0.05
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert "spectrum_decay" in metrics and "threshold_decay" not in metrics

@@ -17,6 +17,12 @@ from strlowrank.export import (
 )
 from strlowrank.pruning import apply_masks, set_layer_densities, uniform_densities
 from strlowrank.rnn import RNNLayer
+from strlowrank.sparse_cnn_ops import (
+    MaxPool2dOneDNN,
+    conv_bn_pairs,
+    fold_batchnorm_,
+    simplify_cnn,
+)
 from strlowrank.threshold import soft_threshold
 
 
@@ -72,6 +78,118 @@ def test_export_sparse_cnn_equal_outputs_and_smaller_file() -> None:
     dense_bytes, sparse_bytes = file_bytes(_tiny_cnn()), file_bytes(exported)
     print(f"tiny cnn: dense {dense_bytes} B, exported 95% sparse {sparse_bytes} B")
     assert sparse_bytes < dense_bytes
+
+
+def _random_bn_stats(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so that folding is really tested."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation",
+    [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 0, 1), (3, 2, 0, 1), (7, 2, 3, 1), (3, 1, 2, 2),
+     (1, 1, 1, 1), ((1, 3), (2, 1), (0, 1), 1)],
+)  # fmt: skip
+@pytest.mark.parametrize("mode", ["shift", "cols"])
+def test_sparse_conv_shift_and_cols_equal_conv2d(kernel, stride, padding, dilation, mode) -> None:
+    torch.manual_seed(0)
+    for bias, batch, size in ((True, 1, 11), (False, 3, 10)):
+        conv = nn.Conv2d(5, 7, kernel, stride, padding, dilation, bias=bias)
+        with torch.no_grad():
+            conv.weight.mul_(torch.rand_like(conv.weight) > 0.6)
+            conv.weight[:, :, 0, 0] = 0.0  # an all-zero tap (skipped by "shift")
+            x = torch.randn(batch, 5, size, size + 2)
+            out = SparseConv2d(conv, mode)(x)
+            torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+            assert out.is_contiguous()
+
+
+def test_sparse_conv_modes_checked() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        SparseConv2d(nn.Conv2d(4, 4, 3), "matmul")
+    with pytest.raises(ValueError, match="groups"):
+        SparseConv2d(nn.Conv2d(4, 4, 3, groups=2))
+    conv = nn.Conv2d(3, 4, 3, 2, 1)
+    with torch.no_grad():
+        conv.weight.zero_()  # no tap left: the output is the bias
+        x = torch.randn(2, 3, 9, 8)
+        for mode in ("shift", "cols"):
+            torch.testing.assert_close(SparseConv2d(conv, mode)(x), conv(x))
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_onednn_maxpool_equals_maxpool(ceil_mode: bool) -> None:
+    x = torch.randn(2, 3, 13, 12)  # negative values: the padding must act as -inf
+    for pool in (nn.MaxPool2d(3, 2, 1, ceil_mode=ceil_mode), nn.MaxPool2d(2, ceil_mode=ceil_mode)):
+        with torch.no_grad():
+            assert torch.equal(MaxPool2dOneDNN(pool)(x), pool(x))
+    xg = x.clone().requires_grad_()
+    MaxPool2dOneDNN(pool)(xg).sum().backward()  # autograd falls back to F.max_pool2d
+    assert xg.grad is not None
+
+
+def test_fold_batchnorm_conv_bn_relu() -> None:
+    torch.manual_seed(0)
+    model = _random_bn_stats(_tiny_cnn())
+    model[3].bias = nn.Parameter(torch.randn(32))  # a conv with a bias, followed by no BN
+    x = torch.randn(2, 3, 16, 16)
+    folded = simplify_cnn(model)
+    assert isinstance(folded[1], nn.Identity) and folded[0].bias is not None
+    assert isinstance(model[1], nn.BatchNorm2d)  # the original is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_bn_pairs_only_exclusive_pairs_and_untraceable_fallback() -> None:
+    class Shared(nn.Module):  # the conv output also feeds the add: its BN must stay
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    class Untraceable(nn.Module):  # data-dependent control flow: fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x) if x.sum() > 0 else -self.body(x)
+
+    assert conv_bn_pairs(Shared().eval()) == []
+    model = _random_bn_stats(Untraceable())
+    assert conv_bn_pairs(model) == [("body.0", "body.1")]
+    x = torch.randn(1, 3, 8, 8).abs()
+    with torch.no_grad():
+        ref = model(x)
+        assert fold_batchnorm_(model) == [("body.0", "body.1")]
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_export_sparse_cnn_torchvision_resnet_folded() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = _random_bn_stats(torchvision.models.resnet18(num_classes=10))
+    names = apply_masks(model)
+    set_layer_densities(model, uniform_densities(names, 0.1))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    exported, choices = export_sparse_cnn(model, x, repeats=1, margin=float("inf"))
+    assert all(c.sparse for c in choices) and len(choices) == 21
+    assert {c.path for c in choices} <= {"matmul", "shift", "cols", "linear"}
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in exported.modules())
+    assert isinstance(exported.maxpool, MaxPool2dOneDNN)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_export_sparse_cnn_keeps_dense_layers_when_slower() -> None:
