@@ -70,9 +70,10 @@ class ControllerConfig:
     shape: str = option("cubic", "ramp shape: cubic (Zhu & Gupta) | linear",
                         choices=("cubic", "linear"))  # fmt: skip
     role: str = option(
-        "threshold", "the parameter role whose weight decay is steered: threshold (the decay on "
-        "s, STR's sparsity knob) | spectrum (the decay on singular values, the rank knob of STR "
-        "matrices with a fixed threshold unit)", choices=("threshold", "spectrum")
+        "threshold", "the parameter role(s) whose weight decay is steered: threshold (the decay "
+        "on s, STR's sparsity knob) | spectrum (the decay on singular values, the rank knob of "
+        "STR matrices with a fixed threshold unit) | threshold+spectrum (both, scaled by the "
+        "same factor)", choices=("threshold", "spectrum", "threshold+spectrum")
     )  # fmt: skip
     every: int = option(10, "update interval in optimizer steps", min=1)
     kp: float = option(10.0, "proportional gain: log-decay change per unit of error", min=0.0)
@@ -360,6 +361,8 @@ class BudgetController:
         self.total_steps, self.done, self.last_update = 0, 0, 0
         self.started = self.warned = False
         self.y0 = self.log_decay0 = self.decay = self.achieved = math.nan
+        self.roles = cfg.role.split("+")
+        self.ratios: dict[str, float] = {}  # configured decay of each role / the first role's
         self.integral = self.shift = 0.0
         self.trace: list[list[float]] = []  # [steps, target, measured, achieved, decay]
 
@@ -367,14 +370,15 @@ class BudgetController:
         """Use the optimizer's ``role == cfg.role`` param groups (there must be one)."""
         self.optimizer = optimizer
         if not self.groups():
-            raise ValueError(f"budget controller: the optimizer has no {self.cfg.role!r} param "
+            raise ValueError(f"budget controller: the optimizer has no {self.roles[0]!r} param "
                              "group (controller.role)")  # fmt: skip
         return self
 
-    def groups(self) -> list[dict]:
-        """The steered groups, looked up each time (``load_state_dict`` replaces the dicts)."""
+    def groups(self, role: str | None = None) -> list[dict]:
+        """The groups of the first steered role, looked up each time (``load_state_dict``
+        replaces the dicts); ``role`` picks another role's."""
         groups = self.optimizer.param_groups if self.optimizer is not None else []
-        return [g for g in groups if g.get("role") == self.cfg.role]
+        return [g for g in groups if g.get("role") == (role or self.roles[0])]
 
     def schedule(self, steps_done: int) -> float:
         """r(t); NaN before the ramp has started (``y0`` is measured when it starts)."""
@@ -394,6 +398,10 @@ class BudgetController:
             d0 = float(self.groups()[0]["weight_decay"]) if d0 is None else d0
             d0 = min(max(d0, self.cfg.decay_min, 1e-30), self.cfg.decay_max)
             self.log_decay0, self.decay = math.log(d0), d0
+            for role in self.roles[1:]:  # other roles follow the same factor
+                configured = [float(g["weight_decay"]) for g in self.groups(role)]
+                base = float(self.groups()[0]["weight_decay"]) or d0
+                self.ratios[role] = configured[0] / base if configured else 0.0
             self.achieved = self.measure(model)
             if self._ramp_started(0):
                 self.y0 = self.achieved
@@ -433,7 +441,8 @@ class BudgetController:
         metric, scale = self.cfg.metric, self.scale
         return {f"target_{metric}": from_reduction(metric, self.schedule(self.done), scale),
                 f"achieved_{metric}": from_reduction(metric, self.achieved, scale),
-                f"{self.cfg.role}_decay": self.decay, "threshold_shift": self.shift}  # fmt: skip
+                **{f"{role}_decay": self._role_decay(role) for role in self.roles},
+                "threshold_shift": self.shift}  # fmt: skip
 
     # ----------------------------------------------------------------------------- control law
     def _update_decay(self, error: float, dt: float) -> None:
@@ -460,13 +469,20 @@ class BudgetController:
             return abs(error) > self.cfg.tolerance
         return -error > self.cfg.overshoot
 
+    def _role_decay(self, role: str) -> float:
+        if role == self.roles[0]:
+            return self.decay
+        decay = self.decay * self.ratios.get(role, 0.0)
+        return min(max(decay, self.cfg.decay_min), self.cfg.decay_max) if decay > 0 else 0.0
+
     def _apply(self) -> None:
-        for g in self.groups():
-            g["weight_decay"] = self.decay
+        for role in self.roles:
+            for g in self.groups(role):
+                g["weight_decay"] = self._role_decay(role)
 
     # ----------------------------------------------------------------------------- state
     STATE_KEYS = ("target", "total_steps", "done", "last_update", "started", "y0", "log_decay0",
-                  "decay", "achieved", "integral", "shift")  # fmt: skip
+                  "decay", "achieved", "integral", "shift", "ratios")  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         state = {k: getattr(self, k) for k in self.STATE_KEYS}

@@ -301,13 +301,14 @@ def plot_controller(metrics: pd.DataFrame, title: str = "Budget controller") -> 
         _percent(axes[0].yaxis)
     axes[0].set_ylabel(CONTROLLER_UNITS[metric])
     axes[0].legend(loc="best")
-    role = next((r for r in ("threshold", "spectrum") if f"{r}_decay" in rows), "threshold")
     what = {"threshold": "decay on the thresholds s", "spectrum": "decay on singular values"}
-    if f"{role}_decay" in rows:
-        axes[1].plot(rows["epoch"], rows[f"{role}_decay"], color=color, marker="o", markersize=3,
-                     label=what[role])  # fmt: skip
+    roles = [r for r in what if f"{r}_decay" in rows]
+    for role, marker in zip(roles, "os"):
+        axes[1].plot(rows["epoch"], rows[f"{role}_decay"], color=color, marker=marker,
+                     markersize=3, linestyle="-" if marker == "o" else "--", label=what[role])
+    if roles:
         axes[1].set_yscale("log")
-    axes[1].set_ylabel(f"steered {what[role]}")
+    axes[1].set_ylabel("steered weight decay")
     if "threshold_shift" in rows:
         twin = axes[1].twinx()
         twin.step(rows["epoch"], rows["threshold_shift"], where="post", color="#d62728",

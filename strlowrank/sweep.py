@@ -74,15 +74,18 @@ def format_value(value: Any) -> str:
 
 def run_name(overrides: dict[str, Any]) -> str:
     """A stable, filesystem-safe folder name: 'key=value' pairs (last part of dotted keys when
-    unambiguous) joined by '__', e.g. 'threshold_decay=0.0001__seed=0'; long names are shortened
-    with a hash of the full overrides."""
+    unambiguous) joined by '__', e.g. 'threshold_decay=0.0001__seed=0'; a path value keeps its
+    last two parts; long names are shortened with a hash of the full overrides."""
     if not overrides:
         return "base"
     leaves = [k.rsplit(".", 1)[-1] for k in overrides]
     parts = []
     for key, leaf in zip(overrides, leaves):
         label = leaf if leaves.count(leaf) == 1 else key
-        parts.append(f"{label}={format_value(overrides[key])}")
+        value = format_value(overrides[key])
+        if isinstance(overrides[key], str) and value.count("/") > 1:  # a path: its last two parts
+            value = "/".join(value.rstrip("/").split("/")[-2:])
+        parts.append(f"{label}={value}")
     name = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "__".join(parts)).strip("-.")
     if len(name) > MAX_NAME:
         digest = hashlib.sha1(repr(sorted(overrides.items())).encode()).hexdigest()[:8]

@@ -325,7 +325,8 @@ def test_boundary_move_prunes_ranks_past_the_threshold_ceiling():
         assert torch.allclose(a[kept], b[kept])  # survivors keep their values
 
 
-def test_spectrum_role_steers_the_singular_value_decay(tmp_path):
+@pytest.mark.parametrize("role", ["spectrum", "threshold+spectrum"])
+def test_spectrum_role_steers_the_singular_value_decay(tmp_path, role):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(96, 6, 4, generator=g), torch.randint(0, 3, (96,), generator=g)
@@ -342,17 +343,25 @@ def test_spectrum_role_steers_the_singular_value_decay(tmp_path):
     task = Task(model=Net(), train_set=TensorDataset(x[:64], y[:64]),
                 val_set=TensorDataset(x[64:], y[64:]))  # fmt: skip
     full = unit_scale("params", task.model)
-    cfg = ControllerConfig(target=0.4 * full, metric="params", role="spectrum", every=2, start=0.0)
+    cfg = ControllerConfig(target=0.4 * full, metric="params", role=role, every=2, start=0.0)
     ctl = build_controller(cfg, task.model)
     task.callbacks.append(ctl)
     train = TrainConfig(epochs=4, batch_size=16, lr=0.01, optimizer="adam", weight_decay=0.0,
-                        spectrum_decay=1e-3, role_optimizer={"spectrum": "sgd"}, progress=False)
+                        spectrum_decay=1e-3, threshold_decay=1e-2 if "+" in role else 0.0,
+                        role_optimizer={"spectrum": "sgd"}, progress=False)  # fmt: skip
     trainer = Trainer(task, train, tmp_path, DistInfo())
     ctl.bind(trainer.optimizer)
     trainer.fit()
-    assert group_decay(trainer, "spectrum") == ctl.decay != pytest.approx(1e-3)
-    assert group_decay(trainer, "threshold") == pytest.approx(0.0)  # not steered
     params = float(layers(trainer.budget())["nnz"].sum())
     assert abs(params - 0.4 * full) / (0.4 * full) < 0.05
     metrics = pd.read_csv(tmp_path / "metrics.csv")
-    assert "spectrum_decay" in metrics and "threshold_decay" not in metrics
+    assert "spectrum_decay" in metrics
+    if role == "spectrum":
+        assert group_decay(trainer, "spectrum") == ctl.decay != pytest.approx(1e-3)
+        assert group_decay(trainer, "threshold") == pytest.approx(0.0)  # not steered
+        assert "threshold_decay" not in metrics
+    else:  # one factor for both: their configured ratio 1e-3 / 1e-2 is kept
+        assert group_decay(trainer, "threshold") == ctl.decay != pytest.approx(1e-2)
+        assert group_decay(trainer, "spectrum") == pytest.approx(0.1 * ctl.decay)
+        ratio = metrics["spectrum_decay"] / metrics["threshold_decay"]
+        assert list(ratio) == pytest.approx([0.1] * len(metrics))

@@ -84,6 +84,8 @@ def test_expand_grid_runs_and_seeds():
     assert sweep.expand({}, None)[0].name == "base"
     # same leaf in two sections keeps the full key; odd characters become '-'
     assert sweep.run_name({"a.x": 1, "b.x": "p q/r"}) == "a.x=1__b.x=p-q-r"
+    path = {"budget": "/tmp/sweeps/str_0.9/budget.csv"}  # a path keeps its last two parts
+    assert sweep.run_name(path) == "budget=str_0.9-budget.csv"
     assert len(sweep.run_name({f"k{i}": "v" * 20 for i in range(10)})) <= sweep.MAX_NAME
     assert sweep.format_value([1, 2]) == "[1, 2]" and sweep.format_value(True) == "true"
     with pytest.raises(ValueError, match="identical"):
