@@ -36,14 +36,24 @@ step vision_ddp1 300 "${TORCHRUN[@]}" --standalone --nproc_per_node=1 vision/tra
   --device cuda --train.amp bf16 --method.name str --train.progress false --out "$OUT_DIR/vision_ddp"
 
 # Speech track: a small synthetic tree (espeak-ng, 40 speakers, ~600 clips), 1 epoch bf16.
-step speech_data 300 "$PY" -c "
+# The GPU machines lack espeakng-loader: generate the tree here first and carry it, e.g.
+#   python -c "from speech.synth import SynthConfig, generate_dataset as g; \
+#              g('shared/speech_tiny', SynthConfig(n_speakers=40), progress=False)"
+#   SPEECH_TREE=shared/speech_tiny bash bench/gpu.sh
+SPEECH="${SPEECH_TREE:-$OUT_DIR/speech_data}"
+if [[ ! -d "$SPEECH" ]]; then
+  step speech_data 300 "$PY" -c "
 from speech.synth import SynthConfig, generate_dataset
-generate_dataset('$OUT_DIR/speech_data', SynthConfig(n_speakers=40, workers=8), progress=False)"
-step speech_amp 300 "$PY" speech/train_gru.py --data-dir "$OUT_DIR/speech_data" --epochs 1 \
+generate_dataset('$SPEECH', SynthConfig(n_speakers=40, workers=8), progress=False)"
+fi
+step speech_amp 300 "$PY" speech/train_gru.py --data-dir "$SPEECH" --epochs 1 \
   --device cuda --train.amp bf16 --train.progress false --out "$OUT_DIR/speech_amp"
 step speech_ddp1 300 "${TORCHRUN[@]}" --standalone --nproc_per_node=1 speech/train_gru.py \
-  --data-dir "$OUT_DIR/speech_data" --epochs 1 --device cuda --train.amp bf16 \
+  --data-dir "$SPEECH" --epochs 1 --device cuda --train.amp bf16 \
   --train.progress false --out "$OUT_DIR/speech_ddp"
+# The compiled GRU export and the sparse CNN export on this machine's CPU (P3 / P4, quick).
+step bench_p3_cpu 300 "$PY" bench/bench_rnn.py --part p3 --threads 4 --repeats 3 \
+  --json "$OUT_DIR/p3_cpu.json"
 
 # Benchmarks on CUDA: P1 (STR step overhead) and P2 (GRU training step); P3/P4 are CPU exports.
 step bench_p1_cuda 300 "$PY" bench/bench_str_overhead.py --device cuda --repeats 10 --warmup 3 \
