@@ -39,7 +39,9 @@ class SpeechConfig:
     features: FeatureConfig = option(factory=FeatureConfig)
     model: SpeechModelConfig = option(factory=SpeechModelConfig)
     lowrank: SpectraConfig = option(factory=SpectraConfig)
-    controller: ControllerConfig = option(factory=ControllerConfig)
+    # singular values move from the first step (no dead time as with vision's s_init -10), so a
+    # params / rank target ramps from the start (docs/CONTROLLER.md, speech measurements)
+    controller: ControllerConfig = option(factory=lambda: ControllerConfig(start=0.0))
     # docs/LEARNED_RANK.md: Adam for the factors P, Q and the rest; SGD (the paper's optimizer) for
     # the singular values (lr 30: their gradients are ~5e-4) and the thresholds (lr 0.1)
     train: TrainConfig = option(factory=lambda: TrainConfig(

@@ -66,3 +66,16 @@ def test_resume_and_test_only(tmp_path, tiny_tree):
     assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2]
     main([*args, "--resume", str(out / "checkpoint.pt"), "--test-only"])
     assert "test_acc" in json.loads((out / "summary.json").read_text())
+
+
+def test_target_params_lands_within_five_percent(tmp_path, tiny_tree):
+    out = tmp_path / "target"
+    main(["--out", str(out), "--data-dir", str(tiny_tree), *FAST, "--epochs", "2",
+          "--target-params", "1200"])  # fmt: skip
+    budget = pd.read_csv(out / "budget.csv").set_index("name")
+    assert budget.loc["total", "numel"] > 2 * 1200  # the request is well below the model
+    assert abs(budget.loc["total", "nnz"] - 1200) / 1200 < 0.05
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["target_params"].iloc[-1] == pytest.approx(1200)
+    assert metrics["achieved_params"].iloc[-1] == pytest.approx(budget.loc["total", "nnz"])
+    assert (out / "plots" / "controller.png").is_file()
