@@ -14,11 +14,12 @@ import os
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from strlowrank.timing import interleaved  # noqa: F401 (re-exported: the benchmarks' timing)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,29 +54,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, device: str = "cpu"
-) -> dict[str, list[float]]:
-    """Time every fn once per round, rounds interleaved; returns {name: [ms per round]}."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, dict[str, float]]:

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import copy
 import io
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ from strlowrank.sparse_cnn_ops import (
     fold_batchnorm_,
     use_onednn_maxpool_,
 )
+from strlowrank.timing import interleaved
 
 # --------------------------------------------------------------------------- low-rank GRU
 
@@ -154,19 +154,6 @@ class LayerChoice:
     path: str = "dense"
 
 
-def best_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Fastest wall time of ``fn()`` in milliseconds, after ``warmup`` calls (the minimum is
-    the estimate least disturbed by other processes on a shared machine)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times)
-
-
 def _bake(model: nn.Module) -> nn.Module:
     """An eval-mode copy with every parametrization (STR, masks) baked into plain tensors.
 
@@ -267,28 +254,14 @@ def _time_layer(
         paths = {"matmul": SparseConv2d(module, "matmul")}
     else:
         paths = {mode: SparseConv2d(module, mode) for mode in ("shift", "cols")}
-    ms = _interleaved_best_ms({"dense": module, **paths}, x, repeats)
+    modules = {"dense": module, **paths}
+    times = interleaved({name: partial(m, x) for name, m in modules.items()}, repeats)
+    ms = {name: min(ts) for name, ts in times.items()}  # fastest: least disturbed by load
     path = min(paths, key=ms.__getitem__)
     choice = LayerChoice(
         name, type(module).__name__, "x".join(map(str, module.weight.shape)),
         "x".join(map(str, x.shape)), sparsity, ms["dense"], ms[path], False, path)  # fmt: skip
     return choice, paths[path]
-
-
-def _interleaved_best_ms(
-    modules: dict[str, nn.Module], x: torch.Tensor, repeats: int
-) -> dict[str, float]:
-    """Fastest of ``repeats`` calls of each module on ``x`` (ms), one round after another
-    (after one warm-up round), so that a change of machine load hits all of them alike."""
-    for module in modules.values():
-        module(x)
-    times: dict[str, list[float]] = {name: [] for name in modules}
-    for _ in range(repeats):
-        for name, module in modules.items():
-            start = time.perf_counter()
-            module(x)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: min(ts) for name, ts in times.items()}
 
 
 # --------------------------------------------------------------------------- files
