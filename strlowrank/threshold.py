@@ -33,14 +33,16 @@ class _SoftThresholdFn(torch.autograd.Function):
 
     A scalar threshold on CPU reads g(s) as a Python number (no device sync there) and uses the
     single-pass kernels softshrink / softshrink_backward, which compute exactly this S and
-    dL/dW = dL/dS * 1[|W| > g(s)].
+    dL/dW = dL/dS * 1[|W| > g(s)]. Under ``torch.compile`` the tensor path runs instead (reading
+    a number would break the graph). W may have any memory format (contiguous, channels_last).
     """
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         t = torch.sigmoid(s.float())
         w32 = w.float()
-        ctx.lambd = float(t) if s.numel() == 1 and w.device.type == "cpu" else None
+        scalar_cpu = s.numel() == 1 and w.device.type == "cpu"
+        ctx.lambd = float(t) if scalar_cpu and not torch.compiler.is_compiling() else None
         if ctx.lambd is not None and not math.isfinite(ctx.lambd):
             ctx.lambd = None  # a NaN threshold must reach the loss (the engine reports it)
         if ctx.lambd is not None:
@@ -59,7 +61,7 @@ class _SoftThresholdFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g = torch.sigmoid(s.float())
             if s.numel() == 1:  # one BLAS pass, no temporary
-                signed = torch.dot(grad.float().reshape(-1), sgn.view(-1)).reshape(s.shape)
+                signed = torch.dot(*_flat_in_memory_order(grad.float(), sgn)).reshape(s.shape)
             else:
                 signed = (grad.float() * sgn).sum_to_size(s.shape)
             grad_s = (-g * (1.0 - g) * signed).to(s.dtype)
@@ -70,6 +72,20 @@ class _SoftThresholdFn(torch.autograd.Function):
         elif ctx.needs_input_grad[0]:
             grad_w = sgn.square_().mul_(grad).to(grad.dtype)
         return grad_w, grad_s
+
+
+def _flat_in_memory_order(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` (same shape) as 1-d tensors with matching entries, in ``b``'s memory order.
+
+    The dims are permuted from ``b``'s largest stride to its smallest, so that a dense ``b`` in
+    any memory format (contiguous, channels_last) flattens to a view; ``a`` gets the same
+    permutation and is copied only when its layout differs from ``b``'s. A dot product of the
+    two equals sum(a * b) whatever the layouts.
+    """
+    if not b.is_contiguous():
+        order = sorted(range(b.dim()), key=lambda d: -b.stride(d))
+        a, b = a.permute(order), b.permute(order)
+    return a.reshape(-1), b.reshape(-1)
 
 
 def soft_threshold(
