@@ -78,11 +78,34 @@ class TrainConfig:
     clip_grad: float = option(0.0, "clip the gradient norm to this value (0: off)", min=0.0)
     amp: str = option("auto", "auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off",
                       choices=("auto", "bf16", "fp16", "off"))  # fmt: skip
-    channels_last: bool = option(False, "channels_last memory format (CNNs on GPU)")
+    channels_last: bool | str = option(
+        "auto",
+        "channels_last memory format: auto (on for image batches on CUDA, off on CPU) | on | off;"
+        " true / false mean on / off",
+        choices=("auto", "on", "off", True, False),
+    )
     seed: int = option(0, "random seed (model init, data order, augmentation)")
     device: str = option("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     workers: int = option(0, "data loader worker processes", min=0)
     progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.channels_last, bool):  # older configs: channels_last: true / false
+            self.channels_last = "on" if self.channels_last else "off"
+
+
+def use_channels_last(choice: bool | str, device: torch.device, input_dim: int | None) -> bool:
+    """Whether the model and its inputs run in the channels_last memory format.
+
+    ``"on"`` / ``"off"`` (or True / False) as given; ``"auto"``: on for image batches (4-d
+    inputs [N, C, H, W]) on CUDA, where cuDNN's NHWC convolutions (and bf16 tensor cores) are
+    fastest, off on CPU and for other inputs (sequences [N, T, F]).
+    """
+    if isinstance(choice, bool) or choice in ("on", "off"):
+        return choice in (True, "on")
+    if choice != "auto":
+        raise ValueError(f"channels_last must be auto | on | off, got {choice!r}")
+    return torch.device(device).type == "cuda" and input_dim == 4
 
 
 @dataclass
@@ -171,6 +194,16 @@ def replicas_in_sync(model: nn.Module, info: DistInfo) -> bool:
     return bool(torch.equal(both[:2], -both[2:]))
 
 
+def _input_dim(task: Task) -> int | None:
+    """Dimensions of a batch of ``task``'s inputs (its example input, else a training item)."""
+    if task.example_input is not None:
+        return task.example_input.dim()
+    if len(task.train_set) == 0:
+        return None
+    x = task.train_set[0][0]
+    return x.dim() + 1 if isinstance(x, torch.Tensor) else None
+
+
 class Trainer:
     """Train and evaluate ``task.model`` as configured; only rank 0 prints and writes."""
 
@@ -180,8 +213,11 @@ class Trainer:
         self.out = Path(out_dir)
         self.config_dict = config_dict or {}
         self.model = task.model.to(info.device)
-        if cfg.channels_last:
+        self.channels_last = use_channels_last(cfg.channels_last, info.device, _input_dim(task))
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
         self.net: nn.Module = self.model
         if info.enabled:
             ids = [info.device.index] if info.device.type == "cuda" else None
@@ -243,7 +279,7 @@ class Trainer:
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.info.device, non_blocking=True)
-        if self.cfg.channels_last and x.dim() == 4:
+        if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.info.device, non_blocking=True)
 

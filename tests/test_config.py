@@ -93,5 +93,6 @@ def test_shipped_configs_load():
         if path.name == "vision_resnet50_str90.yaml":
             assert cfg.method.s_init == -3200 and cfg.train.weight_decay == 2.251757813e-5
             assert cfg.train.lr == 0.256 and cfg.train.momentum == 0.875
+            assert cfg.train.channels_last == "on"  # the YAML's true
         if path.name == "vision_mobilenetv1_str89.yaml":
             assert cfg.method.s_init == -12800 and cfg.train.threshold_decay == 3.751757813e-5

@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 
 from strlowrank import apply_soft_threshold
 from strlowrank.checkpoint import CheckpointError, load_checkpoint
+from strlowrank.config import ConfigError, load_config
 from strlowrank.distributed import DistInfo
 from strlowrank.engine import (
     Interrupted,
@@ -18,6 +19,7 @@ from strlowrank.engine import (
     Trainer,
     TrainingError,
     seed_everything,
+    use_channels_last,
 )
 
 
@@ -111,3 +113,44 @@ def test_checkpoint_of_another_model(tmp_path):
     trainer = Trainer(other, make_cfg(), tmp_path / "b", DistInfo())
     with pytest.raises(CheckpointError, match="another model"):
         trainer.load(tmp_path / "a" / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("choice,device,dim,expected", [
+    ("auto", "cuda", 4, True),  # image batches on a GPU: NHWC convolutions
+    ("auto", "cuda:1", 4, True),
+    ("auto", "cpu", 4, False),
+    ("auto", "cuda", 3, False),  # sequences
+    ("auto", "cuda", None, False),
+    ("on", "cpu", 3, True),
+    ("off", "cuda", 4, False),
+    (True, "cpu", 4, True),
+    (False, "cuda", 4, False),
+])  # fmt: skip
+def test_use_channels_last(choice, device, dim, expected):
+    assert use_channels_last(choice, torch.device(device), dim) is expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("auto", "auto"), ("on", "on"), ("off", "off"), ("true", "on"), ("false", "off"),
+    ("'on'", "on"),
+])  # fmt: skip
+def test_channels_last_config_values(tmp_path, text, expected):
+    """YAML reads on/off/true/false as booleans: all four map to "on" / "off"."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"channels_last: {text}\n")
+    assert load_config(TrainConfig, path).channels_last == expected
+    assert load_config(TrainConfig, None, {"channels_last": expected}).channels_last == expected
+    assert TrainConfig().channels_last == "auto"
+    with pytest.raises(ConfigError, match="channels_last: must be one of"):
+        load_config(TrainConfig, None, {"channels_last": "yes please"})
+
+
+def test_trainer_channels_last_on_cpu(tmp_path):
+    """"auto" keeps a CPU run contiguous; "on" converts the model's 4-d weights."""
+    conv = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x, y = torch.randn(8, 2, 8, 8), torch.randint(0, 3, (8,))
+    for choice, expected in (("auto", False), ("on", True)):
+        task = Task(model=conv, train_set=TensorDataset(x, y), val_set=TensorDataset(x, y))
+        trainer = Trainer(task, make_cfg(channels_last=choice), tmp_path, DistInfo())
+        assert trainer.channels_last is expected
+        assert conv[0].weight.is_contiguous(memory_format=torch.channels_last) is expected
