@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke runs and CUDA benchmarks for issue #7, for a lent GPU machine (a few minutes).
+# GPU smoke runs and CUDA benchmarks, for a lent GPU machine (a few minutes).
 #
 #   bash bench/gpu.sh [OUT_DIR]        (default: $OUT if set, else /tmp/strlowrank_gpu)
 #
@@ -58,6 +58,12 @@ step bench_p3_cpu 300 "$PY" bench/bench_rnn.py --part p3 --threads 4 --repeats 3
 # Benchmarks on CUDA: P1 (STR step overhead) and P2 (GRU training step); P3/P4 are CPU exports.
 step bench_p1_cuda 300 "$PY" bench/bench_str_overhead.py --device cuda --repeats 10 --warmup 3 \
   --json "$OUT_DIR/p1_cuda.json"
+# P1 at training shapes: dense vs STR, NCHW and channels_last, bf16 autocast, 224 px, batch 256
+# (goal <= 1.05x) and 32 (goal <= 1.3x); x_dense is relative to dense in the same format.
+step bench_p1_cuda_formats 420 "$PY" bench/bench_str_overhead.py --device cuda --amp bf16 \
+  --cases resnet50:256:224 mobilenet_v1:256:224 resnet50:32:224 mobilenet_v1:32:224 \
+  --formats contiguous channels_last --variants dense str --repeats 10 --warmup 3 \
+  --json "$OUT_DIR/p1_cuda_formats.json"
 step bench_p2_cuda 200 "$PY" bench/bench_rnn.py --part p2 --device cuda --repeats 10 --warmup 3 \
   --json "$OUT_DIR/p2_cuda.json"
 
