@@ -1,4 +1,4 @@
-"""P1: training-step time of STR vs dense (issue #7).
+"""P1: training-step time of STR vs dense.
 
 One step = forward, cross-entropy, backward, SGD (momentum) update, on random data. Candidates:
 dense; ``str`` (``strlowrank.threshold.SoftThreshold``, the default fused autograd function:
