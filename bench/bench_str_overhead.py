@@ -33,7 +33,7 @@ from bench.common import add_common_args, interleaved, print_table, setup, summa
 from strlowrank.threshold import apply_soft_threshold, thresholded_modules
 from vision.models import build_model
 
-# (model, batch, image size) of the issue: weights large relative to activations in the second
+# (model, batch, image size); weights large relative to activations in the second
 CASES = (("resnet50", 8, 224), ("resnet18", 32, 64))
 VARIANTS = ("dense", "str_plain", "str", "floor_param", "floor_1pass")
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
