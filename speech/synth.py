@@ -213,7 +213,7 @@ def _unload(lib: ctypes.CDLL) -> None:
     """dlclose (FreeLibrary on Windows) a library loaded with ctypes; lib must not be used after."""
     import _ctypes  # ctypes has no public unload
 
-    close = getattr(_ctypes, "dlclose", None) or getattr(_ctypes, "FreeLibrary")
+    close = getattr(_ctypes, "dlclose", None) or _ctypes.FreeLibrary
     close(lib._handle)
 
 

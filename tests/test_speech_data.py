@@ -236,7 +236,7 @@ def test_espeak_repeats_exactly() -> None:
 
 
 def _file_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file of a synthetic tree except the marker (it records timing and workers)."""
+    """sha256 of every file of a synthetic tree but the marker (it records timing and workers)."""
     from speech.synth import MARKER
 
     return {
