@@ -13,8 +13,8 @@ Speech Commands v0.01, so `speech.data` reads it like the real thing::
     <root>/SYNTH_DONE.json                          config marker, written last
 
 espeak-ng (GPL-3.0-or-later) comes from the `espeakng-loader` wheel and is only loaded at run
-time, through its C API over ctypes, one library instance per worker process. Its output is not
-bit-reproducible between runs; the speaker and clip parameters are (fixed by the seed).
+time, through its C API over ctypes, a fresh library instance per utterance (see `Espeak`). The
+tree is byte-reproducible: the same SynthConfig gives the same files with any number of workers.
 Accuracies on this data are synthetic-speech results, never Speech Commands results.
 """
 
@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import shutil
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +47,7 @@ from speech.data import (
     cache_root,
 )
 
-DATA_VERSION = "speech_synth_v1"
+DATA_VERSION = "speech_synth_v2"
 MARKER = "SYNTH_DONE.json"
 IN_PROGRESS = "SYNTH_IN_PROGRESS"
 ENGLISH_VOICES = (
@@ -68,12 +69,14 @@ _ESPEAK_RATE = 22050
 class SynthConfig:
     """Everything that shapes the synthetic dataset (stored in SYNTH_DONE.json)."""
 
-    n_speakers: int = 500  # synthetic speakers; the default gives about 7,200 clips
+    # Splits: 405 train / 75 validation / 270 test speakers (5,844 / 1,082 / 3,875 clips, 10,801
+    # in all). The test split is large so that one point of accuracy is about two standard errors.
+    n_speakers: int = 750  # synthetic speakers; the default gives about 10,800 clips
     keywords_per_speaker: int = 10  # Google-12 keywords each speaker says (random subset of 10)
     others_per_speaker: int = 3  # other v0.01 words each speaker says (random subset of 20)
     repeat_prob: float = 0.1  # chance of a second take (<hash>_nohash_1.wav) of a word
     val_fraction: float = 0.1  # speakers in validation_list.txt
-    test_fraction: float = 0.1  # speakers in testing_list.txt
+    test_fraction: float = 0.36  # speakers in testing_list.txt
     seed: int = 0  # fixes speakers, words and every clip's random parameters
     workers: int = 2  # synthesis processes; <= 1 synthesizes in this process
     # speaker voice: espeak voice x variant x rate (words/min) x pitch x pitch range (0-100).
@@ -124,27 +127,64 @@ class Speaker:
 
 
 class Espeak:
-    """espeak-ng's C API over ctypes: one instance per process (the library state is global)."""
+    """espeak-ng's classic C API over ctypes, with a fresh library instance for every utterance.
+
+    espeak-ng keeps synthesis state in static variables from one utterance to the next (among
+    others the wave generator's phase, flutter index and gain control, and the noise generator
+    used for breath and the Klatt voices), and no public call resets them: the same text, voice
+    and parameters give different samples depending on what was spoken before. So `say` loads a
+    private copy of the shared library, initializes it, speaks, terminates and unloads it: every
+    utterance starts from the state right after espeak_Initialize, and the audio depends only on
+    its arguments. This costs about 2.5 ms per utterance (loading the phoneme data again); the
+    constructor checks that unloading really resets the library.
+    """
 
     def __init__(self) -> None:
         import espeakng_loader  # GPL-3.0-or-later espeak-ng, loaded only at run time
 
-        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        data_parent = str(Path(espeakng_loader.get_data_path()).parent).encode()
-        self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
-        self.lib.espeak_Initialize.argtypes += [ctypes.c_int]
-        if self.lib.espeak_Initialize(2, 0, data_parent, 0) != _ESPEAK_RATE:  # 2 = synchronous
-            raise RuntimeError("espeak_Initialize failed")
-        self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        self.lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint]
-        self.lib.espeak_Synth.argtypes += [ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
-        self.lib.espeak_Synth.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
+        self._library = self._private_copy(espeakng_loader.get_library_path())
+        self._data_parent = str(Path(espeakng_loader.get_data_path()).parent).encode()
         self._chunks: list[np.ndarray] = []
         proto = ctypes.CFUNCTYPE(
             ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
         )
         self._callback = proto(self._collect)  # keep a reference: C holds the pointer
-        self.lib.espeak_SetSynthCallback(self._callback)
+        # The "klatt 6" variants' noise comes from the C library's rand(), seeded before each
+        # utterance (the process-wide libc is not part of the unloaded copy).
+        self._libc = ctypes.CDLL(None) if os.name == "posix" else None
+        probe = [self.say("seven", "en-us", 200.0, 60.0, 50.0) for _ in range(2)]
+        if probe[0].tobytes() != probe[1].tobytes():
+            raise RuntimeError("espeak-ng keeps its state after unloading; audio would not be "
+                               "reproducible")  # fmt: skip
+
+    def _private_copy(self, source: str) -> str:
+        """A path to load the library from that no other code in this process uses, so that
+        dlclose really unloads it: an in-memory copy on Linux (memfd), else the file itself."""
+        if not hasattr(os, "memfd_create"):
+            return source
+        fd = os.memfd_create(Path(source).name)
+        weakref.finalize(self, os.close, fd)
+        with open(source, "rb") as src, open(fd, "wb", closefd=False) as dst:
+            shutil.copyfileobj(src, dst)
+        return f"/proc/self/fd/{fd}"
+
+    def _load(self) -> ctypes.CDLL:
+        """A freshly loaded and initialized library instance (synchronous output, 22,050 Hz)."""
+        lib = ctypes.CDLL(self._library, mode=os.RTLD_LOCAL if hasattr(os, "RTLD_LOCAL") else 0)
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p]
+        lib.espeak_Initialize.argtypes += [ctypes.c_int]
+        if lib.espeak_Initialize(2, 0, self._data_parent, 0) != _ESPEAK_RATE:  # 2 = synchronous
+            _unload(lib)
+            raise RuntimeError("espeak_Initialize failed")
+        if hasattr(lib, "espeak_ng_SetRandSeed"):  # newer versions seed from the clock
+            lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+            lib.espeak_ng_SetRandSeed(1)
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint]
+        lib.espeak_Synth.argtypes += [ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
+        lib.espeak_Synth.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_SetSynthCallback(self._callback)
+        return lib
 
     def _collect(self, wav, n: int, events) -> int:
         if n > 0:
@@ -154,23 +194,39 @@ class Espeak:
     def say(
         self, text: str, voice: str, rate: float, pitch: float, intonation: float
     ) -> np.ndarray:
-        """Speak text -> float32 waveform [L] at 22,050 Hz in [-1, 1]."""
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise ValueError(f"espeak-ng has no voice {voice!r}")
-        for param, value in ((1, rate), (3, pitch), (4, intonation)):  # RATE, PITCH, RANGE
-            self.lib.espeak_SetParameter(param, int(round(value)), 0)
-        data = text.encode()
-        self._chunks = []
-        self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)  # POS_CHARACTER, UTF8
-        self.lib.espeak_Synchronize()
+        """Speak text -> float32 waveform [L] at 22,050 Hz in [-1, 1]; the same arguments always
+        give the same samples."""
+        lib = self._load()
+        try:
+            if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+                raise ValueError(f"espeak-ng has no voice {voice!r}")
+            for param, value in ((1, rate), (3, pitch), (4, intonation)):  # RATE, PITCH, RANGE
+                lib.espeak_SetParameter(param, int(round(value)), 0)
+            data = text.encode()
+            self._chunks = []
+            if self._libc is not None:
+                self._libc.srand(1)
+            lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)  # POS_CHARACTER, UTF8
+            lib.espeak_Synchronize()
+        finally:
+            lib.espeak_Terminate()
+            _unload(lib)
         if not self._chunks:
             return np.zeros(0, np.float32)
         return np.concatenate(self._chunks).astype(np.float32) / 32768.0
 
 
+def _unload(lib: ctypes.CDLL) -> None:
+    """dlclose (FreeLibrary on Windows) a library loaded with ctypes; lib must not be used after."""
+    import _ctypes  # ctypes has no public unload
+
+    close = getattr(_ctypes, "dlclose", None) or _ctypes.FreeLibrary
+    close(lib._handle)
+
+
 @lru_cache(maxsize=1)
 def _engine() -> Espeak:
-    """This process's espeak-ng instance, created on first use."""
+    """This process's espeak-ng wrapper, created on first use."""
     return Espeak()
 
 
@@ -184,7 +240,7 @@ def voice_variants(skip: tuple[str, ...] = ()) -> list[str]:
 
 
 def default_data_dir() -> Path:
-    """``$STRLOWRANK_CACHE/speech_synth_v1``, else ``~/.cache/strlowrank/speech_synth_v1``."""
+    """``$STRLOWRANK_CACHE/<DATA_VERSION>``, else ``~/.cache/strlowrank/<DATA_VERSION>``."""
     return cache_root() / DATA_VERSION
 
 
@@ -424,7 +480,7 @@ def _run_jobs(jobs: list[tuple], workers: int, total: int, progress: bool) -> di
     with contextlib.ExitStack() as stack:
         if workers > 1:
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
-            results = pool.imap_unordered(_run_job, jobs, chunksize=2)
+            results = pool.imap(_run_job, jobs, chunksize=2)
         else:
             results = map(_run_job, jobs)
         bar = stack.enter_context(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import wave
@@ -187,7 +188,7 @@ def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     monkeypatch.setenv("STRLOWRANK_CACHE", str(tmp_path))
     assert data.cache_root() == tmp_path
     synth = pytest.importorskip("speech.synth")
-    assert synth.default_data_dir() == tmp_path / "speech_synth_v1"
+    assert synth.default_data_dir() == tmp_path / synth.DATA_VERSION
 
 
 def test_synth_tiny_tree(tmp_path: Path) -> None:
@@ -217,6 +218,51 @@ def test_synth_tiny_tree(tmp_path: Path) -> None:
     index = build_index(root, silence_fraction=1.0, unknown_fraction=None)
     assert [len(index[s]) for s in ("train", "val", "test")] == [4 + 3, 4 + 3, 4 + 3]
     assert sum(1 for _, y in index["train"] if y == class_names().index(UNKNOWN)) == 1
+
+
+def test_espeak_repeats_exactly() -> None:
+    """The same word, voice and parameters give the same samples, whatever was spoken before
+    (espeak-ng's own state, and libc rand() for the "klatt 6" variants, are reset per call)."""
+    pytest.importorskip("espeakng_loader")
+    from speech.synth import _engine
+
+    engine = _engine()
+    for voice in ("en-us", "en-gb-x-rp+caleb", "en+klatt"):
+        takes = []
+        for other in ("stop", "marvin", "go"):
+            takes.append(engine.say("seven", voice, 200.0, 60.0, 40.0).tobytes())
+            engine.say(other, "en-029+Reed", 300.0, 90.0, 90.0)
+        assert takes[0] == takes[1] == takes[2]
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file of a synthetic tree but the marker (it records timing and workers)."""
+    from speech.synth import MARKER
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER
+    }  # fmt: skip
+
+
+def test_synth_tree_is_byte_reproducible(tmp_path: Path) -> None:
+    """Generating the same config twice, in spawned workers or in this process, gives
+    byte-identical WAV files and split lists."""
+    pytest.importorskip("espeakng_loader")
+    from speech.synth import SynthConfig, generate_dataset
+
+    cfg = dict(
+        n_speakers=4, keywords_per_speaker=2, others_per_speaker=1, repeat_prob=0.3,
+        noise_mix=(0.2, 0.6, 0.2), noise_prob=0.5, reverb_prob=0.5, bandlimit_prob=0.5,
+        variant_prob=0.5, noise_seconds=1.0,
+    )  # fmt: skip
+    hashes = [
+        _file_hashes(generate_dataset(tmp_path / f"t{i}", SynthConfig(**cfg, workers=w), False))
+        for i, w in enumerate((2, 1, 1))
+    ]
+    wavs = [name for name in hashes[0] if name.endswith(".wav")]
+    assert len(wavs) >= 4 * 3 + 5 and "testing_list.txt" in hashes[0]
+    assert hashes[0] == hashes[1] == hashes[2]
 
 
 def test_synth_refuses_foreign_folder(tree: Path) -> None:
