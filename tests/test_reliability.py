@@ -231,9 +231,9 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, tree, refere
         load_checkpoint(ckpt)
 
         # 3. SIGKILL inside a checkpoint write (temporary file created, not yet renamed)
-        before, old_tmp = sha256(ckpt), set(out.glob(".checkpoint.pt.*.tmp"))
+        before, old_tmp = sha256(ckpt), set(out.glob(".checkpoint.pt.tmp-*"))
         run = start("3_sigkill_in_write", resume, slow_fsync=True)
-        run.wait_until(lambda: set(out.glob(".checkpoint.pt.*.tmp")) - old_tmp, "checkpoint write")
+        run.wait_until(lambda: set(out.glob(".checkpoint.pt.tmp-*")) - old_tmp, "checkpoint write")
         assert run.stop(signal.SIGKILL) == -signal.SIGKILL
         assert sha256(ckpt) == before  # untouched, and still loads
         load_checkpoint(ckpt)
