@@ -18,7 +18,6 @@ a 1 s cut of a background file, written as ``"<path>#start=<sample>"`` (see `sil
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -47,12 +46,6 @@ _MAX_WARNINGS = 10
 
 class DataError(ValueError):
     """A data directory, split list or audio file that cannot be used; the message names it."""
-
-
-def cache_root() -> Path:
-    """Root of the on-disk caches: ``$STRLOWRANK_CACHE`` if set, else ``~/.cache/strlowrank``."""
-    env = os.environ.get("STRLOWRANK_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "strlowrank"
 
 
 def class_names(task: str = "google12") -> list[str]:

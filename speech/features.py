@@ -25,11 +25,11 @@ import torch
 from speech.data import (
     DataError,
     build_index,
-    cache_root,
     class_names,
     load_items,
     split_item,
 )
+from strlowrank.cache import cache_lock, cache_root, temp_siblings, write_atomic
 from strlowrank.config import option
 
 CACHE_FORMAT = 1
@@ -188,11 +188,17 @@ def _warn_skipped(errors: list[str], total: int) -> None:
         warnings.warn(f"skipped {len(errors)} unreadable file(s) of {total}", stacklevel=3)
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _read_cache(path: Path) -> dict | None:
+    """The cached features at path, or None when the file is missing, unreadable or of an older
+    format (warned about)."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        warnings.warn(f"recomputing features: unreadable cache {path} ({exc})", stacklevel=3)
+        return None
+    return data if data.get("format") == CACHE_FORMAT else None
 
 
 def _compute_cache(
@@ -230,7 +236,8 @@ def load_features(
 
     Items come from `build_index` (same arguments). Features are computed once and cached as
     ``<cache_dir>/features/<key>.pt`` (cache_dir defaults to `cache_root()`; see `cache_key`);
-    later calls load that file. Unreadable clips are skipped with warnings and a count."""
+    later calls load that file. Concurrent processes compute it once (`strlowrank.cache`).
+    Unreadable clips are skipped with warnings and a count."""
     cfg = feature_cfg or FeatureConfig()
     root = Path(root).resolve()
     params = {"silence_fraction": silence_fraction, "unknown_fraction": unknown_fraction,
@@ -238,15 +245,15 @@ def load_features(
     index = build_index(root, task, **params)
     key = cache_key(index, task, cfg, params)
     path = Path(cache_dir or cache_root()) / "features" / f"{key}.pt"
-    data = None
-    if path.is_file():
-        try:
-            data = torch.load(path, weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError) as exc:
-            warnings.warn(f"recomputing features: unreadable cache {path} ({exc})", stacklevel=2)
-    if data is None or data.get("format") != CACHE_FORMAT:
-        data = _compute_cache(index, task, cfg, progress)
-        _save_atomic(data, path)
+    data = _read_cache(path)
+    if data is None:
+        with cache_lock(path):  # one process computes, the others wait and read its file
+            data = _read_cache(path)
+            if data is None:
+                for stale in temp_siblings(path):  # left by a process killed while writing
+                    stale.unlink(missing_ok=True)
+                data = _compute_cache(index, task, cfg, progress)
+                write_atomic(path, lambda f: torch.save(data, f))
     names, mean, std = list(data["class_names"]), data["mean"], data["std"]
     return {
         split: FeatureSet(x=part["x"], y=part["y"], class_names=names, mean=mean, std=std)

@@ -10,7 +10,7 @@ Speech Commands v0.01, so `speech.data` reads it like the real thing::
     <root>/<word>/<speaker hash>_nohash_<n>.wav   16-bit mono 16 kHz, 1 s
     <root>/_background_noise_/*.wav                60 s noise files (silence class)
     <root>/validation_list.txt, testing_list.txt   speaker-disjoint splits
-    <root>/SYNTH_DONE.json                          config marker, written last
+    <root>/SYNTH_DONE.json                          config and counts
 
 espeak-ng (GPL-3.0-or-later) comes from the `espeakng-loader` wheel and is only loaded at run
 time, through its C API over ctypes, a fresh library instance per utterance (see `Espeak`). The
@@ -25,8 +25,6 @@ import ctypes
 import hashlib
 import json
 import multiprocessing
-import os
-import shutil
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -44,8 +42,9 @@ from speech.data import (
     TESTING_LIST,
     V1_OTHER_WORDS,
     VALIDATION_LIST,
-    cache_root,
 )
+from strlowrank.cache import MARKER as BUILT
+from strlowrank.cache import build_once, cache_root, is_built, write_atomic
 
 DATA_VERSION = "speech_synth_v2"
 MARKER = "SYNTH_DONE.json"
@@ -458,17 +457,11 @@ def _run_job(job: tuple) -> tuple[int, list[str]]:
 
 
 def _prepare_root(root: Path) -> None:
-    """Make root ready for a fresh tree: remove what an earlier (maybe killed) generation wrote.
-    Refuses a non-empty folder that is not a synthetic tree, so real data is never deleted."""
-    if root.exists() and any(root.iterdir()):
-        if not (root / MARKER).exists() and not (root / IN_PROGRESS).exists():
+    """Refuse a non-empty root that is not a synthetic tree (complete, or left by a killed
+    generation), so that replacing it never deletes real data."""
+    if root.is_dir() and any(root.iterdir()):
+        if not any((root / name).exists() for name in (BUILT, MARKER, IN_PROGRESS)):
             raise FileExistsError(f"{root}: not empty and not a synthetic speech tree; refusing")
-        (root / IN_PROGRESS).touch()
-        (root / MARKER).unlink(missing_ok=True)
-        for name in (*GOOGLE12_KEYWORDS, *V1_OTHER_WORDS, BACKGROUND_DIR):
-            shutil.rmtree(root / name, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / IN_PROGRESS).touch()
 
 
 def _run_jobs(jobs: list[tuple], workers: int, total: int, progress: bool) -> dict[int, list[str]]:
@@ -493,10 +486,9 @@ def _run_jobs(jobs: list[tuple], workers: int, total: int, progress: bool) -> di
     return done
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _tree_key(cfg: SynthConfig) -> str:
+    """The completion key of a tree (`strlowrank.cache.build_once`): data version and config."""
+    return json.dumps({"version": DATA_VERSION, "config": asdict(cfg)}, sort_keys=True)
 
 
 def generate_dataset(
@@ -504,12 +496,19 @@ def generate_dataset(
 ) -> Path:
     """Write a synthetic Speech Commands v0.01 tree under root (see the module docstring).
 
-    Split lists are speaker-disjoint. SYNTH_DONE.json (the config and counts) is written last:
-    a tree without it is incomplete and is regenerated from scratch. Returns root."""
+    Split lists are speaker-disjoint. The tree is built once (`strlowrank.cache.build_once`: in
+    a temporary sibling renamed into place under an inter-process lock), so concurrent calls
+    generate it once; a complete tree with the same cfg is reused, an incomplete one or one
+    with another cfg is replaced. Returns root."""
     cfg = cfg or SynthConfig()
     root = Path(root)
-    start = time.perf_counter()
     _prepare_root(root)
+    return build_once(root, lambda tmp: _write_tree(tmp, cfg, progress), key=_tree_key(cfg))
+
+
+def _write_tree(root: Path, cfg: SynthConfig, progress: bool) -> None:
+    """Synthesize every clip, the noise files, the split lists and SYNTH_DONE.json into root."""
+    start = time.perf_counter()
     speakers = make_speakers(cfg)
     val, test = split_speakers(cfg)
     for name in {word for s in speakers for word, _ in s.takes} | {BACKGROUND_DIR}:
@@ -520,7 +519,7 @@ def generate_dataset(
     done = _run_jobs(jobs, cfg.workers, total, progress)
     for list_name, members in ((VALIDATION_LIST, val), (TESTING_LIST, test)):
         rels = sorted(rel for i in members for rel in done[i])
-        _write_atomic(root / list_name, "".join(f"{rel}\n" for rel in rels))
+        write_atomic(root / list_name, "".join(f"{rel}\n" for rel in rels))
     marker = {
         "version": DATA_VERSION,
         "config": asdict(cfg),
@@ -530,21 +529,12 @@ def generate_dataset(
         "seconds": round(time.perf_counter() - start, 2),
         "synthesizer": "espeak-ng (GPL-3.0-or-later) via espeakng-loader, loaded at run time",
     }  # fmt: skip
-    _write_atomic(root / MARKER, json.dumps(marker, indent=2))
-    (root / IN_PROGRESS).unlink(missing_ok=True)
-    return root
+    write_atomic(root / MARKER, json.dumps(marker, indent=2))
 
 
 def is_complete(root: str | Path, cfg: SynthConfig | None = None) -> bool:
     """True when root holds a finished tree generated with cfg (default SynthConfig())."""
-    marker = Path(root) / MARKER
-    if not marker.is_file():
-        return False
-    try:
-        saved = json.loads(marker.read_text(encoding="utf-8"))["config"]
-    except (ValueError, KeyError):
-        return False
-    return saved == json.loads(json.dumps(asdict(cfg or SynthConfig())))
+    return is_built(root, _tree_key(cfg or SynthConfig()))
 
 
 def ensure_default_data(progress: bool = True) -> Path:

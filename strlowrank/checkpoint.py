@@ -8,14 +8,14 @@ complete checkpoint intact. Loading never unpickles arbitrary objects.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from strlowrank.cache import temp_siblings, write_atomic
 
 
 class CheckpointError(ValueError):
@@ -23,24 +23,15 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically (temp file in the same folder + os.replace)."""
-    path, tmp = Path(path), None
+    """Write ``state`` to ``path`` atomically (`strlowrank.cache.write_atomic`)."""
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a kill during a write
+        for stale in temp_siblings(path):  # left by a kill during a write (rank 0 is the writer)
             stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}") from None
-        raise
+        write_atomic(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

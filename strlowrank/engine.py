@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from strlowrank import budget as budget_mod
+from strlowrank.cache import write_atomic
 from strlowrank.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -167,12 +168,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def accuracy_counts(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

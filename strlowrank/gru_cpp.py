@@ -1,4 +1,4 @@
-"""A compiled CPU inference path for the exported low-rank GRU (issue #7, benchmark P3).
+"""A compiled CPU inference path for the exported low-rank GRU.
 
 ``LowRankGRU`` (``strlowrank.export``) runs about eleven small ATen ops per time step, and at
 H = 128 their dispatch and the unfused gate arithmetic cost more than the two thin products.
@@ -24,9 +24,10 @@ no faster); sigmoid(a) = 1 / (1 + e^-a),
 tanh(a) = 1 - 2 / (e^(2a) + 1) (absolute error about 1e-7). Outputs match torch's GRU
 within 1e-6 (max abs, T = 99).
 
-Compiled with ``_FLAGS`` (-O3 -march=native ...) into ``$STRLOWRANK_CACHE/torch_ext`` (default
-``~/.cache/strlowrank/torch_ext``), in a folder named by a hash of the source, the flags,
-torch's version and the CPU's instruction-set flags; nothing is compiled at import time.
+Compiled with ``_FLAGS`` (-O3 -march=native ...) into ``cache_root()/torch_ext``, in a folder
+named by a hash of the source, the flags, torch's version and the CPU's instruction-set flags,
+with ``strlowrank.cache.build_once`` (concurrent processes compile once, a killed compile is
+redone); nothing is compiled at import time.
 ``available()`` says whether the build works (``unavailable_reason()`` says why not).
 """
 
@@ -42,6 +43,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from strlowrank.cache import build_once, cache_root
 
 _NAME = "strlowrank_gru"
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno"]
@@ -200,10 +203,9 @@ _state: dict[str, object] = {"loaded": False, "error": None}
 def cache_dir() -> Path:
     """The build folder: ``$STRLOWRANK_CACHE/torch_ext/<name>_<hash of source, flags, torch,
     CPU flags>`` (``-march=native`` binaries must not be shared across CPU kinds)."""
-    root = os.environ.get("STRLOWRANK_CACHE") or str(Path.home() / ".cache" / "strlowrank")
     key = "\n".join([_SOURCE, *_FLAGS, torch.__version__, platform.machine(), _cpu_flags()])
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return Path(root) / "torch_ext" / f"{_NAME}_{digest}"
+    return cache_root() / "torch_ext" / f"{_NAME}_{digest}"
 
 
 def _cpu_flags() -> str:
@@ -246,6 +248,17 @@ def _missing_tool() -> str | None:
     return None
 
 
+def _compile(folder: Path) -> None:
+    """Compile the extension in folder (and load it into this process)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _cpp_extension().load_inline(
+            _NAME, cpp_sources=[_SOURCE], extra_cflags=_FLAGS, build_directory=str(folder),
+            is_python_module=False, no_implicit_headers=True, verbose=False,
+        )  # fmt: skip
+    _state["loaded"] = True
+
+
 def _load() -> None:
     """Build (or reuse) and load the extension once per process; failures are remembered."""
     if _state["loaded"] or _state["error"] is not None:
@@ -253,15 +266,10 @@ def _load() -> None:
     reason = _missing_tool()
     if reason is None:
         try:
-            build = cache_dir()
-            build.mkdir(parents=True, exist_ok=True)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                _cpp_extension().load_inline(
-                    _NAME, cpp_sources=[_SOURCE], extra_cflags=_FLAGS, build_directory=str(build),
-                    is_python_module=False, no_implicit_headers=True, verbose=False,
-                )  # fmt: skip
-            _state["loaded"] = True
+            build = build_once(cache_dir(), _compile)
+            if not _state["loaded"]:  # compiled by another process (or an earlier one)
+                torch.ops.load_library(str(build / f"{_NAME}.so"))
+                _state["loaded"] = True
             return
         except Exception as exc:  # compiler errors, missing headers, link errors, ...
             lines = [s.strip() for s in str(exc).splitlines() if s.strip()] or [""]

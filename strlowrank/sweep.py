@@ -1,7 +1,8 @@
 """Sweeps: a grid of configs for either track, one run folder each, and one results.csv.
 
     python -m strlowrank.sweep --track speech --grid configs/sweep_speech.yaml --out runs/sweep \\
-        [--seeds 0 1] [--dry-run] [--command "python my_trainer.py"]
+        [--seeds 0 1] [--dry-run] [--command "python my_trainer.py"] [--jobs 4] \\
+        [--launcher submitit --partition gpu --gpus-per-node 8]
 
 The grid file (YAML) has any of
     base: {epochs: 10, train.lr: 0.01}          arguments common to all runs
@@ -11,7 +12,14 @@ The grid file (YAML) has any of
 value ...`` in a subprocess (speech/train_gru.py or vision/train.py by default), its output in
 DIR/<name>/train.log; <name> comes from the run's own overrides (base left out), so it is stable.
 A run whose summary.json exists is skipped, one with only a checkpoint.pt is resumed: restarting
-the sweep finishes what is missing. DIR/results.csv gets one row per run (overrides + summary).
+the sweep finishes what is missing. DIR/results.csv gets one row per run (overrides + summary),
+in grid order, rewritten atomically as runs finish.
+
+Runs go one after another by default; ``--jobs N`` runs N at once on this machine and divides
+its CPU threads between them (``--threads`` per run). ``--launcher submitit`` hands each run to
+Slurm as one job (same grid file, same run folders; torchrun inside the job when it has more
+than one GPU); ``--cluster local`` or ``debug`` runs those jobs on this machine instead.
+The launchers are in `strlowrank.launch`.
 """
 
 from __future__ import annotations
@@ -21,7 +29,6 @@ import hashlib
 import itertools
 import re
 import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +40,8 @@ import yaml
 from tqdm import tqdm
 
 from strlowrank.analysis import flatten, load_run
+from strlowrank.cache import write_atomic
+from strlowrank.launch import CLUSTERS, ClusterConfig, Launch, run_local, run_submitit
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"speech": "speech/train_gru.py", "vision": "vision/train.py"}
@@ -138,53 +147,76 @@ def result_row(run: SweepRun, folder: Path, status: str) -> dict[str, Any]:
     return row
 
 
-def _execute(line: list[str], folder: Path) -> int:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "train.log", "a") as log:
-        log.write("$ " + shlex.join(line) + "\n")
-        log.flush()
-        return subprocess.run(line, stdout=log, stderr=subprocess.STDOUT).returncode
-
-
 def _tail(path: Path, n: int = 5) -> str:
     lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
     return "\n".join("    " + line for line in lines[-n:])
 
 
 def run_sweep(runs: Sequence[SweepRun], out: str | Path, command: Sequence[str],
-              base: dict[str, Any] | None = None, dry_run: bool = False,
-              progress: bool = True) -> pd.DataFrame:  # fmt: skip
-    """Run every missing run (skip those with summary.json); write and return results.csv."""
+              base: dict[str, Any] | None = None, dry_run: bool = False, progress: bool = True,
+              jobs: int = 1, threads: int | None = None,
+              cluster: ClusterConfig | None = None) -> pd.DataFrame:  # fmt: skip
+    """Run every missing run (skip those with summary.json); write and return results.csv.
+
+    ``jobs`` runs at once on this machine with ``threads`` CPU threads each (default: the CPUs
+    divided between the jobs), or, with ``cluster``, one submitit job per run. results.csv
+    (rows in grid order) is rewritten atomically by this process as each run finishes."""
     out = Path(out)
-    rows = []
-    bar = tqdm(runs, desc="sweep", unit="run", disable=not progress or dry_run)
-    for run in bar:
+    rows: dict[str, dict[str, Any]] = {}
+    todo = []
+    for run in runs:
         folder = out / run.name
-        bar.set_postfix_str(run.name[:40])
+        line = command_line(command, folder, {**(base or {}), **run.overrides})
         if (folder / "summary.json").is_file():
-            status = "done"
+            rows[run.name] = result_row(run, folder, "done")
         elif dry_run:
-            print(shlex.join(command_line(command, folder, {**(base or {}), **run.overrides})))
-            status = "pending"
+            print(shlex.join(line))
+            rows[run.name] = result_row(run, folder, "pending")
         else:
-            line = command_line(command, folder, {**(base or {}), **run.overrides})
-            code = _execute(line, folder)
-            done = code == 0 and (folder / "summary.json").is_file()
-            status = "ok" if done else f"failed ({code})"
-            if status != "ok":
-                tqdm.write(f"{run.name}: {status}, see {folder / 'train.log'}\n"
-                           f"{_tail(folder / 'train.log')}")  # fmt: skip
-        rows.append(result_row(run, folder, status))
-        if not dry_run:
-            _write_results(rows, out)
-    return pd.DataFrame(rows)
+            todo.append(Launch(run.name, line, folder))
+    by_name = {run.name: run for run in runs}
+
+    def ordered() -> list[dict[str, Any]]:
+        return [rows[r.name] for r in runs if r.name in rows]
+
+    if not dry_run:
+        _write_results(ordered(), out)
+    if cluster is not None and todo:
+        (out / ".submitit").mkdir(parents=True, exist_ok=True)
+        finished = run_submitit(todo, out / ".submitit", cluster)
+    else:
+        finished = run_local(todo, jobs, threads)
+    bar = tqdm(total=len(todo), desc="sweep", unit="run", disable=not progress or not todo)
+    for name, code in finished:
+        folder = out / name
+        done = code == 0 and (folder / "summary.json").is_file()
+        status = "ok" if done else f"failed ({code})"
+        if status != "ok":
+            tqdm.write(f"{name}: {status}, see {folder / 'train.log'}\n"
+                       f"{_tail(folder / 'train.log')}")  # fmt: skip
+        rows[name] = result_row(by_name[name], folder, status)
+        _write_results(ordered(), out)
+        bar.update(1)
+    bar.close()
+    return pd.DataFrame(ordered())
 
 
 def _write_results(rows: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".results.csv.tmp"
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    tmp.replace(out / "results.csv")
+    write_atomic(out / "results.csv", pd.DataFrame(rows).to_csv(index=False))
+
+
+def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
+    """The --cluster ... --slurm-arg flags as a ClusterConfig (KEY=VALUE checked)."""
+    extra = {}
+    for item in args.slurm_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--slurm-arg {item!r}: expected KEY=VALUE")
+        extra[key] = value
+    return ClusterConfig(cluster=args.cluster, partition=args.partition, nodes=args.nodes,
+                         gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                         mem_gb=args.mem_gb, timeout_min=args.timeout_min,
+                         slurm_args=extra)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,21 +228,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="run every point with these seeds")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--command", help="trainer command instead of the track's entry script")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once on this machine")
+    parser.add_argument("--threads", type=int, help="CPU threads per run (default: the CPUs "
+                        "divided by --jobs, at most $OMP_NUM_THREADS)")  # fmt: skip
+    parser.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                        help="local processes, or one submitit job per run")  # fmt: skip
+    job = parser.add_argument_group("submitit jobs (--launcher submitit)")
+    job.add_argument("--cluster", choices=CLUSTERS, default="slurm",
+                     help="slurm, or submitit's local / debug executors on this machine")
+    job.add_argument("--partition", help="Slurm partition")
+    job.add_argument("--nodes", type=int, default=1, help="nodes per run (torchrun across them)")
+    job.add_argument("--gpus-per-node", type=int, default=0,
+                     help="GPUs per node; more than one GPU per run starts it under torchrun")
+    job.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per node")
+    job.add_argument("--mem-gb", type=float, help="memory per node")
+    job.add_argument("--timeout-min", type=int, default=60 * 24, help="time limit per run")
+    job.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra sbatch option, e.g. account=proj (repeatable)")
     args = parser.parse_args(argv)
     if not args.track and not args.command:
         parser.error("give --track speech|vision (or --command)")
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--jobs and --threads must be at least 1")
     try:
         spec = load_grid(args.grid)
         runs = expand(spec, args.seeds)
         command = shlex.split(args.command) if args.command else default_command(args.track)
+        cluster = _cluster_config(args) if args.launcher == "submitit" else None
     except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.dry_run:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         record = {"track": args.track, "command": command, "seeds": args.seeds, **spec}
-        (Path(args.out) / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-    table = run_sweep(runs, args.out, command, spec.get("base"), args.dry_run)
+        write_atomic(Path(args.out) / "sweep.yaml", yaml.safe_dump(record, sort_keys=False))
+    table = run_sweep(runs, args.out, command, spec.get("base"), args.dry_run, jobs=args.jobs,
+                      threads=args.threads, cluster=cluster)  # fmt: skip
     failed = table[table["status"].str.startswith("failed")]
     print(f"sweep: {len(table)} run(s), {int((table['status'] == 'done').sum())} skipped "
           f"(done before), {len(failed)} failed")  # fmt: skip

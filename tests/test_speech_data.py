@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-from speech import data
 from speech.data import (
     BACKGROUND_DIR,
     SILENCE,
@@ -25,6 +24,7 @@ from speech.data import (
     read_wav,
     split_item,
 )
+from strlowrank.cache import cache_root
 
 SPEAKERS = ("aaaa0001", "bbbb0002", "cccc0003", "dddd0004")
 WORDS = ("yes", "no", "up", "cat", "dog")  # three keywords, two unknown words
@@ -186,7 +186,7 @@ def test_formats_and_length(tmp_path: Path) -> None:
 
 def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("STRLOWRANK_CACHE", str(tmp_path))
-    assert data.cache_root() == tmp_path
+    assert cache_root() == tmp_path
     synth = pytest.importorskip("speech.synth")
     assert synth.default_data_dir() == tmp_path / synth.DATA_VERSION
 

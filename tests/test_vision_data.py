@@ -63,7 +63,7 @@ def test_default_dataset_goes_through_cached_tree(tmp_path: Path, monkeypatch) -
         folders = sorted(p for p in (root / split).iterdir())
         assert [p.name for p in folders] == list(FASHION_CLASSES)
         assert all(len(list(p.glob("*.png"))) == n for p in folders)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temp dir left
     assert ensure_fashion_mnist_tree() == root  # second call: marker found, nothing rewritten
     train, val, num_classes, in_chans = build_datasets("fashion_mnist", None, 32)
     assert (len(train), len(val), num_classes, in_chans) == (5000, 1000, 10, 1)

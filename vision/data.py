@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import shutil
-import tempfile
 import warnings
 from functools import partial
 from pathlib import Path
@@ -31,6 +28,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
+
+from strlowrank.cache import MARKER, build_once, cache_root
 
 DATASETS = ("fashion_mnist", "imagenet", "cifar10", "imagefolder")
 ASSET = Path(__file__).parent / "assets" / "fashion_mnist_subset.npz"
@@ -50,7 +49,6 @@ FASHION_CLASSES = (
 FASHION_MEAN_STD = ((0.2860,), (0.3530,))  # Fashion-MNIST train set, pixels scaled to [0, 1]
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CIFAR10_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-_MARKER = ".complete"
 
 
 class UnreadableImageError(OSError):
@@ -133,54 +131,29 @@ def build_subset_from_idx(
     return out_path
 
 
-def _cache_root(cache_dir: str | Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("STRLOWRANK_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "strlowrank"
-
-
-def _write_png_tree(npz: np.lib.npyio.NpzFile, root: Path) -> None:
-    """train/<class>/<i>.png from x_train/y_train and val/<class>/<i>.png from x_test/y_test."""
-    classes = [str(c) for c in npz["classes"]]
-    for split, key in (("train", "train"), ("val", "test")):
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-        for i, (img, label) in enumerate(zip(npz[f"x_{key}"], npz[f"y_{key}"])):
-            Image.fromarray(img).save(root / split / classes[label] / f"{i:05d}.png")
+def _write_png_tree(root: Path) -> None:
+    """The shipped subset as train/<class>/<i>.png (x_train, y_train) and val/<class>/<i>.png
+    (x_test, y_test) under root."""
+    with np.load(ASSET) as npz:
+        classes = [str(c) for c in npz["classes"]]
+        for split, key in (("train", "train"), ("val", "test")):
+            for c in classes:
+                (root / split / c).mkdir(parents=True)
+            for i, (img, label) in enumerate(zip(npz[f"x_{key}"], npz[f"y_{key}"])):
+                Image.fromarray(img).save(root / split / classes[label] / f"{i:05d}.png")
 
 
 def ensure_fashion_mnist_tree(cache_dir: str | Path | None = None) -> Path:
     """Write the shipped subset once as an ImageFolder tree and return its root.
 
-    Location: ``<cache_dir>/fashion_mnist_subset``, where cache_dir defaults to $STRLOWRANK_CACHE,
-    else ~/.cache/strlowrank. The tree is written into a temporary sibling folder and renamed into
-    place; a marker file holding the npz's SHA-256 marks it complete (a changed asset rebuilds it,
-    a concurrent writer that wins the rename is accepted).
+    Location: ``<cache_dir>/fashion_mnist_subset``, where cache_dir defaults to
+    `strlowrank.cache.cache_root()`. Built with `strlowrank.cache.build_once` (temporary sibling,
+    renamed into place under an inter-process lock) with the npz's SHA-256 as its key, so
+    concurrent runs build it once and a changed asset rebuilds it.
     """
-    root = _cache_root(cache_dir)
-    target = root / "fashion_mnist_subset"
+    target = Path(cache_dir or cache_root()) / "fashion_mnist_subset"
     digest = hashlib.sha256(ASSET.read_bytes()).hexdigest()
-    marker = target / _MARKER
-    if marker.is_file() and marker.read_text().strip() == digest:
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fashion_mnist_subset.", dir=root))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache tree is ordinary data
-    try:
-        with np.load(ASSET) as npz:
-            _write_png_tree(npz, tmp)
-        (tmp / _MARKER).write_text(digest + "\n")
-        if target.exists():  # stale or from an older asset
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process renamed its complete copy first
-            if not (marker.is_file() and marker.read_text().strip() == digest):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(target, _write_png_tree, key=digest)
 
 
 # --------------------------------------------------------------------------- image loading
@@ -369,7 +342,7 @@ def write_toy_tree(root: str | Path, classes: int = 3, train_per_class: int = 12
     For smoke tests and the notebooks' tiny mode (seconds, not minutes). Existing trees are kept.
     """
     root = Path(root)
-    if (root / _MARKER).is_file():
+    if (root / MARKER).is_file():
         return root
     rng = np.random.default_rng(seed)
     for split, n in (("train", train_per_class), ("val", val_per_class)):
@@ -380,5 +353,5 @@ def write_toy_tree(root: str | Path, classes: int = 3, train_per_class: int = 12
                 level = 40 + c * 160 // max(classes - 1, 1)
                 img = np.clip(rng.normal(level, 30, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(folder / f"{i}.png")
-    (root / _MARKER).write_text("toy\n")
+    (root / MARKER).write_text("toy\n")
     return root
