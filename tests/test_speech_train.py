@@ -102,12 +102,12 @@ base: {epochs: 1, train.progress: false, model.hidden: 16, device: cpu,
        data.silence_fraction: 0.5, data.root: TREE}
 runs:
   - {tag: full, model.param: full}
-  - {tag: b1, model.param: str, controller.metric: params, controller.target: 892}
+  - {tag: b1, model.param: str, controller.metric: params, controller.target: 992}
   - {tag: b2, model.param: str, controller.metric: params, controller.target: 1592}
-  - {tag: b1, model.param: lowrank, model.rank_w: 2, model.rank_u: 8}
-  - {tag: b1, model.param: lowrank, model.rank_w: 4, model.rank_u: 6}
+  - {tag: b1, model.param: lowrank, model.rank_w: 3, model.rank_u: 8}
+  - {tag: b1, model.param: lowrank, model.rank_w: 5, model.rank_u: 6}
   - {tag: b2, model.param: lowrank, model.rank_w: 9, model.rank_u: 10}
-  - {tag: b1, model.param: lowrank, model.rank_w: 4, model.rank_u: 6,
+  - {tag: b1, model.param: lowrank, model.rank_w: 5, model.rank_u: 6,
      model.init_from: "{sweep}/tag=full__param=full__seed={seed}/checkpoint.pt"}
   - {tag: b2, model.param: str, controller.metric: params, controller.target: 1592,
      model.init_from: "{sweep}/tag=full__param=full__seed={seed}/checkpoint.pt"}
@@ -142,9 +142,9 @@ def test_reduced_frontier_protocol(tmp_path, tiny_tree, monkeypatch):
     assert sorted(frontier.index) == [("full", "full"), ("lowrank", "b1"), ("lowrank", "b2"),
                                       ("str", "b1"), ("str", "b2"), ("svd-lowrank", "b1"),
                                       ("svd-str", "b2")]  # fmt: skip
-    assert frontier.loc[("lowrank", "b1"), "split"] in ("2/8", "4/6")
+    assert frontier.loc[("lowrank", "b1"), "split"] in ("3/8", "5/6")
     assert frontier.loc[("lowrank", "b1"), "splits"].count(":") == 2  # both splits reported
-    assert frontier.loc[("svd-lowrank", "b1"), "params"] == 4 * (48 + 32) + 6 * (48 + 16)
+    assert frontier.loc[("svd-lowrank", "b1"), "params"] == 5 * (48 + 32) + 6 * (48 + 16)
     assert frontier.loc[("str", "b2"), "params"] < frontier.loc[("full", "full"), "params"]
     assert report.main([str(out), "--out", str(tmp_path / "report"), "--no-per-run"]) == 0
     table = (tmp_path / "report" / "frontier.md").read_text()
