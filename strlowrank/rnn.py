@@ -126,9 +126,8 @@ class RNNLayer(nn.Module):
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The effective stacked W [G H, I] and U [G H, H] (per-gate blocks concatenated)."""
-        return tuple(torch.cat([getattr(self, n)() for n in self._names(side)])
-                     if self.split == "per_gate" else getattr(self, side)()
-                     for side in "WU")  # fmt: skip
+        w, u = ([getattr(self, name)() for name in self._names(side)] for side in "WU")
+        return (w[0], u[0]) if self.split == "stacked" else (torch.cat(w), torch.cat(u))
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """x [B, T, I] -> (outputs [B, T, H], final state h [B, H] or (h, c))."""
