@@ -35,6 +35,8 @@ class SpectraConfig:
 @dataclass
 class SpeechConfig:
     out: str = option("runs/speech", "run folder")
+    tag: str | None = option(None, "a free label copied to summary.json (sweeps: the frontier "
+                             "budget a run belongs to); training ignores it")  # fmt: skip
     data: SpeechDataConfig = option(factory=SpeechDataConfig)
     features: FeatureConfig = option(factory=FeatureConfig)
     model: SpeechModelConfig = option(factory=SpeechModelConfig)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from strlowrank.config import option
-from strlowrank.rnn import GATES, RNNLayer
+from strlowrank.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from strlowrank.config import ConfigError, from_dict, option
+from strlowrank.rnn import GATES, SPLITS, RNNLayer
 
 POOLS = ("last", "mean")
 
@@ -41,6 +43,13 @@ class SpeechModelConfig:
     pool: str = option("mean", "classifier input: mean over time of h_t | last hidden state",
                        choices=POOLS)  # fmt: skip
     dropout: float = option(0.0, "dropout on the pooled features", min=0.0, max=0.99)
+    split: str = option("stacked", "recurrent matrices: stacked (one W [G H, I], one U [G H, H] "
+                        "per layer) | per_gate (W_g [H, I], U_g [H, H] per gate, each its own "
+                        "rank; lowrank: rank_w / rank_u for every gate)", choices=SPLITS)
+    init_from: str | None = option(
+        None, "checkpoint.pt of a trained model with the same cell, hidden, layers and classes: "
+        "its effective matrices initialize this one (full: copy, lowrank: truncated SVD at the "
+        "fixed ranks, str: SVD) and its biases and classifier are copied")  # fmt: skip
 
 
 class KeywordSpotter(nn.Module):
@@ -53,7 +62,7 @@ class KeywordSpotter(nn.Module):
         self.cfg = cfg
         sizes = [input_size] + [cfg.hidden] * cfg.layers
         if cfg.param == "lowrank":
-            rows = GATES[cfg.cell] * cfg.hidden
+            rows = cfg.hidden * (GATES[cfg.cell] if cfg.split == "stacked" else 1)
             for name, rank, cols in (("rank_w", cfg.rank_w, min(sizes[:-1])),
                                      ("rank_u", cfg.rank_u, cfg.hidden)):  # fmt: skip
                 if rank > min(rows, cols):
@@ -63,7 +72,7 @@ class KeywordSpotter(nn.Module):
             RNNLayer(
                 cfg.cell, sizes[i], cfg.hidden, kind=cfg.param, rank_w=cfg.rank_w,
                 rank_u=cfg.rank_u, s_init=cfg.s_init, lowrank_init=cfg.lowrank_init,
-                threshold_scale=cfg.threshold_scale, s_bias=cfg.s_bias,
+                threshold_scale=cfg.threshold_scale, s_bias=cfg.s_bias, split=cfg.split,
             )
             for i in range(cfg.layers)
         )  # fmt: skip
@@ -81,8 +90,8 @@ class KeywordSpotter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.features(x)))
 
-    def ranks(self) -> list[tuple[int, int]]:
-        """(r_W, r_U) of every recurrent layer."""
+    def ranks(self) -> list[tuple[int, ...]]:
+        """(r_W, r_U) of every recurrent layer (per gate: r_W_r, r_W_z, ..., r_U_r, ...)."""
         return [rnn.ranks() for rnn in self.rnns]
 
     def export(self) -> KeywordSpotter:
@@ -100,3 +109,44 @@ def recurrent_params(model: nn.Module) -> int:
     """Parameters a deployed recurrent cell needs: sum of num_params of its matrices (no biases)."""
     return sum(m.num_params() for r in model.modules() if isinstance(r, RNNLayer)
                for m in r.matrices().values())  # fmt: skip
+
+
+def init_from_checkpoint(model: KeywordSpotter, path: str | Path) -> None:
+    """Initialize ``model`` from the trained model in checkpoint ``path``.
+
+    The source is rebuilt from the checkpoint's own config (any param or split); each layer's
+    effective stacked W [G H, I], U [G H, H] goes through ``RNNLayer.load_dense_`` (full: copy,
+    lowrank: truncated SVD, str: SVD), biases and classifier are copied. Cell, hidden size,
+    layers, input size and classes must match and the run must be finished (else a one-line
+    ``CheckpointError`` naming the file).
+    """
+    state = load_checkpoint(path)
+    try:
+        source_cfg = from_dict(SpeechModelConfig, dict(state.get("config", {}).get("model", {})))
+    except (ConfigError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a speech-track checkpoint ({e})") from None
+    source_cfg.init_from = None
+    done, epochs = state.get("epoch"), state["config"].get("train", {}).get("epochs")
+    if isinstance(done, int) and isinstance(epochs, int) and done < epochs:
+        raise CheckpointError(f"{path}: an unfinished run (epoch {done} of {epochs}); "
+                              "finish it (--resume) before initializing from it")  # fmt: skip
+    own, theirs = model.cfg, source_cfg
+    for key in ("cell", "hidden", "layers"):
+        if getattr(own, key) != getattr(theirs, key):
+            raise CheckpointError(f"{path}: model.{key} is {getattr(theirs, key)!r} in the "
+                                  f"checkpoint, {getattr(own, key)!r} here")  # fmt: skip
+    weight = state["model"].get("classifier.weight")
+    if weight is None or tuple(weight.shape) != tuple(model.classifier.weight.shape):
+        shape, own_shape = None if weight is None else tuple(weight.shape), tuple(
+            model.classifier.weight.shape)  # fmt: skip
+        raise CheckpointError(f"{path}: classifier shape {shape}, expected {own_shape} "
+                              "(other classes?)")  # fmt: skip
+    source = build_model(theirs, model.rnns[0].input_size, model.classifier.out_features)
+    try:
+        load_model_state(source, state["model"], path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (another input size?)") from None
+    with torch.no_grad():
+        for mine, src in zip(model.rnns, source.rnns):
+            mine.load_dense_(*src.stacked_weights(), src.bias_ih, src.bias_hh)
+        model.classifier.load_state_dict(source.classifier.state_dict())

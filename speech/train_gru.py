@@ -3,6 +3,7 @@
     python speech/train_gru.py                                   # STR GRU-128, synthetic data
     python speech/train_gru.py --model.param lowrank --model.rank_w 16 --model.rank_u 25
     python speech/train_gru.py --config configs/speech_fastgrnn_str.yaml --data-dir /data/sc_v1
+    python speech/train_gru.py --init-from runs/full/checkpoint.pt --target-params 12000
 
 Without --data-dir the synthetic espeak-ng Speech Commands tree is generated once into the cache
 (about half a minute). The run folder gets config.yaml, metrics.csv, budget.csv (rank per matrix),
@@ -21,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from speech.config import SpeechConfig
 from speech.features import augment, load_features
-from speech.models import build_model, recurrent_params
+from speech.models import build_model, init_from_checkpoint, recurrent_params
 from strlowrank.cli import execute, parse_config, run_main
 from strlowrank.controller import build_controller
 from strlowrank.distributed import DistInfo
@@ -51,6 +52,8 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
                          unknown_fraction=d.unknown_fraction)  # fmt: skip
     train, val, test = sets["train"], sets["val"], sets["test"]
     model = build_model(cfg.model, train.x.shape[2], len(train.class_names))
+    if cfg.model.init_from:
+        init_from_checkpoint(model, cfg.model.init_from)
     spectra = matrix_spectra(model, "init")
     callbacks = []
     if cfg.model.param == "str" and cfg.lowrank.refactorize_every_epochs:
@@ -65,7 +68,8 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
         if info.is_main:
             pd.DataFrame(spectra + final).to_csv(Path(cfg.out) / "spectra.csv", index=False)
         return {"track": "speech", "method": cfg.model.param, "cell": cfg.model.cell,
-                "hidden": cfg.model.hidden, "params": recurrent_params(model),
+                "hidden": cfg.model.hidden, "split": cfg.model.split,
+                "init_from": cfg.model.init_from, "tag": cfg.tag, "params": recurrent_params(model),
                 "ranks": {n: int(r) for n, r in zip(ranks["name"], ranks["rank"])}}  # fmt: skip
 
     controller = build_controller(cfg.controller, model, val.x[:1])

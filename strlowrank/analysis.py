@@ -10,12 +10,15 @@ end, with the threshold in sigma units). Every file is optional here; a missing 
     metrics(runs)       metrics.csv of every run, with run / track / method columns
     budgets(runs)       budget.csv layer rows (no 'total'), with a network-order 'order' column
     histories(runs)     budget_history.csv rows;  spectra(runs)  spectra.csv rows
+    aggregate(table, by, value)     mean, sd, n, 95% t-interval over the seeds of each point
+    frontier_points(table)          per method and budget: the best fixed-rank split, over seeds
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from scipy import stats
 
 RUN_MARKERS = ("summary.json", "metrics.csv", "budget.csv")
 SUMMARY_COLUMNS = ("epochs", "val_acc", "test_acc", "sparsity", "nnz", "macs_sparse")
@@ -233,3 +237,66 @@ def spectra(runs: Sequence[Run]) -> pd.DataFrame | None:
 def layer_order(budget: pd.DataFrame) -> list[str]:
     """Layer names in network order over several stacked runs (first appearance wins)."""
     return list(dict.fromkeys(budget["name"]))
+
+
+def aggregate(table: pd.DataFrame, by: Sequence[str], value: str, level: float = 0.95,
+              extra: Sequence[str] = ()) -> pd.DataFrame:  # fmt: skip
+    """Mean, sd, n and a Student-t interval of ``value`` over the rows of each group of ``by``
+    (the seeds of one sweep point):
+
+        mean +- t_{(1 + level) / 2, n - 1} sd / sqrt(n),     sd with n - 1 degrees of freedom
+
+    Columns: *by, n, mean, sd, ci (the half width), lo, hi, then the mean of every ``extra``
+    column. Rows whose ``value`` is missing are left out; a group of one value has sd, ci, lo
+    and hi NaN. Groups keep their first-appearance order; missing keys form their own group.
+    """
+    rows = []
+    for key, group in table.groupby(list(by), sort=False, dropna=False):
+        values = pd.to_numeric(group[value], errors="coerce").dropna()
+        n = len(values)
+        mean = float(values.mean()) if n else math.nan
+        sd = float(values.std(ddof=1)) if n > 1 else math.nan
+        ci = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n) if n > 1 else math.nan
+        keys = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, keys)) | {"n": n, "mean": mean, "sd": sd, "ci": ci,
+                                     "lo": mean - ci, "hi": mean + ci}  # fmt: skip
+        row |= {c: float(pd.to_numeric(group[c], errors="coerce").mean()) for c in extra}
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*by, "n", "mean", "sd", "ci", "lo", "hi", *extra])
+
+
+def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFrame:
+    """The parameter/accuracy frontier of a speech sweep, one row per method and budget.
+
+    ``table``: results.csv of a sweep or :func:`summaries` (columns method, tag, init_from,
+    params, ranks.*, and test_acc / val_acc / accuracy). A run's method is its ``method``
+    (full | lowrank | str), prefixed ``svd-`` when it started from a trained model
+    (``init_from``); its budget is its ``tag``; a fixed-rank run's split is its ranks
+    'r_1/r_2/...' in matrix order. Every (method, budget, split) is aggregated over its seeds
+    (:func:`aggregate`, ``params`` = mean recurrent parameters); per method and budget the split
+    with the best mean is kept and ``splits`` lists every split tried with its mean (the grid).
+    """
+    t = table
+    if "status" in t:
+        t = t[t["status"].isin(["ok", "done"])]
+    t = t.copy()
+    init = t["init_from"] if "init_from" in t else pd.Series(None, index=t.index, dtype=object)
+    started = init.notna() & (init.astype(str) != "")
+    t["method"] = t["method"].where(~started, "svd-" + t["method"].astype(str))
+    t["budget"] = t["tag"].fillna("").astype(str) if "tag" in t else ""
+    rank_cols = [c for c in t.columns if c.startswith("ranks.")]
+
+    def split(row: pd.Series) -> str:
+        if not str(row["method"]).endswith("lowrank"):
+            return ""
+        return "/".join(str(int(row[c])) for c in rank_cols if pd.notna(row[c]))
+
+    t["split"] = t.apply(split, axis=1) if len(t) else ""
+    value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
+    points = aggregate(t, ["method", "budget", "split"], value, extra=["params"])
+    grid = points.groupby(["method", "budget"], sort=False).apply(
+        lambda g: "; ".join(f"{s}: {100 * m:.2f}" for s, m in zip(g["split"], g["mean"]) if s),
+        include_groups=False).rename("splits")  # fmt: skip
+    best = points.sort_values("mean", ascending=False, kind="stable")
+    best = best.drop_duplicates(["method", "budget"]).join(grid, on=["method", "budget"])
+    return best.sort_values(["method", "params"], kind="stable").reset_index(drop=True)

@@ -4,6 +4,7 @@
     --data-dir DIR  dataset root                       --epochs N      train.epochs
     --device NAME   train.device                       --seed N        train.seed
     --resume CKPT   continue a run                     --test-only     evaluate that checkpoint
+    --init-from CKPT  model.init_from     --tag LABEL  tag      (tracks whose config has them)
     --section.field VALUE (or =VALUE)                  any other config field, YAML-typed
 
 Precedence: dataclass defaults < --config < the flags above and dotted overrides. User errors
@@ -21,7 +22,8 @@ from typing import Any
 from strlowrank.config import ConfigError, describe_fields, load_config, parse_value
 
 SHORTCUTS = {"epochs": "train.epochs", "device": "train.device", "seed": "train.seed",
-             "data_dir": "data.root", "out": "out"}  # fmt: skip
+             "data_dir": "data.root", "out": "out", "init_from": "model.init_from",
+             "tag": "tag"}  # fmt: skip
 
 
 def build_parser(
@@ -49,6 +51,12 @@ def build_parser(
     p.add_argument("--resume", help="checkpoint.pt to continue from (or to evaluate)")
     p.add_argument("--test-only", action="store_true",
                    help="evaluate the --resume checkpoint on the test split and write summary.json")
+    names = {name for name, *_ in rows}
+    if "model.init_from" in names:
+        p.add_argument("--init-from", help="checkpoint.pt of a trained model to initialize "
+                       "from (model.init_from)")  # fmt: skip
+    if "tag" in names:
+        p.add_argument("--tag", help="a free label copied to summary.json (tag)")
     if any(name.startswith("controller.") for name, *_ in rows):
         g = p.add_argument_group("budget targets (a controller steers the threshold decay)")
         g.add_argument("--target-sparsity", metavar="S",
@@ -89,7 +97,7 @@ def parse_config(cfg_cls: type, description: str, argv: Sequence[str] | None = N
     args, extra = parser.parse_known_args(expand_target_flags(argv))
     overrides = parse_overrides(extra)
     for flag, key in SHORTCUTS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)  # --init-from, --tag only where the config has them
         if value is not None:
             overrides[key] = value
     if args.test_only and not args.resume:

@@ -117,6 +117,9 @@ def export_gru(layer: RNNLayer | nn.GRU, script: bool = True, backend: str = "sc
         layer = RNNLayer.from_torch(layer)
     if layer.cell != "gru":
         raise ValueError(f"export_gru: only GRU cells are supported, got {layer.cell!r}")
+    if layer.split != "stacked":  # the kernels take one factor pair per side
+        raise ValueError("export_gru: per-gate layers are not supported (stacked W, U only); "
+                         "use RNNLayer.export() for a compact PyTorch layer")  # fmt: skip
     compact = layer.export()
     factors = [m.factors() for m in (compact.W, compact.U)]
     module = LowRankGRU(*factors, compact.bias_ih, compact.bias_hh).eval()

@@ -7,6 +7,7 @@ accuracy in percent, MACs in millions (M) per example, parameters in thousands (
 
     plot_layer_budget      per-layer sparsity and MACs, runs side by side, in network order
     plot_sparsity_accuracy / plot_macs_accuracy / plot_rank_accuracy    trade-offs across runs
+    plot_frontier       parameters vs accuracy per method and budget, 95% intervals over seeds
     plot_sparsity_trajectory, plot_threshold_trajectory, plot_rank_trajectory    over epochs
     plot_spectra           singular values at init and at the end, with the threshold marked
     plot_run(run_dir)      writes the single-run figures into run_dir/plots/
@@ -236,6 +237,31 @@ def plot_rank_accuracy(summary: pd.DataFrame, title: str = "Rank vs accuracy") -
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("total rank (sum of r over the recurrent matrices W, U)\n"
                   "point labels: ranks r_W/r_U (per layer), recurrent parameters (K)")
+    ax.set_title(title)
+    return fig
+
+
+@styled
+def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -> Figure:
+    """Speech frontier: mean accuracy against mean recurrent parameters (K) per method and
+    budget, with 95% t-intervals over seeds (``analysis.frontier_points`` rows); the full-rank
+    point as a star and a dashed reference; fixed-rank points labelled with their best split."""
+    fig, (ax,) = _figure(size=(7.2, 4.8))
+    for method, rows in points.groupby("method", sort=False):
+        rows = rows.sort_values("params")
+        color, marker = method_color(str(method)), METHOD_MARKERS.get(str(method), "o")
+        ax.errorbar(rows["params"] / 1e3, rows["mean"], yerr=rows["ci"].fillna(0.0), color=color,
+                    marker=marker, capsize=3, label=str(method),
+                    markersize=9 if method == "full" else 6)  # fmt: skip
+        if method == "full":
+            ax.axhline(rows["mean"].mean(), color=color, linestyle="--", linewidth=1, alpha=0.6)
+        for _, row in rows[rows["split"].astype(str) != ""].iterrows():
+            ax.annotate(str(row["split"]), (row["params"] / 1e3, row["mean"]), fontsize=8,
+                        xytext=(5, -11), textcoords="offset points", color=color)  # fmt: skip
+    _percent(ax.yaxis)
+    ax.set_xlabel("recurrent parameters (K, mean over seeds)")
+    ax.set_ylabel("accuracy (mean, 95% interval over seeds)")
+    ax.legend(title="method")
     ax.set_title(title)
     return fig
 

@@ -8,6 +8,9 @@ RUN_DIR is a run folder or a folder searched for run folders (a sweep's output).
     DIR/<track>_budget.png, <track>_training.png            per track, runs side by side
     DIR/vision_sparsity_accuracy.png, vision_macs_accuracy.png, speech_rank_accuracy.png
     DIR/runs/<run>/{budget,training,thresholds,ranks,spectra}.png    single-run figures
+    DIR/frontier.csv, frontier.md, speech_frontier.png    speech runs with a tag (a frontier
+        sweep): per method and budget the accuracy over seeds, mean +- 95% t-interval
+        (``analysis.frontier_points``: the best fixed-rank split, with the grid tried)
 Figures that do not apply (no spectra for vision, no trade-off curve without accuracy) are skipped.
 """
 
@@ -22,8 +25,17 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from strlowrank.analysis import Run, accuracy_column, budgets, load_runs, metrics, summaries
+from strlowrank.analysis import (
+    Run,
+    accuracy_column,
+    budgets,
+    frontier_points,
+    load_runs,
+    metrics,
+    summaries,
+)
 from strlowrank.plotting import (
+    plot_frontier,
     plot_layer_budget,
     plot_macs_accuracy,
     plot_rank_accuracy,
@@ -114,6 +126,29 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def frontier_markdown(points: pd.DataFrame) -> str:
+    """The frontier as a markdown table: accuracy in % as mean +- 95% half width (n seeds)."""
+    lines = ["| method | budget | params (K) | accuracy % (mean +- 95%) | sd | n | split | "
+             "splits tried (mean %) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for _, r in points.iterrows():
+        ci = f" +- {100 * r['ci']:.2f}" if pd.notna(r["ci"]) else ""
+        lines.append(f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
+                     f"{100 * r['mean']:.2f}{ci} | {_cell(100 * r['sd'], '.2f')} | {r['n']} | "
+                     f"{r['split']} | {r.get('splits') or ''} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_frontier(summary: pd.DataFrame, out: Path) -> list[Path]:
+    """frontier.csv, frontier.md and speech_frontier.png when speech runs carry a tag."""
+    rows = summary[summary["track"] == "speech"] if "track" in summary else summary
+    if "tag" not in rows or not rows["tag"].notna().any():
+        return []
+    points = frontier_points(rows[rows["tag"].notna()])
+    points.to_csv(out / "frontier.csv", index=False)
+    (out / "frontier.md").write_text(frontier_markdown(points))
+    return [save_figure(plot_frontier(points), out / "speech_frontier.png")]
+
+
 def write_report(runs: Sequence[Run], out: str | Path, per_run: bool = True) -> list[Path]:
     """Write every applicable figure, runs.csv and summary.md into ``out``; return the PNGs."""
     out = Path(out)
@@ -131,6 +166,7 @@ def write_report(runs: Sequence[Run], out: str | Path, per_run: bool = True) -> 
                 written.append(save_figure(fig, folder / f"{stem}.png"))
     summary = summaries(runs)
     summary.to_csv(out / "runs.csv", index=False)
+    written += write_frontier(summary, out)
     links = "\n".join(f"- [{p.relative_to(out)}]({p.relative_to(out)})" for p in written)
     (out / "summary.md").write_text(
         f"# Runs\n\n{summary_markdown(summary)}\n## Figures\n\n{links}\n"

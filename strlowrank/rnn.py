@@ -5,7 +5,13 @@ Each layer holds two stacked matrices (gates in torch's order; GRU r, z, n; LSTM
     W [G H, I] (input to hidden),   U [G H, H] (hidden to hidden),   G = 3 (GRU) or 4 (LSTM)
 
 each a ``FullMatrix``, ``LowRankMatrix`` (W = W1 W2) or ``STRMatrix``
-(W = P_n diag(relu(sigma - g(s) max sigma)) Q_n^T), see ``strlowrank.lowrank``. The effective
+(W = P_n diag(relu(sigma - g(s) max sigma)) Q_n^T), see ``strlowrank.lowrank``. With
+``split="per_gate"`` every gate has its own pair (GRU W_r, W_z, W_n, U_r, U_z, U_n), each
+[H, I] / [H, H] with its own rank, and the stacked matrices are their concatenation
+
+    W = [W_r; W_z; W_n],     U = [U_r; U_z; U_n]
+
+so a GRU layer learns 6 ranks (an LSTM 8) and runs the same kernel. The effective
 matrices are reconstructed once per forward and handed with the biases to torch's fused
 GRU/LSTM kernel (``torch._VF.gru`` / ``torch._VF.lstm``, what ``nn.GRU.forward`` calls), so the
 time loop never runs in Python and autograd reaches the factors. GRU and LSTM differ only in the
@@ -22,7 +28,9 @@ from torch import nn
 
 from strlowrank.lowrank import LowRankMatrix, STRMatrix, make_matrix
 
-GATES = {"gru": 3, "lstm": 4}
+GATE_NAMES = {"gru": ("r", "z", "n"), "lstm": ("i", "f", "g", "o")}  # torch's row order
+GATES = {cell: len(names) for cell, names in GATE_NAMES.items()}
+SPLITS = ("stacked", "per_gate")
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
@@ -56,7 +64,11 @@ class RNNLayer(nn.Module):
         s_init: initial threshold parameter of STR matrices (g(s_init) = fraction of max sigma).
         lowrank_init: ``"svd"`` (truncated SVD of the standard init) or ``"randn"`` (0.1 N(0,1)).
         threshold_scale: see ``STRMatrix``.
-    Initial dense matrices and biases follow torch: U(-1/sqrt(H), 1/sqrt(H)).
+        split: ``"stacked"`` (one W [G H, I] and one U [G H, H]) or ``"per_gate"`` (W_g [H, I]
+            and U_g [H, H] per gate g, named ``W_r``, ``U_r``, ...; fixed ranks are
+            ``rank_w`` / ``rank_u`` for every gate).
+    Initial dense matrices and biases follow torch: U(-1/sqrt(H), 1/sqrt(H)) (the same
+    stacked draw for both splits: a per-gate layer starts as the row blocks of the stacked one).
     """
 
     param_roles = {"bias_ih": "norm_bias", "bias_hh": "norm_bias"}
@@ -74,35 +86,79 @@ class RNNLayer(nn.Module):
         lowrank_init: str = "svd",
         threshold_scale: str = "max",
         s_bias: float = 0.0,
+        split: str = "stacked",
     ) -> None:
         super().__init__()
         if cell not in GATES:
             raise ValueError(f"cell must be one of {tuple(GATES)}, got {cell!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.cell, self.input_size, self.hidden_size = cell, input_size, hidden_size
+        self.split = split
         rows, bound = GATES[cell] * hidden_size, 1.0 / math.sqrt(hidden_size)
         opts = (s_init, lowrank_init, threshold_scale, s_bias)
-        self.W = self._matrix(kind, rows, input_size, rank_w, bound, *opts)
-        self.U = self._matrix(kind_u or kind, rows, hidden_size, rank_u, bound, *opts)
+        for side, kind_, cols, rank in (("W", kind, input_size, rank_w),
+                                        ("U", kind_u or kind, hidden_size, rank_u)):  # fmt: skip
+            dense = torch.empty(rows, cols).uniform_(-bound, bound)
+            for name, block in zip(self._names(side), self._blocks(dense)):
+                self.add_module(name, self._matrix(kind_, block, rank, *opts))
         self.bias_ih = nn.Parameter(torch.empty(rows).uniform_(-bound, bound))
         self.bias_hh = nn.Parameter(torch.empty(rows).uniform_(-bound, bound))
 
     @staticmethod
-    def _matrix(kind, rows, cols, rank, bound, s_init, lowrank_init, scale, s_bias) -> nn.Module:
-        dense = torch.empty(rows, cols).uniform_(-bound, bound)
+    def _matrix(kind, dense, rank, s_init, lowrank_init, scale, s_bias) -> nn.Module:
         init = "randn" if kind == "lowrank" and lowrank_init == "randn" else dense
-        return make_matrix(kind, rows, cols, rank, init, s_init, scale, s_bias)
+        return make_matrix(kind, *dense.shape, rank, init, s_init, scale, s_bias)
+
+    def _names(self, side: str) -> list[str]:
+        """Matrix names of one side ("W" or "U"): [side] or [side_r, side_z, ...] per gate."""
+        if self.split == "stacked":
+            return [side]
+        return [f"{side}_{gate}" for gate in GATE_NAMES[self.cell]]
+
+    def _blocks(self, stacked: torch.Tensor) -> list[torch.Tensor]:
+        """A stacked [G H, *] tensor as the blocks of this layer's matrices of one side."""
+        return [stacked] if self.split == "stacked" else list(stacked.chunk(GATES[self.cell]))
 
     def matrices(self) -> dict[str, nn.Module]:
-        return {"W": self.W, "U": self.U}
+        """Every recurrent matrix by name: W, U (stacked) or W_r, W_z, ..., U_r, ... (per gate)."""
+        return {name: getattr(self, name) for side in "WU" for name in self._names(side)}
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The effective stacked W [G H, I] and U [G H, H] (per-gate blocks concatenated)."""
+        w, u = ([getattr(self, name)() for name in self._names(side)] for side in "WU")
+        return (w[0], u[0]) if self.split == "stacked" else (torch.cat(w), torch.cat(u))
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """x [B, T, I] -> (outputs [B, T, H], final state h [B, H] or (h, c))."""
-        weights = [self.W(), self.U(), self.bias_ih, self.bias_hh]
+        weights = [*self.stacked_weights(), self.bias_ih, self.bias_hh]
         return fused_recurrence(self.cell, x, weights, state, self.training)
 
-    def ranks(self) -> tuple[int, int]:
-        """(r_W, r_U), as the paper reports them."""
-        return self.W.rank(), self.U.rank()
+    def ranks(self) -> tuple[int, ...]:
+        """Rank of every matrix in ``matrices()`` order: (r_W, r_U) as the paper reports them, or
+        (r_W_r, r_W_z, r_W_n, r_U_r, r_U_z, r_U_n) per gate."""
+        return tuple(m.rank() for m in self.matrices().values())
+
+    @torch.no_grad()
+    def load_dense_(self, w: torch.Tensor, u: torch.Tensor, bias_ih: torch.Tensor,
+                    bias_hh: torch.Tensor) -> None:  # fmt: skip
+        """Re-initialize every matrix from stacked dense W [G H, I], U [G H, H] (and copy the
+        biases [G H]), keeping each matrix's kind, rank and threshold settings: full = copy,
+        lowrank = truncated SVD at its rank, str = SVD (equal to the dense block as s -> -inf)."""
+        rows = GATES[self.cell] * self.hidden_size
+        expected = {"W": (rows, self.input_size), "U": (rows, self.hidden_size)}
+        for side, dense in (("W", w), ("U", u)):
+            if tuple(dense.shape) != expected[side]:
+                raise ValueError(f"{side}: shape {tuple(dense.shape)}, expected {expected[side]}")
+            for name, block in zip(self._names(side), self._blocks(dense.detach().float())):
+                m = getattr(self, name)
+                rank = m.rank() if isinstance(m, LowRankMatrix) else None
+                str_opts = (float(m.s), m.threshold_scale, float(m.s_bias)) if isinstance(
+                    m, STRMatrix) else (-4.0, "max", 0.0)  # fmt: skip
+                new = make_matrix(_kind_of(m), *block.shape, rank, block.clone(), *str_opts)
+                setattr(self, name, new.to(self.bias_ih.device))
+        self.bias_ih.copy_(bias_ih)
+        self.bias_hh.copy_(bias_hh)
 
     def budget_entries(self, inputs: tuple | None) -> list[dict]:
         """One row per matrix: shape, numel, nnz (compact params), rank, threshold, MACs.
@@ -111,9 +167,8 @@ class RNNLayer(nn.Module):
         """
         steps = float(inputs[0].shape[1]) if inputs and inputs[0] is not None else float("nan")
         rows = []
-        rows_, cols = GATES[self.cell] * self.hidden_size, (self.input_size, self.hidden_size)
-        for (name, m), in_f in zip(self.matrices().items(), cols):
-            out_f = rows_
+        for name, m in self.matrices().items():
+            out_f, in_f = self._shape(name)
             numel, nnz = out_f * in_f, m.num_params()
             thr = float(m.tau().detach()) if isinstance(m, STRMatrix) else float("nan")
             rows.append({
@@ -124,12 +179,18 @@ class RNNLayer(nn.Module):
             })  # fmt: skip
         return rows
 
+    def _shape(self, name: str) -> tuple[int, int]:
+        """(out, in) of the matrix ``name``: [G H | H, I] for W*, [G H | H, H] for U*."""
+        out_f = self.hidden_size * (GATES[self.cell] if self.split == "stacked" else 1)
+        return out_f, self.input_size if name.startswith("W") else self.hidden_size
+
     def export(self) -> RNNLayer:
         """A compact copy: every factorized matrix stored as two factors at its (learned) rank,
         shrunk singular values folded in (a fixed ``lowrank`` layer), unless the dense matrix is
         smaller (r (out + in) >= out in); full matrices stay dense.
-        Outputs equal this layer's outputs up to float rounding."""
-        compact = RNNLayer(self.cell, self.input_size, self.hidden_size, kind="full")
+        Outputs equal this layer's outputs up to float rounding; a per-gate layer stays per gate."""
+        compact = RNNLayer(self.cell, self.input_size, self.hidden_size, kind="full",
+                           split=self.split)  # fmt: skip
         for name, m in self.matrices().items():
             a, b = m.factors()
             if a.shape[1] * (a.shape[0] + b.shape[1]) >= a.shape[0] * b.shape[1]:
@@ -150,18 +211,7 @@ class RNNLayer(nn.Module):
             raise ValueError("from_torch needs one unidirectional layer with biases")
         cell = "gru" if isinstance(rnn, nn.GRU) else "lstm"
         layer = cls(cell, rnn.input_size, rnn.hidden_size, kind=kind, **kwargs)
-        rows = GATES[cell] * rnn.hidden_size
-        for name, w in (("W", rnn.weight_ih_l0), ("U", rnn.weight_hh_l0)):
-            m = layer.matrices()[name]
-            rank = m.rank() if isinstance(m, LowRankMatrix) else None
-            s_init = float(m.s.detach()) if isinstance(m, STRMatrix) else -4.0
-            scale = getattr(m, "threshold_scale", "max")
-            bias = float(m.s_bias) if isinstance(m, STRMatrix) else 0.0
-            new = make_matrix(_kind_of(m), rows, w.shape[1], rank, w.detach(), s_init, scale, bias)
-            setattr(layer, name, new)
-        with torch.no_grad():
-            layer.bias_ih.copy_(rnn.bias_ih_l0)
-            layer.bias_hh.copy_(rnn.bias_hh_l0)
+        layer.load_dense_(rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
         return layer
 
 

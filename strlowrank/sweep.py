@@ -12,14 +12,20 @@ The grid file (YAML) has any of
 value ...`` in a subprocess (speech/train_gru.py or vision/train.py by default), its output in
 DIR/<name>/train.log; <name> comes from the run's own overrides (base left out), so it is stable.
 A run whose summary.json exists is skipped, one with only a checkpoint.pt is resumed: restarting
-the sweep finishes what is missing. DIR/results.csv gets one row per run (overrides + summary),
-in grid order, rewritten atomically as runs finish.
+the sweep finishes what is missing. DIR/results.csv gets one row per run (overrides + summary, and
+'point': the run's name without its seed), in grid order, rewritten atomically as runs finish;
+DIR/points.csv the mean, sd, n and 95% t-interval of the accuracy over the seeds of each point
+(``analysis.aggregate``).
 
 Runs go one after another by default; ``--jobs N`` runs N at once on this machine and divides
 its CPU threads between them (``--threads`` per run). ``--launcher submitit`` hands each run to
 Slurm as one job (same grid file, same run folders; torchrun inside the job when it has more
 than one GPU); ``--cluster local`` or ``debug`` runs those jobs on this machine instead.
 The launchers are in `strlowrank.launch`.
+
+A string value may name ``{sweep}`` (the sweep folder DIR) and ``{seed}`` (the run's seed), e.g.
+``model.init_from: "{sweep}/param=full__seed={seed}/checkpoint.pt"`` starts each seed's run from
+that seed's full-rank run; such a reference must name an earlier run of the same sweep.
 """
 
 from __future__ import annotations
@@ -39,13 +45,14 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from strlowrank.analysis import flatten, load_run
+from strlowrank.analysis import accuracy_column, aggregate, flatten, load_run
 from strlowrank.cache import write_atomic
 from strlowrank.launch import CLUSTERS, ClusterConfig, Launch, run_local, run_submitit
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"speech": "speech/train_gru.py", "vision": "vision/train.py"}
 MAX_NAME = 100
+RUN_REFERENCE = re.compile(r"\{sweep\}/([^/]+)/")
 
 
 @dataclass
@@ -117,6 +124,15 @@ def expand(spec: dict[str, Any], seeds: Sequence[int] | None = None) -> list[Swe
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"the sweep has identical runs: {', '.join(duplicates)}")
+    for i, run in enumerate(runs):  # {sweep}/<run>/... must point back to an earlier run
+        for value in run.overrides.values():
+            for ref in RUN_REFERENCE.findall(str(value)):
+                if "{seed}" in ref and "seed" not in run.overrides:
+                    continue  # no seed to resolve it: command_line refuses the run
+                ref = ref.replace("{seed}", str(run.overrides.get("seed")))
+                if ref not in names[:i]:
+                    raise ValueError(f"run {run.name} refers to {{sweep}}/{ref}, which is not "
+                                     "an earlier run of this sweep")  # fmt: skip
     return runs
 
 
@@ -128,9 +144,15 @@ def default_command(track: str) -> list[str]:
 
 
 def command_line(command: Sequence[str], out: Path, args: dict[str, Any]) -> list[str]:
-    """``command --out DIR --key value ...`` (a checkpoint.pt in DIR adds --resume)."""
+    """``command --out DIR --key value ...`` (a checkpoint.pt in DIR adds --resume); ``{sweep}``
+    and ``{seed}`` in string values become the sweep folder (DIR's parent) and the run's seed."""
     line = [*command, "--out", str(out)]
     for key, value in args.items():
+        if isinstance(value, str) and "{seed}" in value and "seed" not in args:
+            raise ValueError(f"{key}: {{seed}} needs a seed (--seeds or a seed override)")
+        if isinstance(value, str):
+            value = value.replace("{sweep}", str(out.parent))
+            value = value.replace("{seed}", str(args.get("seed")))
         line += [f"--{key}", format_value(value)]
     if (out / "checkpoint.pt").is_file():
         line += ["--resume", str(out / "checkpoint.pt")]
@@ -140,6 +162,7 @@ def command_line(command: Sequence[str], out: Path, args: dict[str, Any]) -> lis
 def result_row(run: SweepRun, folder: Path, status: str) -> dict[str, Any]:
     """One results.csv row: run name, folder, status, overrides, flattened summary.json."""
     row: dict[str, Any] = {"run": run.name, "path": str(folder), "status": status}
+    row["point"] = run_name({k: v for k, v in run.overrides.items() if k != "seed"})
     row |= run.overrides
     if (folder / "summary.json").is_file():
         loaded = load_run(folder)
@@ -219,6 +242,19 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
                          slurm_args=extra)  # fmt: skip
 
 
+def write_points(table: pd.DataFrame, out: Path) -> Path | None:
+    """DIR/points.csv: accuracy mean, sd, n, 95% interval over the seeds of each point."""
+    done = table[table["status"].isin(["ok", "done"])]
+    if not len(done) or not {"test_acc", "val_acc"} & set(done):
+        return None
+    column = accuracy_column(done)
+    extra = [c for c in ("params", "nnz", "sparsity") if c in done]
+    points = aggregate(done, ["point"], column, extra=extra)
+    points.to_csv(out / "points.csv", index=False)
+    print(f"points: {out / 'points.csv'} ({column} over seeds)")
+    return out / "points.csv"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m strlowrank.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(done before), {len(failed)} failed")  # fmt: skip
     if not args.dry_run:
         print(f"results: {Path(args.out) / 'results.csv'}")
+        write_points(table, Path(args.out))
         print(f"report: python -m strlowrank.report {args.out} --out {Path(args.out) / 'report'}")
     return 1 if len(failed) else 0
 

@@ -223,3 +223,44 @@ def test_plot_run_writes_applicable_pngs(tmp_path):
     assert {p.name for p in paths} == {"budget.png", "training.png", "thresholds.png",
                                        "ranks.png", "spectra.png"}  # fmt: skip
     assert all(p.parent == speech / "plots" and p.stat().st_size > 1000 for p in paths)
+
+
+def test_aggregate_mean_sd_and_t_interval_by_hand():
+    table = pd.DataFrame({"point": ["a", "a", "a", "b", "c", "c"],
+                          "acc": [0.80, 0.84, 0.82, 0.70, 0.5, None],
+                          "params": [10, 10, 13, 5, 1, 1]})  # fmt: skip
+    out = analysis.aggregate(table, ["point"], "acc", extra=["params"]).set_index("point")
+    a = out.loc["a"]
+    assert a["n"] == 3 and a["mean"] == pytest.approx(0.82) and a["sd"] == pytest.approx(0.02)
+    # t_{0.975, 2} = 4.302653: half width 4.302653 * 0.02 / sqrt(3)
+    assert a["ci"] == pytest.approx(4.302653 * 0.02 / 3**0.5, rel=1e-6)
+    assert (a["lo"], a["hi"]) == pytest.approx((0.82 - a["ci"], 0.82 + a["ci"]))
+    assert a["params"] == pytest.approx(11.0)
+    assert out.loc["b", "n"] == 1 and np.isnan(out.loc["b", "ci"])  # one seed: no interval
+    assert out.loc["c", "n"] == 1 and out.loc["c", "mean"] == pytest.approx(0.5)  # NaN left out
+    assert list(out.index) == ["a", "b", "c"]
+
+
+def test_frontier_points_pick_the_best_split_per_budget():
+    def row(method, tag, acc, params, ranks=(None, None), init=None, seed=0):
+        return {"method": method, "tag": tag, "test_acc": acc, "params": params, "seed": seed,
+                "ranks.rnns.0.W": ranks[0], "ranks.rnns.0.U": ranks[1], "init_from": init,
+                "status": "ok"}  # fmt: skip
+
+    rows = [row("full", "full", 0.80 + 0.01 * s, 61440, (32, 128), seed=s) for s in range(3)]
+    rows += [row("lowrank", "b5k", 0.70 + 0.01 * s, 4928, (2, 8), seed=s) for s in range(3)]
+    rows += [row("lowrank", "b5k", 0.74 + 0.01 * s, 5248, (4, 7), seed=s) for s in range(3)]
+    rows += [row("lowrank", "b5k", 0.76, 5248, (4, 7), init="x/ckpt.pt", seed=s)
+             for s in range(2)]  # fmt: skip
+    rows += [row("str", "b5k", 0.72, 5000, (3, 7), seed=0), row("str", "b5k", 0.0, 0, seed=1)]
+    rows[-1]["status"] = "failed (1)"
+    table = analysis.frontier_points(pd.DataFrame(rows)).set_index(["method", "budget"])
+    assert list(table.index) == [("full", "full"), ("lowrank", "b5k"), ("str", "b5k"),
+                                 ("svd-lowrank", "b5k")]  # fmt: skip
+    best = table.loc[("lowrank", "b5k")]
+    assert best["split"] == "4/7" and best["n"] == 3 and best["mean"] == pytest.approx(0.75)
+    assert best["splits"] == "2/8: 71.00; 4/7: 75.00"
+    assert table.loc[("str", "b5k"), "n"] == 1  # the failed seed is left out
+    assert table.loc[("str", "b5k"), "split"] == ""  # learned ranks vary over seeds
+    assert table.loc[("svd-lowrank", "b5k"), "mean"] == pytest.approx(0.76)
+    assert table.loc[("svd-lowrank", "b5k"), "sd"] == pytest.approx(0.0)

@@ -87,6 +87,8 @@ def test_shipped_configs_load():
             for run in expand(spec):  # sweep arguments may use the CLI shortcuts (epochs, seed)
                 args = {**spec["base"], **run.overrides}
                 load_config(cls, None, {SHORTCUTS.get(k, k): v for k, v in args.items()})
+            if path.name == "sweep_speech_frontier.yaml":  # {sweep}/<run> references resolve
+                assert len(expand(spec, [0, 1, 2])) == 3 * 41
             continue
         cls = VisionConfig if path.name.startswith("vision_") else SpeechConfig
         cfg = load_config(cls, path)
@@ -94,5 +96,8 @@ def test_shipped_configs_load():
             assert cfg.method.s_init == -3200 and cfg.train.weight_decay == 2.251757813e-5
             assert cfg.train.lr == 0.256 and cfg.train.momentum == 0.875
             assert cfg.train.channels_last == "on"  # the YAML's true
+        if "x2" in path.name or "pergate" in path.name:  # two layers / one matrix per gate
+            assert cfg.model.layers == (2 if "x2" in path.name else 1)
+            assert cfg.model.split == ("per_gate" if "pergate" in path.name else "stacked")
         if path.name == "vision_mobilenetv1_str89.yaml":
             assert cfg.method.s_init == -12800 and cfg.train.threshold_decay == 3.751757813e-5

@@ -230,3 +230,5 @@ def test_export_gru_from_nn_gru_and_dense_fallback() -> None:
         torch.testing.assert_close(exported(x)[0], gru(x)[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="GRU"):
         export_gru(RNNLayer("lstm", 5, 6))
+    with pytest.raises(ValueError, match="per-gate layers are not supported"):
+        export_gru(RNNLayer("gru", 5, 6, split="per_gate"))

@@ -136,3 +136,22 @@ def test_sweep_failure_dry_run_and_bad_grid(tmp_path, capsys):
     assert sweep.main(["--grid", str(bad), "--out", str(out), "--track", "speech"]) == 2
     assert "grid.a" in capsys.readouterr().err
     assert sweep.default_command("vision")[-1].endswith("vision/train.py")
+
+
+def test_sweep_placeholders_references_and_points(tmp_path):
+    ref = "{sweep}/tag=full__seed={seed}/checkpoint.pt"
+    spec = {"runs": [{"tag": "full"}, {"tag": "svd", "model.init_from": ref}]}
+    grid, command = _grid(tmp_path, spec)
+    out = tmp_path / "sweep"
+    assert sweep.main(["--grid", grid, "--out", str(out), "--command", command,
+                       "--seeds", "0", "1"]) == 0  # fmt: skip
+    results = pd.read_csv(out / "results.csv")
+    assert list(results["point"]) == ["tag=full"] * 2 + [results["point"][2]] * 2
+    log = (out / results["run"][3] / "train.log").read_text()
+    assert f"--model.init_from {out}/tag=full__seed=1/checkpoint.pt" in log  # seed 1's own run
+    points = pd.read_csv(out / "points.csv")
+    assert list(points["n"]) == [2, 2] and list(points["mean"].round(3)) == [0.9, 0.9]
+    with pytest.raises(ValueError, match="not an earlier run"):
+        sweep.expand({"runs": [spec["runs"][1], spec["runs"][0]]}, seeds=[0])
+    with pytest.raises(ValueError, match="needs a seed"):
+        sweep.command_line(["x"], out / "r", {"model.init_from": ref})

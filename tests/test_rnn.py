@@ -119,3 +119,157 @@ def test_matrix_spectra_rows(param):
         assert math.isnan(u[0]["threshold"])
         expect = torch.linalg.svdvals(m().detach())
         torch.testing.assert_close(torch.tensor(sig), expect, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ per-gate split
+GATE_COUNT = {"gru": 3, "lstm": 4}
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_per_gate_full_equals_stacked_outputs_and_gradients(cell):
+    torch.manual_seed(0)
+    stacked = RNNLayer(cell, 6, 5, kind="full")
+    torch.manual_seed(0)
+    per_gate = RNNLayer(cell, 6, 5, kind="full", split="per_gate")
+    for mine, theirs in zip(per_gate.stacked_weights(), stacked.stacked_weights()):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)  # same draw, row blocks
+    x = torch.randn(3, 7, 6)
+    out_s, out_p = stacked(x)[0], per_gate(x)[0]
+    torch.testing.assert_close(out_p, out_s, atol=0, rtol=0)
+    out_s.square().sum().backward()
+    out_p.square().sum().backward()
+    gates = "rzn" if cell == "gru" else "ifgo"
+    for side in "WU":
+        grad = torch.cat([getattr(per_gate, f"{side}_{g}").weight.grad for g in gates])
+        torch.testing.assert_close(grad, getattr(stacked, side).weight.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(per_gate.bias_hh.grad, stacked.bias_hh.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_per_gate_str_at_very_negative_threshold_equals_torch(cell):
+    torch.manual_seed(0)
+    ref = TORCH[cell](3, 5, batch_first=True)
+    layer = RNNLayer.from_torch(ref, kind="str", s_init=-100.0, split="per_gate")
+    x = torch.randn(3, 7, 3)
+    torch.testing.assert_close(layer(x)[0], ref(x)[0], atol=1e-5, rtol=1e-5)
+    g = GATE_COUNT[cell]
+    assert layer.ranks() == (3,) * g + (5,) * g
+    names = list(layer.matrices())
+    assert names[0] == ("W_r" if cell == "gru" else "W_i") and len(names) == 2 * g
+
+
+def test_per_gate_ranks_budget_export_and_spectra():
+    from strlowrank.lowrank import matrix_spectra
+
+    torch.manual_seed(0)
+    layer = RNNLayer("gru", 6, 8, kind="str", s_init=0.0, split="per_gate")
+    with torch.no_grad():
+        for i, m in enumerate(layer.matrices().values()):
+            m.sigma.copy_(torch.linspace(2.0, 0.1, len(m.sigma)) * (1 + i % 3))
+            m.s.fill_(-1.0 - i / 4)  # a different threshold per gate: different ranks
+    ranks = layer.ranks()
+    assert len(ranks) == 6 and len(set(ranks)) > 1
+    entries = layer.budget_entries(None)
+    assert [e["name"] for e in entries] == ["W_r", "W_z", "W_n", "U_r", "U_z", "U_n"]
+    assert [e["shape"] for e in entries] == ["8x6"] * 3 + ["8x8"] * 3
+    assert [e["rank"] for e in entries] == list(ranks)
+    assert [e["full_rank"] for e in entries] == [6] * 3 + [8] * 3
+    compact = layer.export()
+    x = torch.randn(3, 7, 6)
+    torch.testing.assert_close(compact(x)[0], layer(x)[0], atol=1e-5, rtol=1e-5)
+    assert compact.split == "per_gate" and list(compact.matrices()) == list(layer.matrices())
+    assert sum(e["nnz"] for e in compact.budget_entries(None)) == sum(e["nnz"] for e in entries)
+    model = torch.nn.Module()
+    model.rnn = layer
+    rows = matrix_spectra(model, "final")
+    assert len(rows) == 3 * 6 + 3 * 8
+    assert sorted({r["matrix"] for r in rows}) == sorted(layer.matrices())
+
+
+@pytest.mark.parametrize("cell,param", [("gru", "lowrank"), ("lstm", "str"), ("gru", "full")])
+def test_per_gate_two_layer_keyword_spotter(cell, param):
+    torch.manual_seed(0)
+    cfg = SpeechModelConfig(cell=cell, param=param, hidden=8, layers=2, rank_w=3, rank_u=4,
+                            s_init=-0.8, split="per_gate")  # fmt: skip
+    model = build_model(cfg, input_size=5, num_classes=4).eval()
+    x = torch.randn(2, 9, 5)
+    compact = model.export()
+    torch.testing.assert_close(compact(x), model(x), atol=1e-5, rtol=1e-5)
+    assert recurrent_params(compact) == recurrent_params(model)
+    g = GATE_COUNT[cell]
+    assert [len(r) for r in model.ranks()] == [2 * g, 2 * g]
+    if param == "lowrank":  # rank_w / rank_u for every gate; W_g [8, 5] (layer 1: [8, 8])
+        assert model.ranks()[0] == (3,) * g + (4,) * g  # U_g [8, 8] at rank 4: 64 either way
+        assert recurrent_params(model) == g * (3 * (8 + 5) + 64) + g * (3 * (8 + 8) + 64)
+    with pytest.raises(ValueError, match="model.rank_u: 9 is above the full rank 8"):
+        build_model(SpeechModelConfig(param="lowrank", hidden=8, rank_w=3, rank_u=9,
+                                      split="per_gate"), 5, 4)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ init from
+def _checkpoint(tmp_path, cfg: SpeechModelConfig, epochs: int = 2, done: int = 2, inputs: int = 5):
+    """A trained-model checkpoint with its config, as the trainer writes it."""
+    from speech.config import SpeechConfig
+    from strlowrank.checkpoint import save_checkpoint
+    from strlowrank.config import to_dict
+
+    torch.manual_seed(1)
+    model = build_model(cfg, input_size=inputs, num_classes=4).eval()
+    full = SpeechConfig(model=cfg)
+    full.train.epochs = epochs
+    path = tmp_path / "source" / "checkpoint.pt"
+    save_checkpoint({"model": model.state_dict(), "config": to_dict(full), "epoch": done}, path)
+    return model, path
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_init_from_full_and_full_rank_lowrank_equal_the_source(tmp_path, cell):
+    from speech.models import init_from_checkpoint
+
+    source_cfg = SpeechModelConfig(cell=cell, param="full", hidden=6, layers=2)
+    source, path = _checkpoint(tmp_path, source_cfg, inputs=6)
+    x = torch.randn(2, 9, 6)
+    for param, split in (("full", "stacked"), ("lowrank", "stacked"), ("lowrank", "per_gate"),
+                         ("str", "per_gate")):  # fmt: skip
+        cfg = SpeechModelConfig(cell=cell, param=param, hidden=6, layers=2, rank_w=6, rank_u=6,
+                                s_init=-100.0, split=split, init_from=str(path))  # fmt: skip
+        model = build_model(cfg, input_size=6, num_classes=4).eval()
+        init_from_checkpoint(model, path)
+        exact = param == "full"
+        torch.testing.assert_close(model(x), source(x), atol=0 if exact else 1e-5,
+                                   rtol=0 if exact else 1e-4)  # fmt: skip
+
+
+def test_init_from_lowrank_is_the_truncated_svd(tmp_path):
+    from speech.models import init_from_checkpoint
+
+    source, path = _checkpoint(tmp_path, SpeechModelConfig(param="full", hidden=6))
+    for split in ("stacked", "per_gate"):
+        cfg = SpeechModelConfig(param="lowrank", hidden=6, rank_w=2, rank_u=3, split=split)
+        model = build_model(cfg, input_size=5, num_classes=4)
+        init_from_checkpoint(model, path)
+        layer, src = model.rnns[0], source.rnns[0]
+        for side, rank in (("W", 2), ("U", 3)):
+            dense = getattr(src, side)().detach()
+            blocks = [dense] if split == "stacked" else list(dense.chunk(3))
+            mats = [m for n, m in layer.matrices().items() if n.startswith(side)]
+            for block, m in zip(blocks, mats):
+                u, s, vh = torch.linalg.svd(block, full_matrices=False)
+                truncated = (u[:, :rank] * s[:rank]) @ vh[:rank]
+                torch.testing.assert_close(m().detach(), truncated, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.classifier.weight, source.classifier.weight)
+
+
+def test_init_from_mismatch_and_unfinished_name_the_file(tmp_path):
+    from speech.models import init_from_checkpoint
+    from strlowrank.checkpoint import CheckpointError
+
+    _, path = _checkpoint(tmp_path, SpeechModelConfig(param="full", hidden=6))
+    lstm = build_model(SpeechModelConfig(cell="lstm", hidden=6), 5, 4)
+    with pytest.raises(CheckpointError, match=f"{path}: model.cell is 'gru' in the checkpoint"):
+        init_from_checkpoint(lstm, path)
+    with pytest.raises(CheckpointError, match="classifier shape"):
+        init_from_checkpoint(build_model(SpeechModelConfig(hidden=6), 5, 7), path)
+    _, partial = _checkpoint(tmp_path / "p", SpeechModelConfig(param="full", hidden=6), 4, 1)
+    with pytest.raises(CheckpointError, match="unfinished run .epoch 1 of 4"):
+        init_from_checkpoint(build_model(SpeechModelConfig(hidden=6), 5, 4), partial)

@@ -10,6 +10,7 @@ from test_speech_data import make_tree
 from speech.config import SpeechConfig
 from speech.models import build_model
 from speech.train_gru import main
+from strlowrank.analysis import frontier_points
 from strlowrank.checkpoint import load_checkpoint
 from strlowrank.config import load_config, to_dict
 
@@ -79,3 +80,72 @@ def test_target_params_lands_within_five_percent(tmp_path, tiny_tree):
     assert metrics["target_params"].iloc[-1] == pytest.approx(1200)
     assert metrics["achieved_params"].iloc[-1] == pytest.approx(budget.loc["total", "nnz"])
     assert (out / "plots" / "controller.png").is_file()
+
+
+def test_per_gate_two_layer_lstm_reports_every_rank(tmp_path, tiny_tree):
+    out = tmp_path / "lstm"
+    main(["--out", str(out), "--data-dir", str(tiny_tree), *FAST, "--model.cell=lstm",
+          "--model.layers=2", "--model.split=per_gate"])  # fmt: skip
+    names = [f"rnns.{layer}.{side}_{gate}" for layer in (0, 1) for side in "WU" for gate in "ifgo"]
+    budget = pd.read_csv(out / "budget.csv")
+    assert list(budget["name"][budget["rank"].notna()]) == names
+    assert list(json.loads((out / "summary.json").read_text())["ranks"]) == names
+    spectra = pd.read_csv(out / "spectra.csv")
+    assert len(spectra.drop_duplicates(["layer", "matrix"])) == 16
+    history = pd.read_csv(out / "budget_history.csv")
+    assert set(names) <= set(history["name"])
+    assert {"ranks.png", "spectra.png"} <= {p.name for p in (out / "plots").glob("*.png")}
+
+
+FRONTIER_GRID = """
+base: {epochs: 1, train.progress: false, model.hidden: 16, device: cpu,
+       data.silence_fraction: 0.5, data.root: TREE}
+runs:
+  - {tag: full, model.param: full}
+  - {tag: b1, model.param: str, controller.metric: params, controller.target: 992}
+  - {tag: b2, model.param: str, controller.metric: params, controller.target: 1592}
+  - {tag: b1, model.param: lowrank, model.rank_w: 3, model.rank_u: 8}
+  - {tag: b1, model.param: lowrank, model.rank_w: 5, model.rank_u: 6}
+  - {tag: b2, model.param: lowrank, model.rank_w: 9, model.rank_u: 10}
+  - {tag: b1, model.param: lowrank, model.rank_w: 5, model.rank_u: 6,
+     model.init_from: "{sweep}/tag=full__param=full__seed={seed}/checkpoint.pt"}
+  - {tag: b2, model.param: str, controller.metric: params, controller.target: 1592,
+     model.init_from: "{sweep}/tag=full__param=full__seed={seed}/checkpoint.pt"}
+"""
+
+
+def test_reduced_frontier_protocol(tmp_path, tiny_tree, monkeypatch):
+    """The frontier sweep end to end (1 seed, 2 budgets, 1 epoch): stage 1 full rank, SVD
+    baselines from its checkpoint, points.csv, the report's frontier table. Trainer calls run
+    in this process (same command line) to keep the test fast."""
+    import subprocess
+
+    from strlowrank import report, sweep
+
+    def in_process(line, **kwargs):
+        assert line[1].endswith("speech/train_gru.py")
+        main(line[2:])
+        return subprocess.CompletedProcess(line, 0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", in_process)
+    grid = tmp_path / "frontier.yaml"
+    grid.write_text(FRONTIER_GRID.replace("TREE", str(tiny_tree)))
+    out = tmp_path / "sweep"
+    assert sweep.main(["--track", "speech", "--grid", str(grid), "--out", str(out),
+                       "--seeds", "0"]) == 0  # fmt: skip
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 8 and set(results["status"]) == {"ok"}
+    full_ckpt = str(out / "tag=full__param=full__seed=0" / "checkpoint.pt")
+    assert (results["init_from"] == full_ckpt).sum() == 2
+    assert len(pd.read_csv(out / "points.csv")) == 8
+    frontier = frontier_points(results).set_index(["method", "budget"])
+    assert sorted(frontier.index) == [("full", "full"), ("lowrank", "b1"), ("lowrank", "b2"),
+                                      ("str", "b1"), ("str", "b2"), ("svd-lowrank", "b1"),
+                                      ("svd-str", "b2")]  # fmt: skip
+    assert frontier.loc[("lowrank", "b1"), "split"] in ("3/8", "5/6")
+    assert frontier.loc[("lowrank", "b1"), "splits"].count(":") == 2  # both splits reported
+    assert frontier.loc[("svd-lowrank", "b1"), "params"] == 5 * (48 + 32) + 6 * (48 + 16)
+    assert frontier.loc[("str", "b2"), "params"] < frontier.loc[("full", "full"), "params"]
+    assert report.main([str(out), "--out", str(tmp_path / "report"), "--no-per-run"]) == 0
+    table = (tmp_path / "report" / "frontier.md").read_text()
+    assert "| svd-str | b2 |" in table and (tmp_path / "report" / "speech_frontier.png").is_file()
