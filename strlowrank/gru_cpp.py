@@ -328,6 +328,11 @@ class CompiledLowRankGRU(nn.Module):
             return LowRankGRU.forward(self, x, h0)  # same buffer names and flags
         return gru_forward(x, h0, weights, self.w_factored, self.u_factored)
 
+    def step(self, x_t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame of a stream: x_t [B, I], h [B, H] -> (y_t [B, H], h' [B, H]), y_t = h'."""
+        out, h_next = self.forward(x_t.unsqueeze(1), h)
+        return out[:, 0], h_next
+
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, w_factored={self.w_factored}, "
                 f"u_factored={self.u_factored}")  # fmt: skip
