@@ -16,7 +16,10 @@ as in torch's GRU. The input projection is computed a block of steps at a time i
 small enough to stay in cache (a [T B, 3H] tensor at H = 512, B = 64 would be 39 MB), and each
 h' is written straight into out[:, t] (batch-first), whose rows are the next step's h.
 A dense W or U (``LowRankGRU`` keeps a matrix dense when its factors cost more) skips the
-first thin product. The gate pass uses its own exp (Cephes-style range reduction and a
+first thin product. At batch 1 (and 2 while U's factors fit in L2) the two products are not
+``at::mm_out`` calls but per-row vector-matrix loops whose accumulators stay in registers, and
+h_{t-1} is addressed by pointer: at H = 128 the per-step dispatch of two GEMMs and a tensor
+view cost more than the products themselves (16 K MACs at r = 32). The gate pass uses its own exp (Cephes-style range reduction and a
 degree-6 polynomial, about 2 ulp) written so that gcc vectorizes it at -O3
 -fno-trapping-math (needed to if-convert the clamps) without -ffast-math (whose reassociation
 breaks the exp's rounding trick; libm's expf/tanhf vectorize only under -ffast-math and were
@@ -144,8 +147,10 @@ void vecmat(const float* __restrict x, const float* __restrict m, int64_t K, int
   vecmat_chunks<1, 4>(x, m, K, n, ldm, y, j0);
 }
 
-// Batches up to this size run the recurrence as per-row loops (vecmat); larger ones as GEMMs.
-constexpr int64_t kRowsLoop = 4;
+// The recurrence runs as per-row loops (vecmat) at batch 1, and at batch 2 while U's factors
+// fit in 256 KB (L2; each row reads them again); otherwise as GEMMs, which read them once.
+constexpr int64_t kRowsLoop = 2;
+constexpr int64_t kRowsLoopBytes = 256 * 1024;
 
 void check_matrix(const at::Tensor& m, const char* name) {
   TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 2,
@@ -212,6 +217,8 @@ std::tuple<at::Tensor, at::Tensor> forward(
   const float* bhn_p = b_hn.data_ptr<float>();
   float* out_p = out.data_ptr<float>();
   const float* h0_p = h.data_ptr<float>();
+  const int64_t u_bytes = (u_at.numel() + (u_factored ? u_bt.numel() : 0)) * 4;
+  const bool rows_loop = B == 1 || (B <= kRowsLoop && u_bytes <= kRowsLoopBytes);
   const int64_t grain = std::max<int64_t>(1, 16384 / H);
 
   for (int64_t t0 = 0; t0 < T; t0 += block) {
@@ -224,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> forward(
       const int64_t h_rs = t == 0 ? H : T * H;
       const float* gi_t = gi_p + (t - t0) * B * 3 * H;
       float* out_t = out_p + t * H;
-      if (B <= kRowsLoop) {  // per row: two vector-matrix products and the gates, no dispatch
+      if (rows_loop) {  // per row: two vector-matrix products and the gates, no dispatch
         for (int64_t b = 0; b < B; ++b) {
           const float* hb = h_p + b * h_rs;
           if (u_factored) {
