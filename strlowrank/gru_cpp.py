@@ -19,8 +19,9 @@ A dense W or U (``LowRankGRU`` keeps a matrix dense when its factors cost more) 
 first thin product. At batch 1 (and 2 while U's factors fit in L2) the two products are not
 ``at::mm_out`` calls but per-row vector-matrix loops whose accumulators stay in registers, and
 h_{t-1} is addressed by pointer: at H = 128 the per-step dispatch of two GEMMs and a tensor
-view cost more than the products themselves (16 K MACs at r = 32). The gate pass uses its own exp (Cephes-style range reduction and a
-degree-6 polynomial, about 2 ulp) written so that gcc vectorizes it at -O3
+view cost more than the products themselves (16 K MACs at r = 32).
+The gate pass uses its own exp (Cephes-style range reduction and a degree-6 polynomial,
+about 2 ulp) written so that gcc vectorizes it at -O3
 -fno-trapping-math (needed to if-convert the clamps) without -ffast-math (whose reassociation
 breaks the exp's rounding trick; libm's expf/tanhf vectorize only under -ffast-math and were
 no faster); sigmoid(a) = 1 / (1 + e^-a),
