@@ -14,7 +14,15 @@ Columns: ``speedup`` = dense_ms / sparse_ms against the dense network as given (
 have); ``speedup_vs_folded`` against the same dense network after the sparsity-independent
 rewrites of the export (BN folded, oneDNN max-pool: ``sparse_cnn_ops.simplify_cnn``), i.e.
 the part that comes from sparsity alone. ``paths``: how many layers took each path.
-Target: >= 1.5x at 95% sparsity, batch 1, ResNet-50 and MobileNetV1.
+``ort_dense_ms``: the dense network exported to ONNX (``strlowrank.export.export_onnx``, BN
+folded) in ONNX Runtime at the same thread count, timed in the same interleaved rounds;
+``speedup_vs_ort`` = ort_dense_ms / sparse_ms. Where the export's time goes:
+``conv_linear_ms`` is the sum over the exported model's conv/linear layers (dense, depthwise
+or CSR) of their time inside a whole forward pass (forward hooks, fastest of 5 passes),
+``rest_ms`` = sparse_ms - conv_linear_ms (pooling, ReLUs, residual adds, call overhead);
+``top_layers`` the three slowest layers with their share of sparse_ms.
+Targets: >= 1.5x at 95% sparsity, batch 1, ResNet-50 and MobileNetV1; ResNet-50 there also
+>= 4x PyTorch dense and >= 2.5x ONNX Runtime dense.
 Run: python bench/bench_export.py [--models resnet50 mobilenet_v1] [--batch 1 16]
 """
 
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import add_common_args, interleaved, print_table, setup, summarize, write_json
 from strlowrank.export import export_sparse_cnn, file_bytes
 from strlowrank.pruning import apply_masks, remove_masks, set_layer_densities, uniform_densities
-from strlowrank.sparse_cnn_ops import simplify_cnn
+from strlowrank.sparse_cnn_ops import SparseConv2d, SparseLinear, simplify_cnn
 from vision.models import build_model
 
 
@@ -52,6 +61,51 @@ def pruned(name: str, sparsity: float) -> nn.Module:
     return model.eval()
 
 
+def _layer_ms(model: nn.Module, x: torch.Tensor, passes: int = 5) -> dict[str, float]:
+    """ms of each conv/linear layer (dense or CSR) inside a forward pass: fastest of ``passes``."""
+    kinds = (nn.Conv2d, nn.Linear, SparseConv2d, SparseLinear)
+    times: dict[str, list[float]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, kinds):
+            def pre(mod, args, name=name):
+                mod._t0 = time.perf_counter()
+
+            def post(mod, args, out, name=name):
+                times.setdefault(name, []).append((time.perf_counter() - mod._t0) * 1e3)
+
+            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            for _ in range(passes):
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: min(ts) for name, ts in times.items()}
+
+
+def _by_path(layer_ms: dict[str, float], choices: list) -> dict[str, float]:
+    """In-situ ms summed per execution path (layers not timed at export count as "dense")."""
+    path = {c.name: c.path for c in choices}
+    out: dict[str, float] = {}
+    for name, ms in layer_ms.items():
+        out[path.get(name, "dense")] = out.get(path.get(name, "dense"), 0.0) + ms
+    return out
+
+
+def _ort(model: nn.Module, x: torch.Tensor):
+    """A callable running ``model`` in ONNX Runtime on ``x`` (None without onnxruntime)."""
+    try:
+        from strlowrank.export import export_onnx
+        from strlowrank.onnx_export import ort_session
+    except ImportError:
+        return None
+    session = ort_session(export_onnx(model, x), threads=torch.get_num_threads())
+    feed = {"x": x.numpy()}
+    return lambda: session.run(None, feed)
+
+
 def run_case(name: str, batch: int, sparsity: float, args: argparse.Namespace) -> dict:
     dense = pruned(name, 0.0)
     folded = simplify_cnn(dense)
@@ -68,11 +122,18 @@ def run_case(name: str, batch: int, sparsity: float, args: argparse.Namespace) -
             "folded": lambda: folded(x),
             "sparse": lambda: exported(x),
         }
+        if (ort := _ort(dense, x)) is not None:
+            fns["ort_dense"] = ort
         times = interleaved(fns, args.repeats, args.warmup)
     stats = summarize(times, "dense")
     vs_folded = summarize(times, "folded")["sparse"]
     speedup = 1.0 / stats["sparse"]["ratio"]
     paths = Counter(c.path for c in choices)
+    layer_ms = _layer_ms(exported, x)
+    top = sorted(layer_ms.items(), key=lambda kv: -kv[1])[:3]
+    sparse_ms = stats["sparse"]["ms"]
+    by_path = _by_path(layer_ms, choices)
+    ort_x = stats["ort_dense"]["ratio"] / stats["sparse"]["ratio"] if "ort_dense" in stats else None
     target = 1.5 if sparsity == 0.95 and batch == 1 else None
     return {
         "model": name, "batch": batch, "sparsity": sparsity, "dense_ms": stats["dense"]["ms"],
@@ -85,6 +146,11 @@ def run_case(name: str, batch: int, sparsity: float, args: argparse.Namespace) -
         "paths": " ".join(f"{k}:{v}" for k, v in sorted(paths.items())),
         "rel_err": err, "rel_err_folded": err_folded, "dense_MB": file_bytes(dense) / 2**20,
         "export_MB": file_bytes(exported) / 2**20,
+        "ort_dense_ms": stats["ort_dense"]["ms"] if ort_x else float("nan"),
+        "speedup_vs_ort": ort_x or float("nan"),
+        "conv_linear_ms": sum(layer_ms.values()), "rest_ms": sparse_ms - sum(layer_ms.values()),
+        "ms_by_path": " ".join(f"{k}:{v:.1f}" for k, v in sorted(by_path.items())),
+        "top_layers": " ".join(f"{n}:{ms / sparse_ms:.0%}" for n, ms in top),
         "layers": [vars(c) for c in choices],
     }  # fmt: skip
 
@@ -99,9 +165,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     env = setup(args.threads)
     rows = [run_case(m, b, s, args) for m in args.models for b in args.batch for s in args.sparsity]
-    cols = ["model", "batch", "sparsity", "dense_ms", "dense_folded_ms", "sparse_ms", "speedup",
-            "speedup_min", "speedup_vs_folded", "speedup_vs_folded_min", "target", "met",
-            "sparse_layers", "paths", "rel_err", "dense_MB", "export_MB"]  # fmt: skip
+    cols = ["model", "batch", "sparsity", "dense_ms", "dense_folded_ms", "ort_dense_ms",
+            "sparse_ms", "speedup", "speedup_min", "speedup_vs_folded", "speedup_vs_ort", "target",
+            "met", "conv_linear_ms", "rest_ms", "ms_by_path", "top_layers", "sparse_layers",
+            "paths", "rel_err", "dense_MB", "export_MB"]  # fmt: skip
     print_table(rows, cols, "P4 sparse CNN inference: CSR export vs dense (cpu)")
     write_json("p4_sparse_cnn", env, rows, args.json)
     return rows

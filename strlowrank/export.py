@@ -21,6 +21,14 @@ timing that layer on its real input shape says the fastest CSR path beats the de
 every other layer stays dense (with its BN folded). Residual adds, ReLUs and pooling are
 untouched, so outputs equal the pruned model's within float rounding.
 
+ONNX (``export_onnx``, graphs in ``strlowrank.onnx_export``): a GRU layer as an ONNX ``Scan``
+over time whose step keeps the factors as two MatMuls (or ONNX's dense ``GRU`` op, the
+baseline); a pruned CNN with its thresholds baked and BN folded, weights dense with zeros.
+
+Streaming: ``forward(x_chunk, h)`` returns the last state, so a stream is a sequence of calls
+each passing the previous call's h; ``step(x_t, h)`` is the one-frame call. Chunked calls
+give the whole-sequence outputs (the recurrence is the same arithmetic, step by step).
+
 ``file_bytes`` gives the size on disk of what ``save_export`` writes.
 """
 
@@ -32,6 +40,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -46,6 +55,9 @@ from strlowrank.sparse_cnn_ops import (
     use_onednn_maxpool_,
 )
 from strlowrank.timing import interleaved
+
+if TYPE_CHECKING:
+    import onnx
 
 # --------------------------------------------------------------------------- low-rank GRU
 
@@ -87,6 +99,12 @@ class LowRankGRU(nn.Module):
             h = torch.addcmul(n, rz[:, hid:], h - n)
             outs[t] = h
         return outs.transpose(0, 1), h
+
+    @torch.jit.export
+    def step(self, x_t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame of a stream: x_t [B, I], h [B, H] -> (y_t [B, H], h' [B, H]), y_t = h'."""
+        out, h_next = self.forward(x_t.unsqueeze(1), h)
+        return out[:, 0], h_next
 
 
 def _cheapest(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, torch.Tensor, torch.Tensor]:
@@ -157,7 +175,7 @@ class LayerChoice:
     path: str = "dense"
 
 
-def _bake(model: nn.Module) -> nn.Module:
+def bake(model: nn.Module) -> nn.Module:
     """An eval-mode copy with every parametrization (STR, masks) baked into plain tensors.
 
     ``remove_parametrizations`` on a deepcopy would edit the parametrized class that the copy
@@ -219,7 +237,7 @@ def export_sparse_cnn(
     Returns:
         (the exported model in eval mode, one ``LayerChoice`` per timed layer).
     """
-    model = _bake(model)
+    model = bake(model)
     if fold_bn:
         fold_batchnorm_(model)
     if fast_pool:
@@ -265,6 +283,41 @@ def _time_layer(
         name, type(module).__name__, "x".join(map(str, module.weight.shape)),
         "x".join(map(str, x.shape)), sparsity, ms["dense"], ms[path], False, path)  # fmt: skip
     return choice, paths[path]
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor | None = None,
+    path: str | Path | None = None,
+    form: str = "scan",
+) -> onnx.ModelProto:
+    """An ONNX graph of a GRU layer or of a pruned CNN (written to ``path`` if given).
+
+    GRU (``RNNLayer``, batch-first ``nn.GRU``, ``LowRankGRU`` or ``CompiledLowRankGRU``):
+    inputs x [B, T, I], h0 [B, H]; outputs y [B, T, H], h_T [B, H]; ``form`` "scan" (the
+    factors as two MatMuls per step inside an ONNX Scan) or "gru_op" (ONNX's GRU op on the
+    dense matrices); ``example`` is not needed. CNN: STR / mask parametrizations baked, BN
+    folded, traced on ``example`` (input "x", output "y", batch dimension dynamic).
+    Needs the ``onnx`` package (imported here only, so the other exports work without it).
+    """
+    from strlowrank import onnx_export
+
+    if isinstance(model, (RNNLayer, nn.GRU)):
+        model = export_gru(model, script=False)
+    if hasattr(model, "w_at") and hasattr(model, "u_factored"):  # LowRankGRU and its forms
+        proto = onnx_export.gru_graph(model, form)
+    else:
+        if example is None:
+            raise ValueError("export_onnx: a CNN needs an example input")
+        model = bake(model)
+        fold_batchnorm_(model)
+        proto = onnx_export.cnn_graph(model, example)
+    if path is not None:
+        Path(path).write_bytes(proto.SerializeToString())
+    return proto
 
 
 # --------------------------------------------------------------------------- files

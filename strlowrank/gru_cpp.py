@@ -16,8 +16,12 @@ as in torch's GRU. The input projection is computed a block of steps at a time i
 small enough to stay in cache (a [T B, 3H] tensor at H = 512, B = 64 would be 39 MB), and each
 h' is written straight into out[:, t] (batch-first), whose rows are the next step's h.
 A dense W or U (``LowRankGRU`` keeps a matrix dense when its factors cost more) skips the
-first thin product. The gate pass uses its own exp (Cephes-style range reduction and a
-degree-6 polynomial, about 2 ulp) written so that gcc vectorizes it at -O3
+first thin product. At batch 1 (and 2 while U's factors fit in L2) the two products are not
+``at::mm_out`` calls but per-row vector-matrix loops whose accumulators stay in registers, and
+h_{t-1} is addressed by pointer: at H = 128 the per-step dispatch of two GEMMs and a tensor
+view cost more than the products themselves (16 K MACs at r = 32).
+The gate pass uses its own exp (Cephes-style range reduction and a degree-6 polynomial,
+about 2 ulp) written so that gcc vectorizes it at -O3
 -fno-trapping-math (needed to if-convert the clamps) without -ffast-math (whose reassociation
 breaks the exp's rounding trick; libm's expf/tanhf vectorize only under -ffast-math and were
 no faster); sigmoid(a) = 1 / (1 + e^-a),
@@ -104,6 +108,54 @@ void gru_gates(const float* __restrict gi, int64_t gi_rs, const float* __restric
   }
 }
 
+// y[0, n) = x[0, K) M for a row-major M [K, n] (row stride ldm): the products of one batch
+// row, written as axpys over the rows of M (vectorized over n) into accumulators that stay in
+// registers: chunks of C outputs, each with S partial sums over interleaved k (independent
+// FMA chains when C is small); C = 64, 32, 16, then single outputs for the tail.
+template <int64_t C, int64_t S>
+int64_t vecmat_chunks(const float* __restrict x, const float* __restrict m, int64_t K,
+                      int64_t n, int64_t ldm, float* __restrict y, int64_t j0) {
+  for (; j0 + C <= n; j0 += C) {
+    float acc[S][C] = {};
+    int64_t k = 0;
+    for (; k + S <= K; k += S) {
+#pragma GCC unroll 8
+      for (int64_t s = 0; s < S; ++s) {
+        const float a = x[k + s];
+        const float* __restrict row = m + (k + s) * ldm + j0;
+#pragma GCC unroll 64
+        for (int64_t j = 0; j < C; ++j) acc[s][j] += a * row[j];
+      }
+    }
+    for (; k < K; ++k) {
+      const float a = x[k];
+      const float* __restrict row = m + k * ldm + j0;
+#pragma GCC unroll 64
+      for (int64_t j = 0; j < C; ++j) acc[0][j] += a * row[j];
+    }
+#pragma GCC unroll 8
+    for (int64_t s = 1; s < S; ++s) {
+#pragma GCC unroll 64
+      for (int64_t j = 0; j < C; ++j) acc[0][j] += acc[s][j];
+    }
+    std::memcpy(y + j0, acc[0], sizeof(acc[0]));
+  }
+  return j0;
+}
+
+void vecmat(const float* __restrict x, const float* __restrict m, int64_t K, int64_t n,
+            int64_t ldm, float* __restrict y) {
+  int64_t j0 = vecmat_chunks<64, 1>(x, m, K, n, ldm, y, 0);
+  j0 = vecmat_chunks<32, 2>(x, m, K, n, ldm, y, j0);
+  j0 = vecmat_chunks<16, 4>(x, m, K, n, ldm, y, j0);
+  vecmat_chunks<1, 4>(x, m, K, n, ldm, y, j0);
+}
+
+// The recurrence runs as per-row loops (vecmat) at batch 1, and at batch 2 while U's factors
+// fit in 256 KB (L2; each row reads them again); otherwise as GEMMs, which read them once.
+constexpr int64_t kRowsLoop = 2;
+constexpr int64_t kRowsLoopBytes = 256 * 1024;
+
 void check_matrix(const at::Tensor& m, const char* name) {
   TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 2,
               "strlowrank_gru: ", name, " must be a 2-d float32 CPU tensor");
@@ -158,9 +210,19 @@ std::tuple<at::Tensor, at::Tensor> forward(
   auto gh = at::empty({B, 3 * H}, opts);
   auto hu = at::empty({B, u_factored ? u_bt.size(1) : 0}, opts);
   const float* gi_p = gi.data_ptr<float>();
-  const float* gh_p = gh.data_ptr<float>();
+  float* gh_row = gh.data_ptr<float>();  // row 0 of gh: the small-batch path's buffer
+  const float* gh_p = gh_row;
+  float* hu_p = hu.data_ptr<float>();
+  const int64_t rank_u = u_factored ? u_bt.size(1) : 0;
+  const at::Tensor u_at_c = u_at.contiguous();
+  const at::Tensor u_bt_c = u_factored ? u_bt.contiguous() : u_bt;
+  const float* uat_p = u_at_c.data_ptr<float>();
+  const float* ubt_p = u_factored ? u_bt_c.data_ptr<float>() : nullptr;
   const float* bhn_p = b_hn.data_ptr<float>();
   float* out_p = out.data_ptr<float>();
+  const float* h0_p = h.data_ptr<float>();
+  const int64_t u_bytes = (u_at.numel() + (u_factored ? u_bt.numel() : 0)) * 4;
+  const bool rows_loop = B == 1 || (B <= kRowsLoop && u_bytes <= kRowsLoopBytes);
   const int64_t grain = std::max<int64_t>(1, 16384 / H);
 
   for (int64_t t0 = 0; t0 < T; t0 += block) {
@@ -168,17 +230,31 @@ std::tuple<at::Tensor, at::Tensor> forward(
     auto gi_block = gi.narrow(0, 0, steps * B);
     at::addmm_out(gi_block, bias_gi, xs.narrow(0, t0 * B, steps * B), w_at);
     for (int64_t t = t0; t < t0 + steps; ++t) {
-      const at::Tensor hprev = t == 0 ? h : out.select(1, t - 1);  // [B, H], row stride T H
+      // h_{t-1}: h0 [B, H] or out[:, t - 1] (row stride T H); pointers, no tensor per step
+      const float* h_p = t == 0 ? h0_p : out_p + (t - 1) * H;
+      const int64_t h_rs = t == 0 ? H : T * H;
+      const float* gi_t = gi_p + (t - t0) * B * 3 * H;
+      float* out_t = out_p + t * H;
+      if (rows_loop) {  // per row: two vector-matrix products and the gates, no dispatch
+        for (int64_t b = 0; b < B; ++b) {
+          const float* hb = h_p + b * h_rs;
+          if (u_factored) {
+            vecmat(hb, ubt_p, H, rank_u, rank_u, hu_p);
+            vecmat(hu_p, uat_p, rank_u, 3 * H, 3 * H, gh_row);
+          } else {
+            vecmat(hb, uat_p, H, 3 * H, 3 * H, gh_row);
+          }
+          gru_gates(gi_t + b * 3 * H, 0, gh_row, bhn_p, hb, 0, out_t + b * T * H, 0, 0, 1, H);
+        }
+        continue;
+      }
+      const at::Tensor hprev = t == 0 ? h : out.select(1, t - 1);
       if (u_factored) {
         at::mm_out(hu, hprev, u_bt);
         at::mm_out(gh, hu, u_at);
       } else {
         at::mm_out(gh, hprev, u_at);
       }
-      const float* h_p = hprev.data_ptr<float>();
-      const int64_t h_rs = hprev.stride(0);
-      const float* gi_t = gi_p + (t - t0) * B * 3 * H;
-      float* out_t = out_p + t * H;
       at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
         gru_gates(gi_t, 3 * H, gh_p, bhn_p, h_p, h_rs, out_t, T * H, b0, b1, H);
       });
@@ -270,6 +346,7 @@ def _load() -> None:
             if not _state["loaded"]:  # compiled by another process (or an earlier one)
                 torch.ops.load_library(str(build / f"{_NAME}.so"))
                 _state["loaded"] = True
+            _state["op"] = torch.ops.strlowrank_gru.forward
             return
         except Exception as exc:  # compiler errors, missing headers, link errors, ...
             lines = [s.strip() for s in str(exc).splitlines() if s.strip()] or [""]
@@ -327,14 +404,22 @@ class CompiledLowRankGRU(nn.Module):
     def forward(
         self, x: torch.Tensor, h0: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = tuple(getattr(self, n) for n in self._names)
         grad = torch.is_grad_enabled() and (
             x.requires_grad or (h0 is not None and h0.requires_grad))  # fmt: skip
         if x.device.type != "cpu" or grad:
             from strlowrank.export import LowRankGRU
 
             return LowRankGRU.forward(self, x, h0)  # same buffer names and flags
-        return gru_forward(x, h0, weights, self.w_factored, self.u_factored)
+        # buffers read from the dict (not six nn.Module.__getattr__ calls): a streaming call per
+        # 10 ms frame spends most of its time outside the op
+        buffers = self._buffers
+        weights = [buffers[n] for n in self._names]
+        return _state["op"](x, h0, *weights, self.w_factored, self.u_factored, 0)
+
+    def step(self, x_t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame of a stream: x_t [B, I], h [B, H] -> (y_t [B, H], h' [B, H]), y_t = h'."""
+        out, h_next = self.forward(x_t.unsqueeze(1), h)
+        return out[:, 0], h_next
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, w_factored={self.w_factored}, "

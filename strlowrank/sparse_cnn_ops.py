@@ -250,7 +250,7 @@ def fold_batchnorm_(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every eval-mode BatchNorm2d with running statistics into the conv before it, in
     place (the BN becomes ``nn.Identity``); returns the folded (conv, BN) names.
 
-    ``model`` must be in eval mode and free of parametrizations (``export._bake``)."""
+    ``model`` must be in eval mode and free of parametrizations (``export.bake``)."""
     folded = []
     for conv_name, bn_name in conv_bn_pairs(model):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
