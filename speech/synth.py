@@ -25,6 +25,8 @@ import ctypes
 import hashlib
 import json
 import multiprocessing
+import os
+import shutil
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
