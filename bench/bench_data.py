@@ -1,4 +1,4 @@
-"""Data throughput: the speech feature pipeline and the espeak clip generator (issue #7).
+"""Data throughput: the speech feature pipeline and the espeak clip generator
 
 - features: ``speech.features.feature_extractor()`` (32 log-mel, 25 ms / 10 ms) on random waves
   [N, 16000], clips per second (median of rounds);

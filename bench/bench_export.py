@@ -1,4 +1,4 @@
-"""P4: inference of an exported sparse CNN vs the dense network (issue #7).
+"""P4: inference of an exported sparse CNN vs the dense network
 
 Every conv and linear weight is magnitude-pruned to the same density (``strlowrank.pruning``,
 uniform per layer; depthwise convs stay dense, as in STR's MobileNetV1 budgets), then

@@ -1,4 +1,4 @@
-"""P2 and P3: the low-rank GRU against torch's nn.GRU of the same size (issue #7).
+"""P2 and P3: the low-rank GRU against torch's nn.GRU of the same size
 
 P2, training step (forward, mean-pool + linear loss, backward, Adam) at H=128, T=99, B=64,
 I=32 (log-mel): nn.GRU vs ``RNNLayer`` with STR matrices (W, U reconstructed once per step

@@ -1,4 +1,4 @@
-"""Run every benchmark of issue #7 in one process and write bench/out/all.json.
+"""Run every benchmark in one process and write bench/out/all.json.
 
 P1 (STR training-step overhead), P2/P3 (GRU training, low-rank GRU export), P4 (sparse CNN
 export at batch 1 and 16), data throughput. Takes 10-20 minutes on 2 CPU threads; ``--quick``

@@ -50,4 +50,5 @@ class SpeechConfig:
         epochs=20, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, momentum=0.9,
         threshold_decay=0.01, spectrum_decay=3e-4,
         role_optimizer={"threshold": "sgd", "spectrum": "sgd"},
-        role_lr={"spectrum": 10000.0, "threshold": 33.333}, warmup_epochs=1.0, clip_grad=1.0))
+        role_lr={"spectrum": 10000.0}, role_lr_per_run={"threshold": 170.0},
+        warmup_epochs=1.0, clip_grad=1.0))

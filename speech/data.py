@@ -1,4 +1,4 @@
-"""Speech Commands layout: split index, labels and WAV loading (PAPER.md section 4, Google-12).
+"""Speech Commands layout: split index, labels and WAV loading (Google-12, docs/SPEECH_DATA.md).
 
 A tree in the layout of Google Speech Commands v0.01 / v0.02::
 

@@ -1,4 +1,4 @@
-"""Log-mel / MFCC features for 1 s keyword clips, normalized and cached (PAPER.md section 4).
+"""Log-mel / MFCC features for 1 s keyword clips, normalized and cached (docs/SPEECH_DATA.md).
 
 The Google-12 protocol of the FastGRNN paper: 32 log-mel filterbank energies from 25 ms windows
 every 10 ms, which gives 99 frames for 16,000 samples (frames = 1 + ceil((L - win) / hop), the

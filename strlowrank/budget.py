@@ -1,6 +1,6 @@
 """Per-layer budgets: the one implementation of nnz, sparsity, rank, parameters and MACs.
 
-Conventions (PAPER.md section 1, confirmed by the STR authors):
+Conventions (docs/METHOD.md section 3, confirmed by the STR authors):
 - sparsity and parameters are counted over conv and linear weights (and low-rank matrices);
   BN, biases and thresholds are not counted;
 - MACs of a conv/linear layer: dense MACs x density of its effective weight; a low-rank matrix

@@ -1,7 +1,7 @@
 """Budget control: steer the decay on STR thresholds so that a run ends at a requested total.
 
 STR has no sparsity loss; the weight decay lambda_s on the threshold parameters s is the sparsity
-knob (PAPER.md section 1). Here lambda_s is a feedback variable. Every ``every`` optimizer steps
+knob (docs/METHOD.md). Here lambda_s is a feedback variable. Every ``every`` optimizer steps
 the controller measures the total y (a fraction that rises with the thresholds: sparsity, MAC
 reduction, parameter reduction, rank reduction) and compares it with a target schedule
 (t = steps done / total steps, y_T = the requested total). Until t_start (default 0.2) plain STR

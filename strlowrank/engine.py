@@ -71,6 +71,11 @@ class TrainConfig:
     role_lr: dict[str, float] = option(
         factory=dict, help="lr multiplier per role, e.g. {threshold: 1.0}"
     )
+    role_lr_per_run: dict[str, float | None] = option(
+        factory=dict, help="lr of a role in units of the whole run: its peak per-step lr is this "
+        "value / the run's optimizer steps, so the role moves the same way over training progress "
+        "at any data size, epochs or batch (docs/METHOD.md, run-length invariance), "
+        "e.g. {threshold: 60}; null takes a role off the run's clock")  # fmt: skip
     role_optimizer: dict[str, str] = option(
         factory=dict, help="another optimizer for some roles, e.g. {threshold: sgd}")
     warmup_epochs: float = option(0.0, "linear warm-up epochs before the cosine decay", min=0.0)
@@ -159,6 +164,59 @@ class EpochSampler(Sampler[int]):
         return len(self.indices)
 
 
+def budget_warnings(table: pd.DataFrame, val_acc: float, classes: int, cfg: TrainConfig,
+                    steps: int) -> list[str]:  # fmt: skip
+    """One line per way a learned budget failed silently: STR layers that pruned almost nothing
+    (total sparsity of the thresholded layers under 10%, or learned ranks summing to over 80% of
+    the full ranks)
+    or accuracy collapsed (val accuracy under twice chance). Empty for methods without STR."""
+    rows = budget_mod.layers(table)
+    learned = rows[rows["param"] == "str"]
+    if not len(learned):
+        return []
+    ranked = "rank" in learned and learned["rank"].notna().all()
+    notes = []
+    if ranked and learned["rank"].sum() > 0.8 * learned["full_rank"].sum():
+        pairs = zip(learned["name"], learned["rank"], learned["full_rank"])
+        ranks = ", ".join(f"{n.rsplit('.', 1)[-1]} {int(r)}/{int(f)}" for n, r, f in pairs)
+        notes.append(f"warning: no rank was learned (ranks {ranks} after {steps} optimizer steps, "
+                     f"together over 80% of full): ask for a budget with --target-params N or "
+                     f"--target-rank N, or raise train.spectrum_decay (now {cfg.spectrum_decay})")
+    sparsity = 1.0 - learned["nnz"].sum() / max(learned["numel"].sum(), 1)
+    if not ranked and sparsity < 0.1:
+        notes.append(f"warning: STR pruned almost nothing ({100 * sparsity:.1f}% sparsity after "
+                     f"{steps} optimizer steps): ask for a budget with --target-sparsity 0.9 or "
+                     f"--target-macs 0.1, or raise train.threshold_decay (now "
+                     f"{cfg.threshold_decay})")  # fmt: skip
+    if classes > 1 and val_acc < 2.0 / classes:
+        notes.append(f"warning: val accuracy {100 * val_acc:.1f}% is below twice chance "
+                     f"({200 / classes:.1f}%) at {100 * sparsity:.1f}% sparsity of the learned "
+                     f"layers: the budget is too small; ask for a larger one (--target-sparsity, "
+                     f"--target-params) or lower the decay")  # fmt: skip
+    return notes
+
+
+def role_lr_scales(cfg: TrainConfig, total_steps: int) -> dict[str, float]:
+    """lr multipliers (of ``cfg.lr``) per role: ``role_lr`` as given, and for every role in
+    ``role_lr_per_run`` the multiplier that makes its peak per-step lr eta / total_steps.
+
+    With eta_r = lr_r T fixed, the update of a role's parameter theta over training progress
+    p = t / T is d theta / dp = -eta_r f(p) (grad + lambda_r theta) (f: the warm-up + cosine
+    factor), which does not contain T: the same trajectory at 150 steps or 500,000.
+    """
+    per_run = {role: eta for role, eta in cfg.role_lr_per_run.items() if eta is not None}
+    both = sorted(set(cfg.role_lr) & set(per_run))
+    if both:
+        raise ValueError(f"train.role_lr and train.role_lr_per_run both set the lr of {both[0]!r}; "
+                         "give one (null in role_lr_per_run takes it off the run's clock)")
+    if per_run and not cfg.lr > 0:
+        raise ValueError("train.role_lr_per_run needs train.lr > 0 (it is stored as a multiplier)")
+    scales = dict(cfg.role_lr)
+    for role, eta in per_run.items():
+        scales[role] = eta / max(total_steps, 1) / cfg.lr
+    return scales
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch; call before building the model."""
     import random
@@ -234,13 +292,14 @@ class Trainer:
                          else cfg.weight_decay)  # fmt: skip
         decay.setdefault("spectrum", cfg.spectrum_decay if cfg.spectrum_decay is not None
                          else cfg.weight_decay)  # fmt: skip
-        self.groups = param_groups(self.model, cfg.weight_decay, decay, cfg.role_lr)
+        total = cfg.epochs * self.steps_per_epoch
+        self.groups = param_groups(self.model, cfg.weight_decay, decay,
+                                   role_lr_scales(cfg, total))  # fmt: skip
         self.optimizer = build_optimizer(self.groups, cfg.optimizer, cfg.lr, cfg.momentum,
                                          cfg.nesterov, cfg.role_optimizer)  # fmt: skip
         for cb in task.callbacks:  # callbacks that steer the optimizer (budget controller)
             if hasattr(cb, "bind"):
                 cb.bind(self.optimizer)
-        total = cfg.epochs * self.steps_per_epoch
         warm = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.scheduler = warmup_cosine(self.optimizer, warm, total, cfg.min_lr_ratio)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -344,7 +403,8 @@ class Trainer:
             sums = [sums[0] + loss, sums[1] + top1, sums[2] + top5, sums[3] + len(y)]
         loss, top1, top5, n = all_reduce_sum(sums, self.info)
         n = max(n, 1)
-        return {"loss": loss / n, "acc": top1 / n, "top5": top5 / n}
+        return {"loss": loss / n, "acc": top1 / n, "top5": top5 / n,
+                "classes": int(logits.shape[1]) if sums[3] else 0}  # fmt: skip
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -466,6 +526,11 @@ class Trainer:
                         "test_loss": test["loss"]}  # fmt: skip
         if self.task.summarize is not None:
             summary |= self.task.summarize(table)
+        notes = budget_warnings(table, val["acc"], val["classes"], self.cfg, self.step)
+        for line in notes:
+            self.log(line)
+        if notes:
+            summary["warnings"] = notes
         if train_time is not None:
             summary["train_time_s"] = round(train_time, 2)
         if self.info.enabled:

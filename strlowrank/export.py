@@ -1,4 +1,4 @@
-"""Exports that make sparse and low-rank models faster at inference (issue #7).
+"""Exports that make sparse and low-rank models faster at inference.
 
 Low-rank GRU (``export_gru``): a TorchScript module (``backend="script"``) or the same math
 as one compiled C++ op with fused gates (``backend="cpp"``, ``strlowrank.gru_cpp``). With

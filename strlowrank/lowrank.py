@@ -1,6 +1,6 @@
 """Factorized matrices for low-rank RNNs: full, fixed low rank, and STR on singular values.
 
-PAPER.md section 4 (STR, Kusupati et al., ICML 2020, section 4.2, defined here). An STR matrix is
+docs/METHOD.md section 2 (STR, Kusupati et al., ICML 2020, section 4.2). An STR matrix is
 
     W = P_n diag(relu(sigma - tau)) Q_n^T,      tau = g(s) * max_i sigma_i,   g = sigmoid
 

@@ -1,7 +1,7 @@
 """Optimizer parameter groups by role, and the warm-up + cosine learning-rate schedule.
 
 STR has no sparsity loss: weight decay on the threshold parameters is what raises the thresholds
-(PAPER.md section 1), so a "no decay on 1-D parameters" rule would silently switch STR off.
+(docs/METHOD.md section 1), so a "no decay on 1-D parameters" rule would silently switch STR off.
 Each parameter therefore gets exactly one role and each role an explicit weight decay:
 
 - ``threshold``: declared by the module that owns it (``param_roles = {"s": "threshold"}``);

@@ -1,5 +1,5 @@
 """Building blocks of ``strlowrank.export.export_sparse_cnn``: CSR convolutions, BN folding and
-a oneDNN max-pool (issue #7, benchmark P4).
+a oneDNN max-pool (benchmark P4).
 
 BatchNorm folding (``fold_batchnorm_``). In eval mode a BN after a conv is an affine map per
 output channel, so with s = gamma / sqrt(running_var + eps)

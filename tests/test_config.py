@@ -6,7 +6,7 @@ import pytest
 
 from strlowrank.cli import parse_config, parse_overrides
 from strlowrank.config import ConfigError, from_dict, load_config, option, to_dict
-from strlowrank.engine import TrainConfig
+from strlowrank.engine import TrainConfig, role_lr_scales
 
 
 @dataclass
@@ -83,10 +83,12 @@ def test_shipped_configs_load():
     for path in paths:
         if path.name.startswith("sweep_"):  # sweep grids: every run's overrides are valid
             spec = load_grid(path)
-            cls = VisionConfig if "vision" in path.name else SpeechConfig
+            cls = SpeechConfig if "speech" in path.name else VisionConfig
             for run in expand(spec):  # sweep arguments may use the CLI shortcuts (epochs, seed)
                 args = {**spec["base"], **run.overrides}
-                load_config(cls, None, {SHORTCUTS.get(k, k): v for k, v in args.items()})
+                base = args.pop("config", None)  # --config FILE, relative to the repository
+                base = path.parents[1] / base if base else None
+                load_config(cls, base, {SHORTCUTS.get(k, k): v for k, v in args.items()})
             if path.name == "sweep_speech_frontier.yaml":  # {sweep}/<run> references resolve
                 assert len(expand(spec, [0, 1, 2])) == 3 * 41
             continue
@@ -96,6 +98,10 @@ def test_shipped_configs_load():
             assert cfg.method.s_init == -3200 and cfg.train.weight_decay == 2.251757813e-5
             assert cfg.train.lr == 0.256 and cfg.train.momentum == 0.875
             assert cfg.train.channels_last == "on"  # the YAML's true
+        if path.name in ("vision_resnet50_str90.yaml", "vision_mobilenetv1_str89.yaml"):
+            # thresholds on the run's clock: the paper's per-step lr at the paper's length
+            scale = role_lr_scales(cfg.train, 5005 * 100)["threshold"]
+            assert scale * cfg.train.lr == pytest.approx(0.256)
         if "x2" in path.name or "pergate" in path.name:  # two layers / one matrix per gate
             assert cfg.model.layers == (2 if "x2" in path.name else 1)
             assert cfg.model.split == ("per_gate" if "pergate" in path.name else "stacked")

@@ -1,4 +1,4 @@
-"""Reliability (issue #8): interrupted runs, hostile files, bad inputs and numerical faults.
+"""Reliability: interrupted runs, hostile files, bad inputs and numerical faults.
 
 Runs vision/train.py for real on a tiny ImageFolder tree: a subprocess is stopped with SIGTERM
 and SIGKILL at several points (one kill lands inside a checkpoint write) and resumed until it

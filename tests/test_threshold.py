@@ -1,4 +1,4 @@
-"""The soft-threshold operator, its gradients and the parametrization (PAPER.md section 1)."""
+"""The soft-threshold operator, its gradients and the parametrization (docs/METHOD.md section 1)."""
 
 import copy
 

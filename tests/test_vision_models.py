@@ -40,7 +40,7 @@ def test_forward_shape_and_str_layer_count(name: str) -> None:
 
 
 def test_resnet50_weight_count_matches_paper() -> None:
-    """PAPER.md: ResNet-50 v1.5 has 25,502,912 conv + FC weights."""
+    """The STR paper's count: ResNet-50 v1.5 has 25,502,912 conv + FC weights."""
     model = build_model("resnet50", 1000)
     assert sum(m.weight.numel() for _, m in select_modules(model)) == 25_502_912
     assert model.layer2[0].conv2.stride == (2, 2)  # v1.5: stride on the 3x3 conv

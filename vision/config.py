@@ -60,4 +60,7 @@ class VisionConfig:
     controller: ControllerConfig = option(factory=ControllerConfig)
     train: TrainConfig = option(factory=lambda: TrainConfig(
         epochs=15, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-        threshold_decay=0.008, warmup_epochs=1.0, label_smoothing=0.1))  # fmt: skip
+        threshold_decay=0.008, warmup_epochs=1.0, label_smoothing=0.1,
+        # the thresholds move on the run's clock: 60 = 0.1 per step x the default's 600 steps,
+        # so a run of any length makes the same threshold trajectory (docs/METHOD.md)
+        role_lr_per_run={"threshold": 60.0}))  # fmt: skip

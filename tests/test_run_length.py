@@ -1,0 +1,112 @@
+"""Budgets that do not depend on the run's length: thresholds on the run's clock
+(``train.role_lr_per_run``), and the warnings printed when a run learned no budget."""
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from strlowrank import apply_soft_threshold
+from strlowrank.distributed import DistInfo
+from strlowrank.engine import (
+    Task,
+    TrainConfig,
+    Trainer,
+    budget_warnings,
+    role_lr_scales,
+    seed_everything,
+)
+
+
+def clusters(n: int, seed: int) -> TensorDataset:
+    """Four Gaussian clusters in 16 dimensions (the centres are the same for every n and seed)."""
+    centres = torch.randn(4, 16, generator=torch.Generator().manual_seed(99)) * 1.5
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return TensorDataset(centres[y] + torch.randn(n, 16, generator=g), y)
+
+
+def final_sparsity(n: int, epochs: int, clock: dict, tmp_path) -> float:
+    seed_everything(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    apply_soft_threshold(model, s_init=-8.0)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=0.5, weight_decay=5e-3,
+                      threshold_decay=0.05, progress=False, **clock)  # fmt: skip
+    task = Task(model=model, train_set=clusters(n, 0), val_set=clusters(128, 1))
+    return Trainer(task, cfg, tmp_path / f"{n}_{epochs}_{len(clock)}", DistInfo()).fit()["sparsity"]
+
+
+def test_run_clock_budget_moves_far_less_than_the_step_count(tmp_path):
+    # 40 vs 640 optimizer steps (4x the data and 4x the epochs); the same threshold lr at 160 steps
+    short, long = (256, 5), (1024, 20)
+    per_step = {"role_lr": {"threshold": 0.1}}  # 0.05 per step at any length
+    per_run = {"role_lr_per_run": {"threshold": 0.05 * 160}}
+    step = [final_sparsity(*size, per_step, tmp_path) for size in (short, long)]
+    run = [final_sparsity(*size, per_run, tmp_path) for size in (short, long)]
+    # per step: the short run prunes almost nothing, the long one nearly everything
+    assert step[1] - step[0] > 0.5
+    assert min(run) > 0.5 and abs(run[0] - run[1]) < 0.25  # on the run's clock: a real budget both
+
+
+def test_role_lr_scales_give_eta_over_the_run_length():
+    cfg = TrainConfig(lr=0.1, role_lr={"spectrum": 10.0}, role_lr_per_run={"threshold": 60.0})
+    for steps in (150, 600, 2400):
+        scales = role_lr_scales(cfg, steps)
+        assert scales["spectrum"] == 10.0
+        assert scales["threshold"] * cfg.lr == pytest.approx(60.0 / steps)
+    with pytest.raises(ValueError, match="both set the lr of 'threshold'"):
+        role_lr_scales(TrainConfig(role_lr={"threshold": 1.0},
+                                   role_lr_per_run={"threshold": 60.0}), 100)  # fmt: skip
+    # null takes a role off the run's clock (a YAML or command line cannot delete a default key)
+    per_step = TrainConfig(role_lr={"threshold": 1.0}, role_lr_per_run={"threshold": None})
+    assert role_lr_scales(per_step, 100) == {"threshold": 1.0}
+
+
+def test_the_old_per_step_clock_is_one_override_away():
+    from speech.config import SpeechConfig
+    from strlowrank.cli import parse_config
+
+    cfg, _ = parse_config(SpeechConfig, "", ["--train.role_lr_per_run", "{threshold: null}",
+                                             "--train.role_lr", "{threshold: 33.333}"])  # fmt: skip
+    scales = role_lr_scales(cfg.train, 1700)
+    assert scales["threshold"] == pytest.approx(33.333) and scales["spectrum"] == 10000.0
+
+
+def test_trainer_threshold_group_uses_the_run_clock(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    apply_soft_threshold(model, s_init=-8.0)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.5, progress=False,
+                      role_lr_per_run={"threshold": 12.0})  # fmt: skip
+    trainer = Trainer(Task(model=model, train_set=clusters(320, 0), val_set=clusters(64, 1)),
+                      cfg, tmp_path, DistInfo())  # fmt: skip
+    group = next(g for g in trainer.groups if g["role"] == "threshold")
+    assert trainer.steps_per_epoch == 10
+    assert group["lr_scale"] * cfg.lr == pytest.approx(12.0 / 30)
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows)
+
+
+def test_warnings_name_the_failure_and_the_remedy():
+    cfg = TrainConfig(threshold_decay=0.008, spectrum_decay=3e-4)
+    conv = {"name": "conv", "param": "str", "numel": 1000, "rank": float("nan"),
+            "full_rank": float("nan")}  # fmt: skip
+    dense = {"name": "conv", "param": "dense", "numel": 1000, "nnz": 1000, "rank": float("nan"),
+             "full_rank": float("nan")}  # fmt: skip
+    nothing = budget_warnings(table([{**conv, "nnz": 965}]), 0.9, 10, cfg, 110)
+    assert len(nothing) == 1 and "3.5% sparsity after 110" in nothing[0]
+    assert "--target-sparsity" in nothing[0] and "0.008" in nothing[0]
+    assert budget_warnings(table([{**conv, "nnz": 100}]), 0.9, 10, cfg, 110) == []
+    assert budget_warnings(table([dense]), 0.1, 10, cfg, 110) == []  # no STR: nothing to say
+    collapsed = budget_warnings(table([{**conv, "nnz": 5}]), 0.15, 10, cfg, 110)
+    assert len(collapsed) == 1 and "below twice chance (20.0%)" in collapsed[0]
+    mats = [{"name": "rnns.0.W", "param": "str", "numel": 4096, "nnz": 4096, "rank": 25,
+             "full_rank": 32},
+            {"name": "rnns.0.U", "param": "str", "numel": 49152, "nnz": 49152, "rank": 114,
+             "full_rank": 128}]  # fmt: skip
+    ranks = budget_warnings(table(mats), 0.9, 12, cfg, 225)
+    assert len(ranks) == 1 and "W 25/32, U 114/128" in ranks[0] and "--target-params" in ranks[0]
+    mats[1]["rank"] = 60
+    assert budget_warnings(table(mats), 0.9, 12, cfg, 225) == []
