@@ -489,8 +489,10 @@ def _run_jobs(jobs: list[tuple], workers: int, total: int, progress: bool) -> di
 
 
 def _tree_key(cfg: SynthConfig) -> str:
-    """The completion key of a tree (`strlowrank.cache.build_once`): data version and config."""
-    return json.dumps({"version": DATA_VERSION, "config": asdict(cfg)}, sort_keys=True)
+    """The completion key of a tree (`strlowrank.cache.build_once`): data version and config,
+    less the worker count (the bytes do not depend on it)."""
+    config = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+    return json.dumps({"version": DATA_VERSION, "config": config}, sort_keys=True)
 
 
 def generate_dataset(

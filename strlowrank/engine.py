@@ -68,8 +68,8 @@ class TrainConfig:
     role_decay: dict[str, float] = option(
         factory=dict, help="weight decay for other parameter roles, e.g. {factor: 0.0}"
     )
-    role_lr: dict[str, float] = option(
-        factory=dict, help="lr multiplier per role, e.g. {threshold: 1.0}"
+    role_lr: dict[str, float | None] = option(
+        factory=dict, help="lr multiplier (of train.lr) per role, e.g. {spectrum: 10000}; null: none"
     )
     role_lr_per_run: dict[str, float | None] = option(
         factory=dict, help="lr of a role in units of the whole run: its peak per-step lr is this "
@@ -205,13 +205,14 @@ def role_lr_scales(cfg: TrainConfig, total_steps: int) -> dict[str, float]:
     factor), which does not contain T: the same trajectory at 150 steps or 500,000.
     """
     per_run = {role: eta for role, eta in cfg.role_lr_per_run.items() if eta is not None}
-    both = sorted(set(cfg.role_lr) & set(per_run))
+    per_step = {role: scale for role, scale in cfg.role_lr.items() if scale is not None}
+    both = sorted(set(per_step) & set(per_run))
     if both:
         raise ValueError(f"train.role_lr and train.role_lr_per_run both set the lr of {both[0]!r}; "
                          "give one (null in role_lr_per_run takes it off the run's clock)")
     if per_run and not cfg.lr > 0:
         raise ValueError("train.role_lr_per_run needs train.lr > 0 (it is stored as a multiplier)")
-    scales = dict(cfg.role_lr)
+    scales = dict(per_step)
     for role, eta in per_run.items():
         scales[role] = eta / max(total_steps, 1) / cfg.lr
     return scales

@@ -460,7 +460,7 @@ def test_dead_layers_are_reported(tmp_path, capsys, tree):
     out = tmp_path / "run"
     rc, stdout, err = cli(capsys, "--out", str(out), "--data-dir", str(tree), *FAST,
                           "--epochs", "1", "--train.batch_size=16",
-                          "--method.s_init=10")  # fmt: skip
+                          "--method.s_init=10", "--train.threshold_decay=0")  # fmt: skip
     assert rc == 0, err
     budget = pd.read_csv(out / "budget.csv").set_index("name").drop("total")
     assert (budget["nnz"] == 0).all() and (budget["sparsity"] == 1.0).all()

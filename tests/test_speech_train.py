@@ -120,14 +120,14 @@ def test_reduced_frontier_protocol(tmp_path, tiny_tree, monkeypatch):
     in this process (same command line) to keep the test fast."""
     import subprocess
 
-    from strlowrank import report, sweep
+    from strlowrank import launch, report, sweep
 
     def in_process(line, **kwargs):
         assert line[1].endswith("speech/train_gru.py")
         main(line[2:])
         return subprocess.CompletedProcess(line, 0)
 
-    monkeypatch.setattr(sweep.subprocess, "run", in_process)
+    monkeypatch.setattr(launch.subprocess, "run", in_process)
     grid = tmp_path / "frontier.yaml"
     grid.write_text(FRONTIER_GRID.replace("TREE", str(tiny_tree)))
     out = tmp_path / "sweep"
