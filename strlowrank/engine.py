@@ -69,8 +69,8 @@ class TrainConfig:
         factory=dict, help="weight decay for other parameter roles, e.g. {factor: 0.0}"
     )
     role_lr: dict[str, float | None] = option(
-        factory=dict, help="lr multiplier (of train.lr) per role, e.g. {spectrum: 10000}; null: none"
-    )
+        factory=dict, help="lr multiplier (of train.lr) per role, e.g. {spectrum: 10000}; "
+        "null: none")  # fmt: skip
     role_lr_per_run: dict[str, float | None] = option(
         factory=dict, help="lr of a role in units of the whole run: its peak per-step lr is this "
         "value / the run's optimizer steps, so the role moves the same way over training progress "
