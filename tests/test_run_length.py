@@ -110,3 +110,20 @@ def test_warnings_name_the_failure_and_the_remedy():
     assert len(ranks) == 1 and "W 25/32, U 114/128" in ranks[0] and "--target-params" in ranks[0]
     mats[1]["rank"] = 60
     assert budget_warnings(table(mats), 0.9, 12, cfg, 225) == []
+
+
+def test_bn_recalibration_gives_the_exact_mean_over_the_batches(tmp_path):
+    seed_everything(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+    data = clusters(128, 0)
+    cfg = TrainConfig(epochs=1, batch_size=32, progress=False, bn_recalibration=4)
+    trainer = Trainer(Task(model=model, train_set=data, val_set=clusters(64, 1)), cfg, tmp_path,
+                      DistInfo())  # fmt: skip
+    norm = model[1]
+    norm.running_mean.fill_(5.0)  # stale statistics, as after weights moved under them
+    assert trainer.recalibrate_norms(cfg.bn_recalibration)
+    with torch.no_grad():
+        hidden = model[0](data.tensors[0])  # 4 batches of 32 = the whole set, in some order
+    torch.testing.assert_close(norm.running_mean, hidden.mean(0), rtol=1e-5, atol=1e-6)
+    assert norm.momentum == 0.1 and norm.num_batches_tracked == 4
+    assert not trainer.recalibrate_norms(0)

@@ -63,4 +63,7 @@ class VisionConfig:
         threshold_decay=0.008, warmup_epochs=1.0, label_smoothing=0.1,
         # the thresholds move on the run's clock: 60 = 0.1 per step x the default's 600 steps,
         # so a run of any length makes the same threshold trajectory (docs/METHOD.md)
-        role_lr_per_run={"threshold": 60.0}))  # fmt: skip
+        role_lr_per_run={"threshold": 60.0},
+        # BN statistics re-estimated over 50 batches at the end: on short runs the thresholds
+        # move faster than BN's running averages follow (docs/METHOD.md)
+        bn_recalibration=50))  # fmt: skip
