@@ -398,18 +398,18 @@ class Trainer:
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
         """Loss, top-1 and top-5 accuracy over ``dataset`` (summed over ranks)."""
         self.net.eval()
-        sums = [0.0, 0.0, 0.0, 0.0]
+        sums, classes = [0.0, 0.0, 0.0, 0.0], 0
         for x, y in self.loader(dataset, 0, train=False):
             x, y = self._to_device(x, y)
             with self._autocast():
                 logits = self.model(x).float()
             top1, top5 = accuracy_counts(logits, y)
+            classes = logits.shape[1]
             loss = float(F.cross_entropy(logits, y, reduction="sum"))
             sums = [sums[0] + loss, sums[1] + top1, sums[2] + top5, sums[3] + len(y)]
         loss, top1, top5, n = all_reduce_sum(sums, self.info)
         n = max(n, 1)
-        return {"loss": loss / n, "acc": top1 / n, "top5": top5 / n,
-                "classes": int(logits.shape[1]) if sums[3] else 0}  # fmt: skip
+        return {"loss": loss / n, "acc": top1 / n, "top5": top5 / n, "classes": classes}
 
     @torch.no_grad()
     def recalibrate_norms(self, batches: int) -> bool:

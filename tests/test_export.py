@@ -80,18 +80,6 @@ def test_export_sparse_cnn_equal_outputs_and_smaller_file() -> None:
     assert sparse_bytes < dense_bytes
 
 
-def _random_bn_stats(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so that folding is really tested."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model.eval()
-
-
 @pytest.mark.parametrize(
     "kernel,stride,padding,dilation",
     [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 0, 1), (3, 2, 0, 1), (7, 2, 3, 1), (3, 1, 2, 2),
@@ -135,9 +123,9 @@ def test_onednn_maxpool_equals_maxpool(ceil_mode: bool) -> None:
     assert xg.grad is not None
 
 
-def test_fold_batchnorm_conv_bn_relu() -> None:
+def test_fold_batchnorm_conv_bn_relu(random_bn_stats) -> None:
     torch.manual_seed(0)
-    model = _random_bn_stats(_tiny_cnn())
+    model = random_bn_stats(_tiny_cnn())
     model[3].bias = nn.Parameter(torch.randn(32))  # a conv with a bias, followed by no BN
     x = torch.randn(2, 3, 16, 16)
     folded = simplify_cnn(model)
@@ -147,7 +135,7 @@ def test_fold_batchnorm_conv_bn_relu() -> None:
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_conv_bn_pairs_only_exclusive_pairs_and_untraceable_fallback() -> None:
+def test_conv_bn_pairs_only_exclusive_pairs_and_untraceable_fallback(random_bn_stats) -> None:
     class Shared(nn.Module):  # the conv output also feeds the add: its BN must stay
         def __init__(self) -> None:
             super().__init__()
@@ -166,7 +154,7 @@ def test_conv_bn_pairs_only_exclusive_pairs_and_untraceable_fallback() -> None:
             return self.body(x) if x.sum() > 0 else -self.body(x)
 
     assert conv_bn_pairs(Shared().eval()) == []
-    model = _random_bn_stats(Untraceable())
+    model = random_bn_stats(Untraceable())
     assert conv_bn_pairs(model) == [("body.0", "body.1")]
     x = torch.randn(1, 3, 8, 8).abs()
     with torch.no_grad():
@@ -175,10 +163,10 @@ def test_conv_bn_pairs_only_exclusive_pairs_and_untraceable_fallback() -> None:
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_export_sparse_cnn_torchvision_resnet_folded() -> None:
+def test_export_sparse_cnn_torchvision_resnet_folded(random_bn_stats) -> None:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = _random_bn_stats(torchvision.models.resnet18(num_classes=10))
+    model = random_bn_stats(torchvision.models.resnet18(num_classes=10))
     names = apply_masks(model)
     set_layer_densities(model, uniform_densities(names, 0.1))
     model.eval()

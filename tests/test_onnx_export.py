@@ -65,17 +65,6 @@ def test_gru_onnx_batch_is_dynamic() -> None:
         assert out.shape == (batch, 4, 64) and h.shape == (batch, 64)
 
 
-def _random_bn_stats(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model.eval()
-
-
 def _check_cnn(model: nn.Module, x: torch.Tensor, tmp_path) -> None:
     proto = export_onnx(model, x, path=tmp_path / "cnn.onnx")
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)  # folded
@@ -87,7 +76,7 @@ def _check_cnn(model: nn.Module, x: torch.Tensor, tmp_path) -> None:
     torch.testing.assert_close(out, ref[:1], rtol=TOL, atol=TOL)
 
 
-def test_str_cnn_onnx_equals_model(tmp_path) -> None:
+def test_str_cnn_onnx_equals_model(tmp_path, random_bn_stats) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
@@ -95,15 +84,15 @@ def test_str_cnn_onnx_equals_model(tmp_path) -> None:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
     )  # fmt: skip
     apply_soft_threshold(model, s_init=-1.0)  # g(-1) = 0.27: a real share of zeros
-    _random_bn_stats(model)
+    random_bn_stats(model)
     assert float((model[3].weight == 0).float().mean()) > 0.3
     _check_cnn(model, torch.randn(2, 3, 16, 16), tmp_path)
 
 
-def test_masked_resnet_onnx_equals_model(tmp_path) -> None:
+def test_masked_resnet_onnx_equals_model(tmp_path, random_bn_stats) -> None:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = _random_bn_stats(torchvision.models.resnet18(num_classes=10))
+    model = random_bn_stats(torchvision.models.resnet18(num_classes=10))
     names = apply_masks(model)
     set_layer_densities(model, uniform_densities(names, 0.05))
     _check_cnn(model.eval(), torch.randn(2, 3, 32, 32), tmp_path)
