@@ -16,6 +16,7 @@ the sweep finishes what is missing. DIR/results.csv gets one row per run (overri
 'point': the run's name without its seed), in grid order, rewritten atomically as runs finish;
 DIR/points.csv the mean, sd, n and 95% t-interval of the accuracy over the seeds of each point
 (``analysis.aggregate``).
+``--only REGEX`` starts only the runs whose name matches (one grid run in parts into one folder).
 
 Runs go one after another by default; ``--jobs N`` runs N at once on this machine and divides
 its CPU threads between them (``--threads`` per run). ``--launcher submitit`` hands each run to
@@ -178,12 +179,16 @@ def _tail(path: Path, n: int = 5) -> str:
 def run_sweep(runs: Sequence[SweepRun], out: str | Path, command: Sequence[str],
               base: dict[str, Any] | None = None, dry_run: bool = False, progress: bool = True,
               jobs: int = 1, threads: int | None = None,
-              cluster: ClusterConfig | None = None) -> pd.DataFrame:  # fmt: skip
+              cluster: ClusterConfig | None = None,
+              only: Sequence[str] = ()) -> pd.DataFrame:  # fmt: skip
     """Run every missing run (skip those with summary.json); write and return results.csv.
 
-    ``jobs`` runs at once on this machine with ``threads`` CPU threads each (default: the CPUs
-    divided between the jobs), or, with ``cluster``, one submitit job per run. results.csv
-    (rows in grid order) is rewritten atomically by this process as each run finishes."""
+    ``only``: regular expressions; a missing run whose name matches none of them is not started
+    (its row says 'not selected'), so one grid can be run in parts into one folder and
+    results.csv always covers the whole grid. ``jobs`` runs at once on this machine with
+    ``threads`` CPU threads each (default: the CPUs divided between the jobs), or, with
+    ``cluster``, one submitit job per run. results.csv (rows in grid order) is rewritten
+    atomically by this process as each run finishes."""
     out = Path(out)
     rows: dict[str, dict[str, Any]] = {}
     todo = []
@@ -192,6 +197,8 @@ def run_sweep(runs: Sequence[SweepRun], out: str | Path, command: Sequence[str],
         line = command_line(command, folder, {**(base or {}), **run.overrides})
         if (folder / "summary.json").is_file():
             rows[run.name] = result_row(run, folder, "done")
+        elif only and not any(re.search(pattern, run.name) for pattern in only):
+            rows[run.name] = result_row(run, folder, "not selected")
         elif dry_run:
             print(shlex.join(line))
             rows[run.name] = result_row(run, folder, "pending")
@@ -263,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="sweep folder: one run folder per run")
     parser.add_argument("--seeds", type=int, nargs="+", help="run every point with these seeds")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--only", action="append", default=[], metavar="REGEX",
+                        help="start only the runs whose folder name matches (repeatable: any "
+                        "of them); results.csv still lists the whole grid")
     parser.add_argument("--command", help="trainer command instead of the track's entry script")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once on this machine")
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: the CPUs "
@@ -289,9 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = load_grid(args.grid)
         runs = expand(spec, args.seeds)
+        for pattern in args.only:
+            re.compile(pattern)
         command = shlex.split(args.command) if args.command else default_command(args.track)
         cluster = _cluster_config(args) if args.launcher == "submitit" else None
-    except (OSError, ValueError, yaml.YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError, re.error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.dry_run:
@@ -299,10 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = {"track": args.track, "command": command, "seeds": args.seeds, **spec}
         write_atomic(Path(args.out) / "sweep.yaml", yaml.safe_dump(record, sort_keys=False))
     table = run_sweep(runs, args.out, command, spec.get("base"), args.dry_run, jobs=args.jobs,
-                      threads=args.threads, cluster=cluster)  # fmt: skip
+                      threads=args.threads, cluster=cluster, only=args.only)  # fmt: skip
     failed = table[table["status"].str.startswith("failed")]
+    unselected = int((table["status"] == "not selected").sum())
     print(f"sweep: {len(table)} run(s), {int((table['status'] == 'done').sum())} skipped "
-          f"(done before), {len(failed)} failed")  # fmt: skip
+          f"(done before), {len(failed)} failed"
+          + (f", {unselected} not selected (--only)" if unselected else ""))  # fmt: skip
     if not args.dry_run:
         print(f"results: {Path(args.out) / 'results.csv'}")
         write_points(table, Path(args.out))

@@ -122,6 +122,25 @@ def test_sweep_runs_skips_finished_and_writes_results(tmp_path, capsys):
     assert "3 skipped" in capsys.readouterr().out
 
 
+def test_sweep_only_runs_part_of_the_grid_and_lists_all(tmp_path, capsys):
+    spec = {"grid": {"train.threshold_decay": [0.1, 0.2, 0.3]}}
+    grid, command = _grid(tmp_path, spec)
+    out = tmp_path / "sweep"
+    args = ["--grid", grid, "--out", str(out), "--command", command, "--seeds", "0", "1"]
+    assert sweep.main(args + ["--only", "decay=0.1__", "--only", "0.3__seed=1"]) == 0
+    status = pd.read_csv(out / "results.csv").set_index("run")["status"]
+    assert len(status) == 6 and (status == "ok").sum() == 3
+    assert status["threshold_decay=0.2__seed=0"] == "not selected"
+    assert status["threshold_decay=0.3__seed=1"] == "ok"
+    assert "3 not selected (--only)" in capsys.readouterr().out
+    assert sweep.main(args + ["--only", "decay=0.2"]) == 0  # the second part, same folder
+    status = pd.read_csv(out / "results.csv").set_index("run")["status"]
+    assert sorted(status) == ["done"] * 3 + ["not selected"] + ["ok"] * 2
+    assert len((out / "calls.txt").read_text().split()) == 5
+    assert sweep.main(args + ["--only", "("]) == 2  # a bad pattern is a one-line error
+    assert "error:" in capsys.readouterr().err
+
+
 def test_sweep_failure_dry_run_and_bad_grid(tmp_path, capsys):
     spec = {"runs": [{"fail": True}, {"fail": False}]}
     grid, command = _grid(tmp_path, spec)
