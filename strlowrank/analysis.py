@@ -265,17 +265,11 @@ def aggregate(table: pd.DataFrame, by: Sequence[str], value: str, level: float =
     return pd.DataFrame(rows, columns=[*by, "n", "mean", "sd", "ci", "lo", "hi", *extra])
 
 
-def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFrame:
-    """The parameter/accuracy frontier of a speech sweep, one row per method and budget.
-
-    ``table``: results.csv of a sweep or :func:`summaries` (columns method, tag, init_from,
-    params, ranks.*, and test_acc / val_acc / accuracy). A run's method is its ``method``
-    (full | lowrank | str), prefixed ``svd-`` when it started from a trained model
-    (``init_from``); its budget is its ``tag``; a fixed-rank run's split is its ranks
-    'r_1/r_2/...' in matrix order. Every (method, budget, split) is aggregated over its seeds
-    (:func:`aggregate`, ``params`` = mean recurrent parameters); per method and budget the split
-    with the best mean is kept and ``splits`` lists every split tried with its mean (the grid).
-    """
+def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs of a speech frontier sweep labelled with ``method``, ``budget`` and
+    ``split``: a run's method is its ``method`` (full | lowrank | str), prefixed ``svd-`` when it
+    started from a trained model (``init_from``); its budget is its ``tag``; a fixed-rank run's
+    split is its ranks 'r_1/r_2/...' in matrix order ('' for the other methods)."""
     t = table
     if "status" in t:
         t = t[t["status"].isin(["ok", "done"])]
@@ -292,11 +286,56 @@ def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFra
         return "/".join(str(int(row[c])) for c in rank_cols if pd.notna(row[c]))
 
     t["split"] = t.apply(split, axis=1) if len(t) else ""
+    return t
+
+
+def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFrame:
+    """The parameter/accuracy frontier of a speech sweep, one row per method and budget.
+
+    ``table``: results.csv of a sweep or :func:`summaries` (columns method, tag, init_from,
+    params, ranks.*, and test_acc / val_acc / accuracy), labelled by :func:`frontier_runs`.
+    Every (method, budget, split) is aggregated over its seeds (:func:`aggregate`, ``params`` =
+    mean recurrent parameters). Per method and budget one split is kept: the one with the best
+    mean validation accuracy when ``value`` is the test accuracy and val_acc is known (so the
+    reported test mean is not the maximum of several noisy test means), else the best mean of
+    ``value``; ``splits`` lists every split tried with its mean ``value`` (the grid) and
+    ``select`` the column the split was chosen by.
+    """
+    t = frontier_runs(table)
     value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
-    points = aggregate(t, ["method", "budget", "split"], value, extra=["params"])
+    select = "val_acc" if value == "test_acc" and "val_acc" in t else value
+    keys = ["method", "budget", "split"]
+    points = aggregate(t, keys, value, extra=["params"])
+    points["_select"] = aggregate(t, keys, select)["mean"].to_numpy() if len(points) else []
     grid = points.groupby(["method", "budget"], sort=False).apply(
         lambda g: "; ".join(f"{s}: {100 * m:.2f}" for s, m in zip(g["split"], g["mean"]) if s),
         include_groups=False).rename("splits")  # fmt: skip
-    best = points.sort_values("mean", ascending=False, kind="stable")
+    best = points.sort_values("_select", ascending=False, kind="stable")
     best = best.drop_duplicates(["method", "budget"]).join(grid, on=["method", "budget"])
+    best = best.drop(columns="_select").assign(select=select)
     return best.sort_values(["method", "params"], kind="stable").reset_index(drop=True)
+
+
+def frontier_gaps(table: pd.DataFrame, baseline: str = "lowrank", value: str | None = None,
+                  level: float = 0.95) -> pd.DataFrame:
+    """Each method's accuracy minus the baseline's at the same budget, paired by seed.
+
+    The baseline at a budget is the split :func:`frontier_points` keeps. For every other method
+    and budget (and seed s present in both) d_s = acc(method, s) - acc(baseline, s); the rows
+    give mean, sd, n and the Student-t interval of d over the seeds (:func:`aggregate`). Pairing
+    removes what a seed does to both runs (the same data order), so the interval is usually
+    narrower than the difference of two independent intervals. Columns: method, budget, n,
+    mean, sd, ci, lo, hi, params (the method's), baseline_split.
+    """
+    t = frontier_runs(table)
+    value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
+    chosen = frontier_points(table, value)
+    chosen = chosen[chosen["method"] == baseline].set_index("budget")["split"]
+    base = t[(t["method"] == baseline) & (t["split"] == t["budget"].map(chosen))]
+    base = base.set_index(["budget", "seed"])[value].rename("_base")
+    rest = t[(t["method"] != baseline) & t["budget"].isin(chosen.index)]
+    rest = rest.join(base, on=["budget", "seed"], how="inner")
+    rest["gap"] = pd.to_numeric(rest[value]) - rest["_base"]
+    gaps = aggregate(rest, ["method", "budget"], "gap", level=level, extra=["params"])
+    gaps["baseline_split"] = gaps["budget"].map(chosen)
+    return gaps.sort_values(["method", "params"], kind="stable").reset_index(drop=True)

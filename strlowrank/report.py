@@ -10,7 +10,9 @@ RUN_DIR is a run folder or a folder searched for run folders (a sweep's output).
     DIR/runs/<run>/{budget,training,thresholds,ranks,spectra}.png    single-run figures
     DIR/frontier.csv, frontier.md, speech_frontier.png    speech runs with a tag (a frontier
         sweep): per method and budget the accuracy over seeds, mean +- 95% t-interval
-        (``analysis.frontier_points``: the best fixed-rank split, with the grid tried)
+        (``analysis.frontier_points``: the fixed-rank split best on validation, with the grid
+        tried); frontier_gaps.csv: each method minus that split, paired by seed
+        (``analysis.frontier_gaps``)
 Figures that do not apply (no spectra for vision, no trade-off curve without accuracy) are skipped.
 """
 
@@ -29,6 +31,7 @@ from strlowrank.analysis import (
     Run,
     accuracy_column,
     budgets,
+    frontier_gaps,
     frontier_points,
     load_runs,
     metrics,
@@ -138,14 +141,32 @@ def frontier_markdown(points: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gaps_markdown(gaps: pd.DataFrame) -> str:
+    """Paired gaps to the best fixed split as a markdown table, in accuracy points."""
+    lines = ["| method | budget | params (K) | minus best fixed split, points (mean +- 95%, "
+             "paired by seed) | n | fixed split |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for _, r in gaps.iterrows():
+        ci = f" +- {100 * r['ci']:.2f}" if pd.notna(r["ci"]) else ""
+        lines.append(f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
+                     f"{100 * r['mean']:+.2f}{ci} | {r['n']} | {r['baseline_split']} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_frontier(summary: pd.DataFrame, out: Path) -> list[Path]:
     """frontier.csv, frontier.md and speech_frontier.png when speech runs carry a tag."""
     rows = summary[summary["track"] == "speech"] if "track" in summary else summary
     if "tag" not in rows or not rows["tag"].notna().any():
         return []
-    points = frontier_points(rows[rows["tag"].notna()])
+    tagged = rows[rows["tag"].notna()]
+    points = frontier_points(tagged)
     points.to_csv(out / "frontier.csv", index=False)
-    (out / "frontier.md").write_text(frontier_markdown(points))
+    text = frontier_markdown(points)
+    if (points["method"] == "lowrank").any() and "seed" in tagged:
+        gaps = frontier_gaps(tagged)
+        gaps.to_csv(out / "frontier_gaps.csv", index=False)
+        text += "\nEach method minus the chosen fixed split at the same budget:\n\n"
+        text += gaps_markdown(gaps)
+    (out / "frontier.md").write_text(text)
     return [save_figure(plot_frontier(points), out / "speech_frontier.png")]
 
 

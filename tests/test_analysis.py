@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 from matplotlib.figure import Figure
+from scipy import stats
 
 from strlowrank import analysis, plotting
 
@@ -264,3 +265,29 @@ def test_frontier_points_pick_the_best_split_per_budget():
     assert table.loc[("str", "b5k"), "split"] == ""  # learned ranks vary over seeds
     assert table.loc[("svd-lowrank", "b5k"), "mean"] == pytest.approx(0.76)
     assert table.loc[("svd-lowrank", "b5k"), "sd"] == pytest.approx(0.0)
+
+
+def test_frontier_split_chosen_by_validation_and_paired_gaps():
+    def row(method, acc, val, ranks, seed):
+        return {"method": method, "tag": "b5k", "test_acc": acc, "val_acc": val, "seed": seed,
+                "params": 5000, "ranks.rnns.0.W": ranks[0], "ranks.rnns.0.U": ranks[1],
+                "status": "ok"}  # fmt: skip
+
+    seeds = range(3)
+    rows = [row("lowrank", 0.70 + 0.02 * s, 0.60, (2, 8), s) for s in seeds]  # best on val
+    rows += [row("lowrank", 0.75, 0.50, (4, 7), s) for s in seeds]  # best on test only
+    rows += [row("str", 0.71 + 0.02 * s + 0.01 * (s == 2), 0.6, (3, 7), s) for s in seeds]
+    table = pd.DataFrame(rows)
+    best = analysis.frontier_points(table).set_index("method").loc["lowrank"]
+    assert best["split"] == "2/8" and best["select"] == "val_acc"
+    assert best["mean"] == pytest.approx(0.72)
+    assert analysis.frontier_points(table, "val_acc").set_index("method").loc["lowrank",
+                                                                              "select"] == "val_acc"
+    gaps = analysis.frontier_gaps(table).set_index("method")
+    assert list(gaps.index) == ["str"] and gaps.loc["str", "baseline_split"] == "2/8"
+    d = np.array([0.01, 0.01, 0.02])  # str - lowrank 2/8, seed by seed
+    assert gaps.loc["str", "mean"] == pytest.approx(d.mean())
+    half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert gaps.loc["str", "ci"] == pytest.approx(half)
+    unpaired = analysis.aggregate(table[table["method"] == "str"], ["method"], "test_acc")
+    assert gaps.loc["str", "ci"] < unpaired["ci"].iloc[0]  # pairing removes the seed effect

@@ -149,3 +149,5 @@ def test_reduced_frontier_protocol(tmp_path, tiny_tree, monkeypatch):
     assert report.main([str(out), "--out", str(tmp_path / "report"), "--no-per-run"]) == 0
     table = (tmp_path / "report" / "frontier.md").read_text()
     assert "| svd-str | b2 |" in table and (tmp_path / "report" / "speech_frontier.png").is_file()
+    gaps = pd.read_csv(tmp_path / "report" / "frontier_gaps.csv").set_index(["method", "budget"])
+    assert ("str", "b1") in gaps.index and "minus the chosen fixed split" in table
