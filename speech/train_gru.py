@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 from speech.config import SpeechConfig
 from speech.features import augment, load_features
 from speech.models import build_model, init_from_checkpoint, recurrent_params
+from strlowrank.budget import ranked_layers
 from strlowrank.cli import execute, parse_config, run_main
 from strlowrank.controller import build_controller
 from strlowrank.distributed import DistInfo
@@ -32,7 +33,7 @@ from strlowrank.lowrank import Refactorize, matrix_spectra
 
 def rank_text(table: pd.DataFrame) -> str:
     """'ranks W 12/32 U 20/128' from the budget rows of the recurrent matrices."""
-    rows = table[table["rank"].notna() & (table["name"] != "total")]
+    rows = ranked_layers(table)
     return "ranks " + " ".join(
         f"{name.rsplit('.', 1)[-1]} {int(r)}/{int(f)}"
         for name, r, f in zip(rows["name"], rows["rank"], rows["full_rank"])
@@ -63,7 +64,7 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
         return augment(x, d.augment_shift, d.augment_noise), y
 
     def summarize(table: pd.DataFrame) -> dict:
-        ranks = table[table["rank"].notna() & (table["name"] != "total")]
+        ranks = ranked_layers(table)
         final = matrix_spectra(model, "final")
         if info.is_main:
             pd.DataFrame(spectra + final).to_csv(Path(cfg.out) / "spectra.csv", index=False)

@@ -28,6 +28,8 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from strlowrank.budget import layers
+
 RUN_MARKERS = ("summary.json", "metrics.csv", "budget.csv")
 SUMMARY_COLUMNS = ("epochs", "val_acc", "test_acc", "sparsity", "nnz", "macs_sparse")
 
@@ -164,7 +166,7 @@ def _rank_total(run: Run) -> float:
     if isinstance(ranks, dict) and ranks:
         return float(sum(ranks.values()))
     if run.budget is not None and "rank" in run.budget:
-        rank = run.budget.loc[run.budget["name"] != "total", "rank"]
+        rank = layers(run.budget)["rank"]
         return float(rank.sum()) if rank.notna().any() else float("nan")
     return float("nan")
 
@@ -218,7 +220,7 @@ def budgets(runs: Sequence[Run]) -> pd.DataFrame | None:
     for run in runs:
         if run.budget is None:
             continue
-        table = run.budget[run.budget["name"] != "total"].reset_index(drop=True)
+        table = layers(run.budget).reset_index(drop=True)
         parts.append(table.assign(order=range(len(table)), run=run.label, track=run.track,
                                   method=run.method))  # fmt: skip
     return pd.concat(parts, ignore_index=True) if parts else None

@@ -141,14 +141,26 @@ def _total(table: pd.DataFrame) -> pd.DataFrame:
     }], columns=COLUMNS)  # fmt: skip
 
 
+def _is_total(table: pd.DataFrame) -> pd.Series:
+    """True on the 'total' row of a budget table (its name, in any case and with surrounding
+    spaces, so that hand-edited budget.csv files are read the same way)."""
+    return table["name"].astype(str).str.strip().str.lower() == "total"
+
+
 def layers(table: pd.DataFrame) -> pd.DataFrame:
-    """The per-layer rows of a budget table (without 'total')."""
-    return table[table["name"] != "total"]
+    """The per-layer rows of a budget table (without 'total'), from budget_table or budget.csv."""
+    return table[~_is_total(table)]
+
+
+def ranked_layers(table: pd.DataFrame) -> pd.DataFrame:
+    """The per-layer rows that have a rank: the low-rank matrices."""
+    rows = layers(table)
+    return rows[rows["rank"].notna()]
 
 
 def totals(table: pd.DataFrame) -> dict[str, float]:
     """The 'total' row as a dict: numel, nnz, sparsity, macs_dense, macs_sparse."""
-    row = table[table["name"] == "total"].iloc[0]
+    row = table[_is_total(table)].iloc[0]
     return {k: float(row[k]) for k in ("numel", "nnz", "sparsity", "macs_dense", "macs_sparse")}
 
 

@@ -5,6 +5,7 @@
     --device NAME   train.device                       --seed N        train.seed
     --resume CKPT   continue a run                     --test-only     evaluate that checkpoint
     --init-from CKPT  model.init_from     --tag LABEL  tag      (tracks whose config has them)
+    --target-sparsity S  (also -macs, -params, -rank)  controller.metric and controller.target
     --section.field VALUE (or =VALUE)                  any other config field, YAML-typed
 
 Precedence: dataclass defaults < --config < the flags above and dotted overrides. User errors
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from strlowrank.config import ConfigError, describe_fields, load_config, parse_value
+from strlowrank.measures import METRICS
 
 SHORTCUTS = {"epochs": "train.epochs", "device": "train.device", "seed": "train.seed",
              "data_dir": "data.root", "out": "out", "init_from": "model.init_from",
@@ -87,11 +89,25 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def expand_target_flags(argv: Sequence[str], section: str = "controller") -> list[str]:
+    """``--target-sparsity 0.9`` -> ``--controller.metric sparsity --controller.target 0.9``
+    (also --target-macs, --target-params, --target-rank, and the ``--flag=value`` form)."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        metric = flag.removeprefix("--target-")
+        if flag.startswith("--target-") and metric in METRICS:
+            value = value if eq else next(it, "")
+            out += [f"--{section}.metric", metric, f"--{section}.target", value]
+        else:
+            out.append(arg)
+    return out
+
+
 def parse_config(cfg_cls: type, description: str, argv: Sequence[str] | None = None,
                  prog: str | None = None) -> tuple[Any, argparse.Namespace]:  # fmt: skip
     """Parse ``argv`` into (validated config, namespace with resume/test_only/config)."""
-    from strlowrank.controller import expand_target_flags
-
     parser = build_parser(description, cfg_cls, prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(expand_target_flags(argv))

@@ -24,15 +24,17 @@ delta, found by bisection (y is non-decreasing in delta):
 
     s_l <- s_l + delta,     y(s + delta) = r(t)
 
-Since g(s) = sigmoid(s) ~ exp(s) for s << 0, the shift multiplies every layer's threshold by about
-the same factor exp(delta): the per-layer allocation learned by STR is kept. docs/CONTROLLER.md.
+which multiplies every layer's threshold g(s) ~ exp(s) by about the same factor: the per-layer
+allocation learned by STR is kept. Here: the settings (ControllerConfig), r(t) (schedule_value)
+and the law (BudgetController, an engine callback; build_controller). The measures y are in
+strlowrank.measures, the shift in strlowrank.threshold_shift. docs/CONTROLLER.md.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,15 +42,18 @@ import pandas as pd
 import torch
 from torch import nn
 
-from strlowrank.budget import budget_table, layers
 from strlowrank.config import option
-from strlowrank.lowrank import STRMatrix
-from strlowrank.optim import parameter_roles
-from strlowrank.threshold import thresholded_modules
+from strlowrank.measures import (
+    METRICS,
+    Measure,
+    from_reduction,
+    make_measure,
+    to_reduction,
+    unit_scale,
+)
+from strlowrank.threshold_shift import shift_thresholds
 
-METRICS = ("sparsity", "macs", "params", "rank")
 TRACE_COLUMNS = ["step", "target", "measured", "achieved", "decay"]
-Measure = Callable[[nn.Module], float]
 
 
 @dataclass
@@ -99,245 +104,12 @@ class ControllerConfig:
     )  # fmt: skip
 
 
-# --------------------------------------------------------------------------------- metrics
-def budget_metric(
-    kept: str = "nnz",
-    full: str = "numel",
-    example_input: torch.Tensor | tuple | None = None,
-    include: Sequence[str] = ("*",),
-    exclude: Sequence[str] = (),
-    rank_rows: bool = False,
-) -> Measure:
-    """A measure 1 - sum(kept) / sum(full) over the per-layer rows of :func:`budget_table`.
-
-    ``rank_rows`` keeps only rows with a rank (low-rank matrices). ``example_input`` is needed
-    only for the MAC columns; it is moved to the model's device at each call.
-    """
-
-    def measure(model: nn.Module) -> float:
-        ex = example_input
-        if isinstance(ex, torch.Tensor):
-            ex = ex.to(next(model.parameters()).device)
-        rows = layers(budget_table(model, ex, include, exclude))
-        if rank_rows:
-            rows = rows[rows["rank"].notna()]
-        total = float(rows[full].sum())
-        return 1.0 - float(rows[kept].sum()) / total if total > 0 else 0.0
-
-    return measure
-
-
-def sparsity_metric(include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> Measure:
-    """Total sparsity 1 - nnz / numel (the budget table's 'total' sparsity). For low-rank
-    matrices nnz is the parameter count of the compact factors, so this is also 1 - params / dense
-    params."""
-    return budget_metric("nnz", "numel", None, include, exclude)
-
-
-def macs_metric(example_input: torch.Tensor | tuple, include: Sequence[str] = ("*",),
-                exclude: Sequence[str] = ()) -> Measure:  # fmt: skip
-    """MAC reduction 1 - macs_sparse / macs_dense (one forward of ``example_input`` per call)."""
-    return budget_metric("macs_sparse", "macs_dense", example_input, include, exclude)
-
-
-def rank_metric(include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> Measure:
-    """Rank reduction 1 - sum(rank) / sum(full_rank) over the low-rank matrices."""
-    return budget_metric("rank", "full_rank", None, include, exclude, rank_rows=True)
-
-
-def make_measure(metric: str, example_input=None, include: Sequence[str] = ("*",),
-                 exclude: Sequence[str] = ()) -> Measure:  # fmt: skip
-    """The measure of ``metric`` (one of :data:`METRICS`); params is total sparsity."""
-    if metric in ("sparsity", "params"):
-        return sparsity_metric(include, exclude)
-    if metric == "macs":
-        if example_input is None:
-            raise ValueError("the macs target needs an example input (Task.example_input)")
-        return macs_metric(example_input, include, exclude)
-    if metric == "rank":
-        return rank_metric(include, exclude)
-    raise ValueError(f"unknown budget metric {metric!r} ({', '.join(METRICS)})")
-
-
-def unit_scale(metric: str, model: nn.Module, include: Sequence[str] = ("*",),
-               exclude: Sequence[str] = ()) -> float:  # fmt: skip
-    """The metric's full size in user units: 1 (sparsity, macs), dense parameters, full ranks."""
-    if metric in ("sparsity", "macs"):
-        return 1.0
-    rows = layers(budget_table(model, None, include, exclude))
-    if metric == "params":
-        return float(rows["numel"].sum())
-    if metric == "rank":
-        full = float(rows["full_rank"].sum())
-        if not full > 0:
-            raise ValueError("the rank target needs low-rank matrices in the model")
-        return full
-    raise ValueError(f"unknown budget metric {metric!r} ({', '.join(METRICS)})")
-
-
-def to_reduction(metric: str, value: float, scale: float = 1.0) -> float:
-    """A target in user units -> the measure's unit (a fraction that rises with s).
-
-    sparsity: the fraction itself; macs: 1 - sparse/dense MACs (both fractions in (0, 1));
-    params, rank: 1 - value / scale (scale from :func:`unit_scale`).
-    """
-    if metric in ("sparsity", "macs") and not 0.0 < value < 1.0:
-        raise ValueError(f"controller.target: a {metric} target is a fraction in (0, 1), "
-                         f"got {value:g}")  # fmt: skip
-    if metric in ("params", "rank") and not 0.0 < value < scale:
-        raise ValueError(f"controller.target: {value:g} {metric} is not below the model's "
-                         f"{scale:g}")  # fmt: skip
-    return value if metric == "sparsity" else 1.0 - value / scale
-
-
-def from_reduction(metric: str, reduction: float, scale: float = 1.0) -> float:
-    """The inverse of :func:`to_reduction` (for logging in user units)."""
-    return reduction if metric == "sparsity" else scale * (1.0 - reduction)
-
-
-def expand_target_flags(argv: Sequence[str], section: str = "controller") -> list[str]:
-    """``--target-sparsity 0.9`` -> ``--controller.metric sparsity --controller.target 0.9``
-    (also --target-macs, --target-params, --target-rank, and the ``--flag=value`` form)."""
-    out: list[str] = []
-    it = iter(argv)
-    for arg in it:
-        flag, eq, value = arg.partition("=")
-        metric = flag.removeprefix("--target-")
-        if flag.startswith("--target-") and metric in METRICS:
-            value = value if eq else next(it, "")
-            out += [f"--{section}.metric", metric, f"--{section}.target", value]
-        else:
-            out.append(arg)
-    return out
-
-
-# --------------------------------------------------------------------------------- controller
 def schedule_value(t: float, y0: float, target: float, start: float, end: float,
                    shape: str = "cubic") -> float:  # fmt: skip
     """r(t): y0 before ``start``, ramp (cubic or linear), ``target`` from ``end`` on."""
     p = 1.0 if end <= start else min(max((t - start) / (end - start), 0.0), 1.0)
     remaining = (1.0 - p) ** 3 if shape == "cubic" else 1.0 - p
     return target + (y0 - target) * remaining
-
-
-def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every trainable parameter whose role is 'threshold' (STR layers, STR matrices)."""
-    return [p for _, p, role in parameter_roles(model) if role == "threshold"]
-
-
-Site = tuple[torch.Tensor, Callable[[], torch.Tensor], bool]
-
-
-def threshold_sites(model: nn.Module) -> list[Site]:
-    """(values, threshold(), magnitude?) for every thresholded tensor whose threshold does not
-    depend on the values: STR weights (|W| against g(s)) and the singular values of STR
-    matrices with a fixed threshold unit (sigma against tau; ``threshold_scale`` init or one).
-    With ``"max"`` / ``"rms"`` units tau moves with sigma, so those matrices are left out."""
-    sites: list[Site] = [
-        (module.parametrizations.weight.original, p.threshold, True)
-        for _, module, p in thresholded_modules(model)
-    ]
-    sites += [
-        (m.sigma, lambda m=m: m.tau().detach(), False)
-        for m in model.modules()
-        if isinstance(m, STRMatrix) and m.threshold_scale in ("init", "one")
-    ]
-    return sites
-
-
-@torch.no_grad()
-def compensate_survivors(values: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
-                         magnitude: bool = True) -> None:  # fmt: skip
-    """Keep the soft-thresholded value of every entry above both thresholds across a threshold
-    change ``before`` -> ``after``: |v| += after - before there (v itself when not
-    ``magnitude``). Entries between the two thresholds cross (pruned or revived, with values
-    below |after - before|); the count above the threshold is the one ``after`` gives."""
-    mag = values.abs() if magnitude else values
-    survives = mag > torch.maximum(before, after)
-    moved = mag + (after - before).to(values.dtype)
-    values.copy_(torch.where(survives, torch.sign(values) * moved if magnitude else moved, values))
-
-
-def _bisect(f: Callable[[float], float], target: float, low: float,
-            high: float) -> tuple[float, float, bool]:  # fmt: skip
-    """x in [low, high] with non-decreasing f(x) closest to ``target``, by bracketing from 0
-    (steps doubling from 1/8) and bisection; (x, f(x), reached). f is left evaluated at some x."""
-    y0 = f(0.0)
-    lo, hi, y_lo, y_hi, step = 0.0, 0.0, y0, y0, 0.125
-    while y_hi < target and hi < high:  # bracket: f(lo) < target <= f(hi)
-        lo, y_lo, hi = hi, y_hi, min(hi + step, high)
-        y_hi, step = f(hi), 2 * step
-    while y_lo >= target and lo > low:
-        hi, y_hi, lo = lo, y_lo, max(lo - step, low)
-        y_lo, step = f(lo), 2 * step
-    if y_hi < target or y_lo > target:
-        return 0.0, y0, False
-    for _ in range(40):
-        if hi - lo < 1e-7 * max(1.0, abs(hi)):
-            break
-        mid = 0.5 * (lo + hi)
-        y_mid = f(mid)
-        lo, y_lo, hi, y_hi = (mid, y_mid, hi, y_hi) if y_mid < target else (lo, y_lo, mid, y_mid)
-    return (lo, y_lo, True) if abs(y_lo - target) < abs(y_hi - target) else (hi, y_hi, True)
-
-
-@torch.no_grad()
-def move_boundary(values: torch.Tensor, base: torch.Tensor, threshold: torch.Tensor, rel: float,
-                  magnitude: bool = True) -> None:  # fmt: skip
-    """What a compensated threshold change t -> t (1 + rel) does to the entries, with t kept:
-    rel > 0 prunes the survivors whose margin m = |v| - t is below rel t (|v| <- t, value 0);
-    rel < 0 revives the entries with rel t < m <= 0 (|v| <- |v| - rel t, value m - rel t)."""
-    mag = base.abs() if magnitude else base
-    margin = mag - threshold
-    if rel >= 0:
-        new = torch.where((margin > 0) & (margin < rel * threshold), threshold.to(mag.dtype), mag)
-    else:
-        new = torch.where((margin <= 0) & (margin > rel * threshold), mag - rel * threshold, mag)
-    values.copy_(torch.sign(base) * new if magnitude else new)
-
-
-@torch.no_grad()
-def shift_thresholds(model: nn.Module, measure: Measure, target: float,
-                     max_shift: float = 64.0,
-                     compensate: bool = True) -> tuple[float, float]:  # fmt: skip
-    """Shift every threshold parameter by one delta so that ``measure`` is closest to ``target``.
-
-    ``measure`` must be non-decreasing in delta. With ``compensate`` the values that survive
-    keep their thresholded value (:func:`compensate_survivors`), so the shift acts like
-    magnitude pruning (or reviving) at the threshold and leaves the rest of the network as it
-    was. A target that no shift within ``max_shift`` reaches (g(s) saturates: a threshold can
-    not exceed its unit, and a saturated s gets no gradient) keeps s and, with ``compensate``,
-    moves the entries at the boundary instead (:func:`move_boundary`, one relative margin for
-    every site, found by bisection); without it the model is left as it was.
-    Returns (delta of s, measured total after).
-    """
-    params = threshold_parameters(model)
-    base = [p.detach().clone() for p in params]
-    sites = threshold_sites(model) if compensate else []
-    before = [threshold().clone() for _, threshold, _ in sites]
-
-    def at(delta: float) -> float:
-        for p, b in zip(params, base):
-            p.copy_(b + delta)
-        return measure(model)
-
-    delta, y, reached = _bisect(at, target, -max_shift, max_shift)
-    y = at(delta if reached else 0.0)
-    if reached:
-        for (values, threshold, magnitude), old in zip(sites, before):
-            compensate_survivors(values, old, threshold(), magnitude)
-        return delta, measure(model) if sites else y
-    if not sites:
-        return 0.0, y
-    saved = [values.detach().clone() for values, _, _ in sites]
-
-    def moved(rel: float) -> float:
-        for (values, _, magnitude), b, t in zip(sites, saved, before):
-            move_boundary(values, b, t, rel, magnitude)
-        return measure(model)
-
-    rel, y, reached = _bisect(moved, target, -1.0, 2.0**20)
-    return 0.0, moved(rel if reached else 0.0)
 
 
 class BudgetController:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from strlowrank import budget as budget_mod
 from strlowrank.threshold import is_parametrized, select_modules, weight_parametrizations
 
 GMP_MODES = ("layer", "global")
@@ -299,7 +300,7 @@ def read_budget_densities(csv_path: str | Path) -> dict[str, float]:
             f"{path}: a budget table needs columns name and nnz+numel (or sparsity); "
             f"found {sorted(cols)}"
         )
-    table = table[table["name"].astype(str).str.strip().str.lower() != "total"]
+    table = budget_mod.layers(table)
     if {"nnz", "numel"} <= cols:
         density = table["nnz"] / table["numel"]
     else:

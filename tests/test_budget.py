@@ -2,12 +2,13 @@
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from strlowrank import apply_soft_threshold
-from strlowrank.budget import budget_table, dead_layers, totals
+from strlowrank.budget import budget_table, dead_layers, layers, ranked_layers, totals
 
 
 def hand_model() -> nn.Sequential:
@@ -35,6 +36,17 @@ def test_dense_counts_and_macs():
     total = totals(table)
     assert total["numel"] == 72 + 72 + 320
     assert total["macs_dense"] == 4608 + 1152 + 320
+
+
+def test_total_row_is_found_the_same_way_in_tables_and_read_csv_files(tmp_path):
+    table = budget_table(hand_model(), torch.zeros(1, 2, 8, 8))
+    assert list(layers(table)["name"]) == ["0", "2", "4"]
+    assert ranked_layers(table).empty  # no low-rank matrices here
+    path = tmp_path / "budget.csv"
+    table.assign(name=[*table["name"][:-1], " Total "]).to_csv(path, index=False)
+    edited = pd.read_csv(path)  # names read back as strings; a hand-edited total row
+    assert list(layers(edited)["name"]) == ["0", "2", "4"]
+    assert totals(edited) == totals(table)
 
 
 def test_thresholded_counts_follow_effective_weight():

@@ -10,24 +10,25 @@ from torch.utils.data import TensorDataset
 
 from strlowrank import apply_soft_threshold
 from strlowrank.budget import budget_table, layers, totals
+from strlowrank.cli import expand_target_flags
 from strlowrank.controller import (
     BudgetController,
     ControllerConfig,
     build_controller,
-    expand_target_flags,
-    from_reduction,
-    macs_metric,
-    rank_metric,
     schedule_value,
-    shift_thresholds,
-    sparsity_metric,
-    threshold_parameters,
-    to_reduction,
-    unit_scale,
 )
 from strlowrank.distributed import DistInfo
 from strlowrank.engine import Interrupted, Task, TrainConfig, Trainer, seed_everything
+from strlowrank.measures import (
+    from_reduction,
+    macs_metric,
+    rank_metric,
+    sparsity_metric,
+    to_reduction,
+    unit_scale,
+)
 from strlowrank.rnn import RNNLayer
+from strlowrank.threshold_shift import shift_thresholds, threshold_parameters
 
 
 def make_task(seed: int = 0) -> Task:

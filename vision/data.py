@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from strlowrank.cache import MARKER, build_once, cache_root
+from strlowrank.cache import build_once, cache_root
 
 DATASETS = ("fashion_mnist", "imagenet", "cifar10", "imagefolder")
 ASSET = Path(__file__).parent / "assets" / "fashion_mnist_subset.npz"
@@ -339,19 +339,19 @@ def write_toy_tree(root: str | Path, classes: int = 3, train_per_class: int = 12
                    val_per_class: int = 4, size: int = 16, seed: int = 0) -> Path:  # fmt: skip
     """A tiny ImageFolder tree of random RGB PNGs whose brightness encodes the class.
 
-    For smoke tests and the notebooks' tiny mode (seconds, not minutes). Existing trees are kept.
+    For smoke tests and the notebooks' tiny mode (seconds, not minutes). Existing trees are kept;
+    a new one is built once (`strlowrank.cache.build_once`).
     """
-    root = Path(root)
-    if (root / MARKER).is_file():
-        return root
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                level = 40 + c * 160 // max(classes - 1, 1)
-                img = np.clip(rng.normal(level, 30, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(folder / f"{i}.png")
-    (root / MARKER).write_text("toy\n")
-    return root
+
+    def build(tmp: Path) -> None:
+        rng = np.random.default_rng(seed)
+        for split, n in (("train", train_per_class), ("val", val_per_class)):
+            for c in range(classes):
+                folder = tmp / split / f"class{c}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    level = 40 + c * 160 // max(classes - 1, 1)
+                    img = np.clip(rng.normal(level, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+                    Image.fromarray(img).save(folder / f"{i}.png")
+
+    return build_once(root, build, key="toy")

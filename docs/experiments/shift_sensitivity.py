@@ -1,7 +1,7 @@
 """How much a common threshold shift disturbs a trained STR network, plain or compensated.
 
 Loads the final checkpoint of a vision run folder, shifts every threshold by one delta so that
-the total sparsity lands at a few nearby values (``strlowrank.controller.shift_thresholds``),
+the total sparsity lands at a few nearby values (``strlowrank.threshold_shift.shift_thresholds``),
 with and without survivor compensation, and prints the validation accuracy of each.
 Run: python docs/experiments/shift_sensitivity.py RUN_DIR   (docs/CONTROLLER.md)
 """
@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from strlowrank.budget import budget_table, totals
 from strlowrank.checkpoint import load_checkpoint
 from strlowrank.config import load_config
-from strlowrank.controller import shift_thresholds, sparsity_metric
+from strlowrank.measures import sparsity_metric
+from strlowrank.threshold_shift import shift_thresholds
 from vision.config import VisionConfig
 from vision.data import build_datasets
 from vision.models import build_model
