@@ -1,20 +1,149 @@
 """strlowrank: learnable sparsity and learnable rank through Soft Threshold Reparameterization.
 
-The public core is re-exported here; importing the package does no work beyond imports.
+The public core is re-exported here: the classes and functions of the method layer (soft
+thresholds, masks, low-rank matrices, recurrent layers, the budget table, caches) and of the
+training layer (optimizer groups, configs, the engine, checkpoints, distributed set-up, the
+budget controller, entry-point helpers) that a model or a training script calls. Helpers that
+serve other core modules stay in their modules. The export and analysis layers are imported by
+module (``strlowrank.export``, ``strlowrank.analysis``, ...), so importing the package loads
+neither onnx nor matplotlib. Importing the package does no work beyond imports
+(docs/ARCHITECTURE.md).
 """
 
+from strlowrank.budget import budget_table, dead_layers, totals
+from strlowrank.cache import build_once, cache_root, write_atomic
+from strlowrank.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
+from strlowrank.cli import execute, parse_config, run_main
+from strlowrank.config import ConfigError, from_dict, load_config, option, save_config, to_dict
+from strlowrank.controller import BudgetController, ControllerConfig, build_controller
+from strlowrank.distributed import DistInfo, cleanup, init_distributed
+from strlowrank.engine import (
+    Interrupted,
+    Task,
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    seed_everything,
+)
+from strlowrank.lowrank import (
+    FullMatrix,
+    LowRankMatrix,
+    Refactorize,
+    STRMatrix,
+    make_matrix,
+    refactorize_,
+)
+from strlowrank.optim import (
+    RoleOptimizer,
+    build_optimizer,
+    describe_groups,
+    param_groups,
+    parameter_roles,
+    warmup_cosine,
+    warmup_cosine_factor,
+)
+from strlowrank.pruning import (
+    GMPCallback,
+    MagnitudeMask,
+    apply_masks,
+    gmp_density,
+    mask_density,
+    masked_modules,
+    read_budget_densities,
+    remove_masks,
+    set_global_density,
+    set_layer_densities,
+    uniform_densities,
+    zero_pruned,
+)
+from strlowrank.rnn import RNNLayer, compact_bytes, num_parameters
 from strlowrank.threshold import (
     SoftThreshold,
     apply_soft_threshold,
     remove_soft_threshold,
+    select_modules,
     soft_threshold,
     thresholded_modules,
+    weight_parametrizations,
 )
 
 __all__ = [
+    # method: soft thresholds (strlowrank.threshold)
     "SoftThreshold",
     "apply_soft_threshold",
     "remove_soft_threshold",
+    "select_modules",
     "soft_threshold",
     "thresholded_modules",
+    "weight_parametrizations",
+    # method: magnitude masks (strlowrank.pruning)
+    "GMPCallback",
+    "MagnitudeMask",
+    "apply_masks",
+    "gmp_density",
+    "mask_density",
+    "masked_modules",
+    "read_budget_densities",
+    "remove_masks",
+    "set_global_density",
+    "set_layer_densities",
+    "uniform_densities",
+    "zero_pruned",
+    # method: low-rank matrices and recurrent layers (strlowrank.lowrank, strlowrank.rnn)
+    "FullMatrix",
+    "LowRankMatrix",
+    "Refactorize",
+    "STRMatrix",
+    "make_matrix",
+    "refactorize_",
+    "RNNLayer",
+    "compact_bytes",
+    "num_parameters",
+    # method: budgets and caches (strlowrank.budget, strlowrank.cache)
+    "budget_table",
+    "dead_layers",
+    "totals",
+    "build_once",
+    "cache_root",
+    "write_atomic",
+    # training: optimizer (strlowrank.optim)
+    "RoleOptimizer",
+    "build_optimizer",
+    "describe_groups",
+    "param_groups",
+    "parameter_roles",
+    "warmup_cosine",
+    "warmup_cosine_factor",
+    # training: configs and entry points (strlowrank.config, strlowrank.cli)
+    "ConfigError",
+    "from_dict",
+    "load_config",
+    "option",
+    "save_config",
+    "to_dict",
+    "execute",
+    "parse_config",
+    "run_main",
+    # training: the loop, checkpoints, processes, controller
+    "Interrupted",
+    "Task",
+    "TrainConfig",
+    "Trainer",
+    "TrainingError",
+    "seed_everything",
+    "CheckpointError",
+    "load_checkpoint",
+    "load_model_state",
+    "save_checkpoint",
+    "DistInfo",
+    "cleanup",
+    "init_distributed",
+    "BudgetController",
+    "ControllerConfig",
+    "build_controller",
 ]

@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from strlowrank import gru_cpp
+from strlowrank.gru_cpp import lowrank_gru_forward
 from strlowrank.rnn import RNNLayer
 from strlowrank.sparse_cnn_ops import (
     SparseConv2d,
@@ -83,22 +85,8 @@ class LowRankGRU(nn.Module):
         self.register_buffer("bias_hh", bias_hh.detach().clone())
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None):
-        batch, steps, hid = x.shape[0], x.shape[1], self.hidden_size
-        xt = x.transpose(0, 1).reshape(steps * batch, x.shape[2])
-        if self.w_factored:
-            xt = torch.mm(xt, self.w_bt)
-        gi = torch.addmm(self.bias_ih, xt, self.w_at).view(steps, batch, 3 * hid)
-        h = x.new_zeros(batch, hid) if h0 is None else h0
-        outs = torch.empty(steps, batch, hid, dtype=x.dtype, device=x.device)
-        for t in range(steps):
-            hu = torch.mm(h, self.u_bt) if self.u_factored else h
-            gh = torch.addmm(self.bias_hh, hu, self.u_at)
-            g = gi[t]
-            rz = torch.sigmoid(g[:, : 2 * hid] + gh[:, : 2 * hid])
-            n = torch.tanh(torch.addcmul(g[:, 2 * hid :], rz[:, :hid], gh[:, 2 * hid :]))
-            h = torch.addcmul(n, rz[:, hid:], h - n)
-            outs[t] = h
-        return outs.transpose(0, 1), h
+        return lowrank_gru_forward(x, h0, self.w_at, self.w_bt, self.u_at, self.u_bt,
+                                   self.bias_ih, self.bias_hh, self.w_factored, self.u_factored)
 
     @torch.jit.export
     def step(self, x_t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,8 +130,6 @@ def export_gru(layer: RNNLayer | nn.GRU, script: bool = True, backend: str = "sc
     factors = [m.factors() for m in (compact.W, compact.U)]
     module = LowRankGRU(*factors, compact.bias_ih, compact.bias_hh).eval()
     if backend == "cpp":
-        from strlowrank import gru_cpp
-
         if not gru_cpp.available():
             raise RuntimeError(f"export_gru(backend='cpp'): {gru_cpp.unavailable_reason()}")
         return gru_cpp.CompiledLowRankGRU(module).eval()

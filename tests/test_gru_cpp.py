@@ -1,10 +1,14 @@
 """The compiled GRU (strlowrank.gru_cpp) equals the TorchScript export and the RNNLayer.
 
-The first test in a session builds the extension (~15-30 s on a cold cache); every later one
-reuses the loaded op. Skipped where no C++ compiler or ninja is installed.
+The first test in a session that uses the ``compiled`` fixture builds the extension (~15-30 s
+on a cold cache); every later one reuses the loaded op. Those tests are skipped where no C++
+compiler or ninja is installed.
 """
 
 from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +18,11 @@ from strlowrank import gru_cpp
 from strlowrank.export import export_gru
 from strlowrank.rnn import RNNLayer
 
+ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.fixture(scope="module", autouse=True)
-def _built(tmp_path_factory):
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
     # runs before conftest's per-test fixture: point the build at the session's private cache
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STRLOWRANK_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
@@ -46,6 +52,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"I{c[0]}H{c[1]}-{c[2]}")
+@pytest.mark.usefixtures("compiled")
 def test_cpp_equals_script_and_layer(case: tuple) -> None:
     torch.manual_seed(0)
     inp, hid, kind, rank_w, rank_u, w_fact, u_fact = case
@@ -63,6 +70,7 @@ def test_cpp_equals_script_and_layer(case: tuple) -> None:
             _check(cpp, layer, x, h0)
 
 
+@pytest.mark.usefixtures("compiled")
 def test_cpp_blocks_edge_cases_and_fallback() -> None:
     torch.manual_seed(0)
     layer = RNNLayer("gru", 6, 8, kind="lowrank", rank_w=2, rank_u=3).eval()
@@ -90,6 +98,7 @@ def test_cpp_blocks_edge_cases_and_fallback() -> None:
         torch.testing.assert_close(out.detach(), layer(x)[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.usefixtures("compiled")
 def test_export_nn_gru_cpp() -> None:
     torch.manual_seed(0)
     gru = nn.GRU(10, 32, batch_first=True).eval()
@@ -113,3 +122,22 @@ def test_unavailable_gives_one_line_error(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match=r"backend='cpp'\): ninja is not installed"):
         export_gru(nn.GRU(3, 4, batch_first=True), backend="cpp")
     assert not gru_cpp.available()
+
+
+def test_cache_folder_follows_the_source(tmp_path, monkeypatch) -> None:
+    """The build folder is named by the source's text: an edited source is compiled anew."""
+    first = gru_cpp.cache_dir()
+    assert gru_cpp.cache_dir() == first and "TORCH_LIBRARY(strlowrank_gru" in gru_cpp.source()
+    edited = tmp_path / "lowrank_gru.cpp"
+    edited.write_text(gru_cpp.source() + "// edited\n")
+    monkeypatch.setattr(gru_cpp, "_SOURCE", edited)
+    assert gru_cpp.cache_dir() != first
+
+
+def test_source_ships_as_package_data() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    package = ROOT / "strlowrank"
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["strlowrank"]  # fmt: skip
+    relative = gru_cpp._SOURCE.relative_to(package).as_posix()
+    assert any(fnmatch.fnmatch(relative, g) for g in globs), (relative, globs)

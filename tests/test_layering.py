@@ -1,22 +1,185 @@
-"""The core never imports the tracks; importing the packages runs nothing."""
+"""The core's layers (docs/ARCHITECTURE.md) hold, it has no import cycle and never imports the
+tracks; importing the package runs nothing.
 
+Every ``import`` in strlowrank/*.py counts, at module level or inside a function (also under
+``if TYPE_CHECKING``): ``import a.b``, ``from a import b``, ``from . import b``,
+``from .b import c``.
+"""
+
+from __future__ import annotations
+
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "strlowrank"
+TRACKS = ("vision", "speech")
+
+# Every module of the core in exactly one group (docs/ARCHITECTURE.md has the same list).
+LAYERS = {
+    "method": {"threshold", "pruning", "lowrank", "rnn", "budget", "cache"},
+    "training": {"engine", "optim", "config", "cli", "checkpoint", "distributed", "controller",
+                 "measures", "threshold_shift"},
+    "export": {"export", "gru_cpp", "sparse_cnn_ops", "timing", "onnx_export"},
+    "analysis": {"analysis", "plotting", "report", "sweep", "launch"},
+}
+# Groups a group may import besides itself; "package" is strlowrank/__init__.py, the facade.
+ALLOWED = {
+    "method": set(),
+    "training": {"method"},
+    "export": {"method"},
+    "analysis": {"method"},
+    "package": {"method", "training"},
+}
 
 
-def test_core_never_imports_tracks():
-    for path in (ROOT / "strlowrank").rglob("*.py"):
-        text = path.read_text()
-        for track in ("vision", "speech"):
-            assert f"import {track}" not in text and f"from {track}" not in text, path
+def module_name(path: Path) -> str:
+    """strlowrank/engine.py -> "strlowrank.engine"; strlowrank/__init__.py -> "strlowrank"."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> list[str]:
+    """Every module that ``module``'s source imports, anywhere in its tree, as absolute names.
+
+    ``from a import b`` counts as importing ``a.b`` when that is a module in ``known``, else
+    ``a``; relative imports are resolved against ``module``'s package.
+    """
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            source = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                sub = f"{source}.{alias.name}"
+                found.append(sub if sub in known else source)
+    return found
+
+
+def import_graph() -> dict[str, list[str]]:
+    """strlowrank module -> the modules it imports (any package)."""
+    paths = sorted((ROOT / PACKAGE).rglob("*.py"))
+    known = {module_name(p) for p in paths}
+    graph = {}
+    for path in paths:
+        name = module_name(path)
+        tree = ast.parse(path.read_text(), filename=str(path))
+        graph[name] = imports(tree, name, path.name == "__init__.py", known)
+    return graph
+
+
+def group_of(module: str) -> str | None:
+    """The layer of a strlowrank module ("package" for the facade), None if it has none."""
+    if module == PACKAGE:
+        return "package"
+    short = module.removeprefix(PACKAGE + ".")
+    return next((g for g, members in LAYERS.items() if short in members), None)
+
+
+def layer_violations(graph: dict[str, list[str]]) -> list[str]:
+    """One line per import that crosses the layers the wrong way (or imports a track)."""
+    lines = []
+    for module, targets in graph.items():
+        group = group_of(module)
+        for target in targets:
+            if target.split(".")[0] in TRACKS:
+                lines.append(f"{module} imports the track module {target}")
+            elif target.split(".")[0] == PACKAGE and target != module:
+                other = group_of(target)
+                if other != group and other not in ALLOWED[group]:
+                    lines.append(f"{module} ({group}) imports {target} ({other})")
+    return lines
+
+
+def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    """One import cycle [a, b, ..., a] among the graph's own nodes, or None (depth-first)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in graph[node]:
+            if nxt not in graph or nxt == node:
+                continue
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in graph:
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_every_module_has_a_layer():
+    unplaced = [m for m in import_graph() if group_of(m) is None]
+    assert not unplaced, (
+        f"modules in no layer: {unplaced}; add each to LAYERS here and to docs/ARCHITECTURE.md"
+    )
+
+
+def test_layers_hold():
+    violations = layer_violations(import_graph())
+    assert not violations, "imports against the layers:\n" + "\n".join(violations)
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle (in-function imports count): " + " -> ".join(cycle)
+
+
+def test_checks_can_fail():
+    """The collector sees in-function and relative imports; the checks flag a bad toy graph."""
+    source = (
+        "import strlowrank.budget as b\n"
+        "from . import cache\n"
+        "from .rnn import RNNLayer\n"
+        "def f():\n"
+        "    from strlowrank import engine, budget_table\n"
+        "    import vision.models\n"
+    )
+    known = {"strlowrank", "strlowrank.budget", "strlowrank.cache", "strlowrank.rnn",
+             "strlowrank.engine"}  # fmt: skip
+    found = imports(ast.parse(source), "strlowrank.lowrank", False, known)
+    assert found == ["strlowrank.budget", "strlowrank.cache", "strlowrank.rnn",
+                     "strlowrank.engine", "strlowrank", "vision.models"]  # fmt: skip
+    assert imports(ast.parse("from . import engine"), "strlowrank", True, known) == [
+        "strlowrank.engine"
+    ]
+    toy = {"strlowrank.lowrank": found, "strlowrank.rnn": ["strlowrank.lowrank"],
+           "strlowrank.budget": [], "strlowrank.cache": [], "strlowrank.engine": [],
+           "strlowrank": []}  # fmt: skip
+    assert layer_violations(toy) == [
+        "strlowrank.lowrank (method) imports strlowrank.engine (training)",
+        "strlowrank.lowrank (method) imports strlowrank (package)",
+        "strlowrank.lowrank imports the track module vision.models",
+    ]
+    assert find_cycle(toy) == ["strlowrank.lowrank", "strlowrank.rnn", "strlowrank.lowrank"]
+    toy["strlowrank.rnn"] = []
+    assert find_cycle(toy) is None
+    assert group_of("strlowrank.new_module") is None
 
 
 def test_import_has_no_side_effects():
-    code = ("import sys, strlowrank, strlowrank.engine, strlowrank.cli, strlowrank.budget; "
-            "assert 'vision' not in sys.modules and 'speech' not in sys.modules; "
-            "assert 'torch.distributed' not in sys.modules or True; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ok"
+    code = (
+        "import sys, torch, strlowrank\n"
+        "assert not any(m.split('.')[0] in ('vision', 'speech', 'matplotlib', 'onnx')\n"
+        "               or m in ('strlowrank.export', 'strlowrank.gru_cpp') for m in sys.modules)\n"
+        "import strlowrank.engine, strlowrank.cli, strlowrank.budget, strlowrank.export\n"
+        "assert not any(m.split('.')[0] in ('vision', 'speech') for m in sys.modules)\n"
+        "assert not torch.distributed.is_available() or not torch.distributed.is_initialized()\n"
+        "assert not hasattr(torch.ops.strlowrank_gru, 'forward')  # nothing compiled or loaded\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
