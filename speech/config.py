@@ -45,10 +45,11 @@ class SpeechConfig:
     # params / rank target ramps from the start (docs/CONTROLLER.md, speech measurements)
     controller: ControllerConfig = option(factory=lambda: ControllerConfig(start=0.0))
     # docs/LEARNED_RANK.md: Adam for the factors P, Q and the rest; SGD (the paper's optimizer) for
-    # the singular values (lr 30: their gradients are ~5e-4) and the thresholds (lr 0.1)
+    # the singular values (peak lr 30: their gradients are ~5e-4) and the thresholds (170 per run:
+    # 0.1 per step x the default's 1,700 steps)
     train: TrainConfig = option(factory=lambda: TrainConfig(
         epochs=20, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, momentum=0.9,
         threshold_decay=0.01, spectrum_decay=3e-4,
         role_optimizer={"threshold": "sgd", "spectrum": "sgd"},
-        role_lr={"spectrum": 10000.0}, role_lr_per_run={"threshold": 170.0},
+        role_lr={"spectrum": 30.0}, role_lr_per_run={"threshold": 170.0},
         warmup_epochs=1.0, clip_grad=1.0))

@@ -2,7 +2,7 @@
 
     python speech/train_gru.py                                   # STR GRU-128, synthetic data
     python speech/train_gru.py --model.param lowrank --model.rank_w 16 --model.rank_u 25
-    python speech/train_gru.py --config configs/speech_fastgrnn_str.yaml --data-dir /data/sc_v1
+    python speech/train_gru.py --config configs/speech_gru100_lowrank.yaml --data-dir /data/sc_v1
     python speech/train_gru.py --init-from runs/full/checkpoint.pt --target-params 12000
 
 Without --data-dir the synthetic espeak-ng Speech Commands tree is generated once into the cache

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from strlowrank.threshold import SPARSIFIABLE, SoftThreshold, _matches, weight_parametrizations
+from strlowrank.threshold import SoftThreshold, select_modules, weight_parametrizations
 
 COLUMNS = [
     "name", "kind", "param", "shape", "numel", "nnz", "sparsity", "threshold",
@@ -82,14 +82,8 @@ def budget_table(
     """
     owners = [(n, m) for n, m in model.named_modules() if hasattr(m, "budget_entries")]
     inside = tuple(n + "." for n, _ in owners)
-    layers = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, SPARSIFIABLE)
-        and not n.startswith(inside)
-        and _matches(n, include)
-        and not _matches(n, exclude)
-    ]
+    selected = select_modules(model, include, exclude)  # conv / linear modules by name pattern
+    layers = [(n, m) for n, m in selected if not n.startswith(inside)]
     batch = 1
     traced: dict[int, tuple] = {}
     if example_input is not None:

@@ -35,8 +35,9 @@ def build_parser(
     rows = describe_fields(cfg_cls)
     width = max(len(r[0]) for r in rows) + 2
     lines = [
-        f"  --{name:<{width}} {help_} [{tname}, default: {default!r}]"
-        for name, tname, default, help_ in rows
+        f"  --{name:<{width}} {help_} [{tname}, default: {default!r}"
+        + (f", {choices}]" if choices else "]")
+        for name, tname, default, help_, choices in rows
     ]
     epilog = "config fields (override any with --NAME VALUE, YAML syntax):\n" + "\n".join(lines)
     p = argparse.ArgumentParser(

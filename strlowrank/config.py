@@ -1,8 +1,10 @@
 """Typed run configuration: dataclass defaults < YAML file < command-line overrides.
 
-Every field is declared with :func:`option`, which carries its help text and its valid range.
-Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` with one line that
-names the field, e.g. ``train.lr: expected a number, got 'fast'``.
+Every field is declared with :func:`option`, which carries its help text, its valid range and,
+for an enumerated field, its choices. Unknown keys, wrong types, out-of-range values and values
+outside the choices raise :class:`ConfigError` with one line that names the field, e.g.
+``train.lr: expected float, got 'fast'`` or ``train.device: must be one of ['auto', 'cpu',
+'cuda'], got 'tpu'``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,15 @@ def option(
     min: float | None = None,
     max: float | None = None,
     choices: tuple | None = None,
+    keys: tuple | None = None,
     factory: Any = dataclasses.MISSING,
 ) -> Any:
-    """A dataclass field with a help string and an optional range or set of choices."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    """A dataclass field with a help string and an optional range or set of choices.
+
+    On a mapping or list field, ``min``, ``max`` and ``choices`` apply to each value (None
+    values are not checked) and ``keys`` lists the mapping's allowed keys.
+    """
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "keys": keys}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -105,6 +112,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _check_range(value: Any, meta: dict, key: str) -> None:
+    """Check ``value`` against the field's choices, keys and range (item by item for a mapping
+    or a list)."""
+    if isinstance(value, dict):
+        allowed = meta.get("keys")
+        for k, v in value.items():
+            if allowed is not None and k not in allowed:
+                raise ConfigError(f"{key}: unknown key {k!r}, must be one of {list(allowed)}")
+            _check_range(v, meta, f"{key}.{k}")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_range(v, meta, f"{key}[{i}]")
+        return
     if value is None:
         return
     if meta.get("choices") is not None and value not in meta["choices"]:
@@ -206,8 +226,19 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def choices_text(meta: dict) -> str:
+    """The allowed keys and values of a field as one short line ("" when it has none)."""
+    keys, choices = meta.get("keys"), meta.get("choices")
+    parts = [f"keys: {' | '.join(map(str, keys))}"] if keys else []
+    if choices:
+        parts.append(f"{'values' if keys else 'one of'}: {' | '.join(map(str, choices))}")
+    return "; ".join(parts)
+
+
 def describe_fields(cls: type, prefix: str = "", instance: Any = None) -> list[tuple]:
-    """(dotted name, type name, default, help) for every leaf field, for --help.
+    """(dotted name, type name, default, help, choices) for every leaf field, for --help.
+
+    ``choices`` is a short text ("one of: gru | lstm", "keys: ...; values: ...") or "".
 
     Defaults are read from a default instance, so a track's section factories show their values.
     """
@@ -220,5 +251,6 @@ def describe_fields(cls: type, prefix: str = "", instance: Any = None) -> list[t
             rows += describe_fields(tp, f"{prefix}{f.name}.", value)
             continue
         tname = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-        rows.append((f"{prefix}{f.name}", tname, value, f.metadata.get("help", "")))
+        rows.append((f"{prefix}{f.name}", tname, value, f.metadata.get("help", ""),
+                     choices_text(f.metadata)))
     return rows

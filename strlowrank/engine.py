@@ -40,9 +40,17 @@ from strlowrank.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from strlowrank.config import option
+from strlowrank.config import ConfigError, option
 from strlowrank.distributed import DistInfo, all_reduce_sum
-from strlowrank.optim import build_optimizer, describe_groups, param_groups, warmup_cosine
+from strlowrank.optim import (
+    ALGORITHMS,
+    ROLES,
+    build_optimizer,
+    describe_groups,
+    param_groups,
+    warmup_cosine,
+    warmup_cosine_factor,
+)
 
 
 @dataclass
@@ -51,7 +59,7 @@ class TrainConfig:
 
     epochs: int = option(10, "number of training epochs", min=1)
     batch_size: int = option(64, "global batch size (split evenly over DDP processes)", min=1)
-    optimizer: str = option("sgd", "sgd | adam | adamw", choices=("sgd", "adam", "adamw"))
+    optimizer: str = option("sgd", "sgd | adam | adamw", choices=ALGORITHMS)
     lr: float = option(0.1, "peak learning rate (after warm-up)", min=0.0)
     momentum: float = option(0.9, "SGD momentum", min=0.0, max=1.0)
     nesterov: bool = option(False, "Nesterov momentum for SGD")
@@ -66,18 +74,22 @@ class TrainConfig:
         None, "weight decay on norm weights and biases; default: weight_decay", min=0.0
     )
     role_decay: dict[str, float] = option(
-        factory=dict, help="weight decay for other parameter roles, e.g. {factor: 0.0}"
-    )
+        factory=dict, help="weight decay of a role without its own field, e.g. {factor: 0.0} "
+        "(weight, threshold, spectrum, norm_bias: train.weight_decay, threshold_decay, "
+        "spectrum_decay, norm_decay)", min=0.0, keys=ROLES)  # fmt: skip
     role_lr: dict[str, float | None] = option(
-        factory=dict, help="lr multiplier (of train.lr) per role, e.g. {spectrum: 10000}; "
-        "null: none")  # fmt: skip
+        factory=dict, help="peak per-step lr of a role (absolute, not a multiple of train.lr; the "
+        "same warm-up + cosine shape), e.g. {spectrum: 30.0}; null: train.lr",
+        min=0.0, keys=ROLES)  # fmt: skip
     role_lr_per_run: dict[str, float | None] = option(
         factory=dict, help="lr of a role in units of the whole run: its peak per-step lr is this "
-        "value / the run's optimizer steps, so the role moves the same way over training progress "
-        "at any data size, epochs or batch (docs/METHOD.md, run-length invariance), "
-        "e.g. {threshold: 60}; null takes a role off the run's clock")  # fmt: skip
+        "value / the run's optimizer steps (absolute, not a multiple of train.lr), so the role "
+        "moves the same way over training progress at any data size, epochs or batch "
+        "(docs/METHOD.md, run-length invariance), e.g. {threshold: 60}; null takes a role off "
+        "the run's clock", min=0.0, keys=ROLES)  # fmt: skip
     role_optimizer: dict[str, str] = option(
-        factory=dict, help="another optimizer for some roles, e.g. {threshold: sgd}")
+        factory=dict, help="another optimizer for some roles, e.g. {threshold: sgd}",
+        choices=ALGORITHMS, keys=ROLES)  # fmt: skip
     warmup_epochs: float = option(0.0, "linear warm-up epochs before the cosine decay", min=0.0)
     min_lr_ratio: float = option(0.0, "final lr as a fraction of the peak", min=0.0, max=1.0)
     label_smoothing: float = option(0.0, "label smoothing of the training loss", min=0.0, max=1.0)
@@ -102,6 +114,35 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.channels_last, bool):  # older configs: channels_last: true / false
             self.channels_last = "on" if self.channels_last else "off"
+        check_one_spelling(self)
+
+
+# roles whose decay has its own train.* field; train.role_decay covers the others
+DECAY_FIELDS = {"weight": "weight_decay", "threshold": "threshold_decay",
+                "spectrum": "spectrum_decay", "norm_bias": "norm_decay"}  # fmt: skip
+
+
+def check_one_spelling(cfg: TrainConfig) -> None:
+    """Each role's decay and lr is set in one place: a role with its own decay field is not in
+    ``role_decay``, and no role is in both ``role_lr`` and ``role_lr_per_run`` (a null in either
+    does not count). Raises ConfigError naming both fields."""
+    for role in cfg.role_decay:
+        if role in DECAY_FIELDS:
+            raise ConfigError(f"train.role_decay.{role}: set train.{DECAY_FIELDS[role]} instead "
+                              "(one field per decay)")  # fmt: skip
+    per_run = {role for role, eta in cfg.role_lr_per_run.items() if eta is not None}
+    both = sorted(per_run & {role for role, lr in cfg.role_lr.items() if lr is not None})
+    if both:
+        raise ConfigError(f"train.role_lr.{both[0]} and train.role_lr_per_run.{both[0]} both set "
+                          "its lr; give one (null in role_lr_per_run takes it off the run's "
+                          "clock)")  # fmt: skip
+
+
+def role_decays(cfg: TrainConfig) -> dict[str, float]:
+    """Weight decay per role: the named fields (None: ``weight_decay``) and ``role_decay``."""
+    named = {role: getattr(cfg, name) for role, name in DECAY_FIELDS.items()}
+    named = {role: cfg.weight_decay if d is None else d for role, d in named.items()}
+    return {**cfg.role_decay, **named}
 
 
 def use_channels_last(choice: bool | str, device: torch.device, input_dim: int | None) -> bool:
@@ -200,26 +241,20 @@ def budget_warnings(table: pd.DataFrame, val_acc: float, classes: int, cfg: Trai
     return notes
 
 
-def role_lr_scales(cfg: TrainConfig, total_steps: int) -> dict[str, float]:
-    """lr multipliers (of ``cfg.lr``) per role: ``role_lr`` as given, and for every role in
-    ``role_lr_per_run`` the multiplier that makes its peak per-step lr eta / total_steps.
+def role_lrs(cfg: TrainConfig, total_steps: int) -> dict[str, float]:
+    """Peak per-step lr of every role that has its own (absolute, independent of ``cfg.lr``):
+    ``role_lr`` as given, and eta / total_steps for every role in ``role_lr_per_run``.
 
     With eta_r = lr_r T fixed, the update of a role's parameter theta over training progress
     p = t / T is d theta / dp = -eta_r f(p) (grad + lambda_r theta) (f: the warm-up + cosine
     factor), which does not contain T: the same trajectory at 150 steps or 500,000.
     """
-    per_run = {role: eta for role, eta in cfg.role_lr_per_run.items() if eta is not None}
-    per_step = {role: scale for role, scale in cfg.role_lr.items() if scale is not None}
-    both = sorted(set(per_step) & set(per_run))
-    if both:
-        raise ValueError(f"train.role_lr and train.role_lr_per_run both set the lr of {both[0]!r}; "
-                         "give one (null in role_lr_per_run takes it off the run's clock)")
-    if per_run and not cfg.lr > 0:
-        raise ValueError("train.role_lr_per_run needs train.lr > 0 (it is stored as a multiplier)")
-    scales = dict(per_step)
-    for role, eta in per_run.items():
-        scales[role] = eta / max(total_steps, 1) / cfg.lr
-    return scales
+    check_one_spelling(cfg)
+    lrs = {role: lr for role, lr in cfg.role_lr.items() if lr is not None}
+    for role, eta in cfg.role_lr_per_run.items():
+        if eta is not None:
+            lrs[role] = eta / max(total_steps, 1)
+    return lrs
 
 
 def seed_everything(seed: int) -> None:
@@ -290,23 +325,16 @@ class Trainer:
         self.steps_per_epoch = math.ceil(
             len(EpochSampler(len(task.train_set), 0, 0, False, info)) / self.batch_size
         )
-        decay = dict(cfg.role_decay)
-        decay.setdefault("threshold", cfg.threshold_decay if cfg.threshold_decay is not None
-                         else cfg.weight_decay)  # fmt: skip
-        decay.setdefault("norm_bias", cfg.norm_decay if cfg.norm_decay is not None
-                         else cfg.weight_decay)  # fmt: skip
-        decay.setdefault("spectrum", cfg.spectrum_decay if cfg.spectrum_decay is not None
-                         else cfg.weight_decay)  # fmt: skip
         total = cfg.epochs * self.steps_per_epoch
-        self.groups = param_groups(self.model, cfg.weight_decay, decay,
-                                   role_lr_scales(cfg, total))  # fmt: skip
+        self.groups = param_groups(self.model, cfg.weight_decay, role_decays(cfg),
+                                   role_lrs(cfg, total))  # fmt: skip
         self.optimizer = build_optimizer(self.groups, cfg.optimizer, cfg.lr, cfg.momentum,
                                          cfg.nesterov, cfg.role_optimizer)  # fmt: skip
         for cb in task.callbacks:  # callbacks that steer the optimizer (budget controller)
             if hasattr(cb, "bind"):
                 cb.bind(self.optimizer)
-        warm = round(cfg.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = warmup_cosine(self.optimizer, warm, total, cfg.min_lr_ratio)
+        self.warmup_steps, self.total_steps = round(cfg.warmup_epochs * self.steps_per_epoch), total
+        self.scheduler = warmup_cosine(self.optimizer, self.warmup_steps, total, cfg.min_lr_ratio)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.partial = [0.0, 0.0, 0.0]  # loss sum, correct, count of the current epoch
         self.history: list[dict] = []
@@ -314,6 +342,11 @@ class Trainer:
         self._stop_signal: int | None = None
 
     # ----------------------------------------------------------------------------- logging
+    def lr_factor(self) -> float:
+        """The schedule's factor now (every group's lr is its peak lr times it)."""
+        return warmup_cosine_factor(self.step, self.warmup_steps, self.total_steps,
+                                    self.cfg.min_lr_ratio)  # fmt: skip
+
     def log(self, text: str) -> None:
         if self.info.is_main:
             tqdm.write(text)
@@ -487,7 +520,7 @@ class Trainer:
         table = self.budget()
         tot = budget_mod.totals(table)
         row = {"epoch": self.epoch + 1, "step": self.step,
-               "lr": self.optimizer.param_groups[0]["lr"] / self.groups[0]["lr_scale"],
+               "lr": self.cfg.lr * self.lr_factor(),
                "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
                "val_acc": val["acc"], "val_top5": val["top5"], "sparsity": tot["sparsity"],
                "nnz": tot["nnz"], "macs_sparse": tot["macs_sparse"]}  # fmt: skip

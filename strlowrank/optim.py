@@ -19,7 +19,18 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# normalization layers whose parameters (any shape) get the norm_bias role: torch's batch and
+# instance norms (eager and lazy), their synchronized variant, group and layer norm
+NORM_TYPES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.LazyInstanceNorm1d, nn.LazyInstanceNorm2d, nn.LazyInstanceNorm3d,
+    nn.GroupNorm, nn.LayerNorm,
+)  # fmt: skip
+
+# every role a parameter can have (the keys of train.role_decay, role_lr, role_optimizer, ...)
+ROLES = ("weight", "norm_bias", "threshold", "spectrum", "factor")
 
 
 def parameter_roles(model: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
@@ -48,16 +59,17 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,
     role_decay: dict[str, float] | None = None,
-    role_lr_scale: dict[str, float] | None = None,
+    role_lr: dict[str, float] | None = None,
 ) -> list[dict]:
     """One optimizer group per role present in ``model``.
 
     ``role_decay`` overrides the decay of a role (default: ``weight_decay`` for every role, as in
-    the paper's released configs); ``role_lr_scale`` multiplies the base lr of a role. Each group
-    carries ``role``, ``lr_scale`` and ``names`` keys for logging.
+    the paper's released configs); ``role_lr`` gives a role its own peak lr (absolute; other
+    roles get the optimizer's ``lr``, see :func:`build_optimizer`). Each group carries ``role``,
+    ``role_lr`` (None: the base lr) and ``names`` keys.
     """
     role_decay = role_decay or {}
-    role_lr_scale = role_lr_scale or {}
+    role_lr = role_lr or {}
     groups: dict[str, dict] = {}
     for name, p, role in parameter_roles(model):
         g = groups.setdefault(
@@ -67,7 +79,7 @@ def param_groups(
                 "params": [],
                 "names": [],
                 "weight_decay": float(role_decay.get(role, weight_decay)),
-                "lr_scale": float(role_lr_scale.get(role, 1.0)),
+                "role_lr": float(role_lr[role]) if role in role_lr else None,
             },
         )
         g["params"].append(p)
@@ -144,12 +156,14 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """SGD (coupled L2 decay, the paper's choice), Adam (coupled) or AdamW (decoupled).
 
+    Every group's lr is ``lr``, or its ``role_lr`` when :func:`param_groups` gave it one. A
+    scheduler then multiplies each group's own lr by the same factor (one schedule shape).
     ``role_algorithm`` ({"threshold": "sgd"}) gives some roles another rule than ``name``;
     then a :class:`RoleOptimizer` runs every group with its own rule.
     """
     role_algorithm = role_algorithm or {}
     for g in groups:
-        g["lr"] = lr * g["lr_scale"]
+        g["lr"] = lr if g.get("role_lr") is None else g["role_lr"]
         g["algo"] = role_algorithm.get(g["role"], name)
         if g["algo"] not in ALGORITHMS:
             raise ValueError(f"unknown optimizer {g['algo']!r} for role {g['role']} {ALGORITHMS}")
@@ -165,13 +179,19 @@ def build_optimizer(
 
 
 def describe_groups(groups: Iterable[dict]) -> str:
-    """One line per group: role, tensors, elements, decay, lr scale."""
+    """One line per group: role, tensors, elements, rule, decay, peak lr.
+
+    The peak lr is the group's lr before any schedule (``initial_lr`` once one is attached;
+    "base" before :func:`build_optimizer` for a group without its own lr).
+    """
     lines = []
     for g in groups:
         n = sum(p.numel() for p in g["params"])
+        lr = g.get("initial_lr", g.get("lr", g.get("role_lr")))
         lines.append(
             f"  {g['role']:<10} {len(g['params']):>4} tensors {n:>11,d} params  "
-            f"{g.get('algo', ''):<5} decay {g['weight_decay']:.3g}  lr x{g['lr_scale']:g}"
+            f"{g.get('algo', ''):<5} decay {g['weight_decay']:.3g}  "
+            + (f"lr {lr:.3g}" if lr is not None else "lr base")
         )
     return "optimizer groups:\n" + "\n".join(lines)
 

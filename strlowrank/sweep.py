@@ -1,13 +1,13 @@
 """Sweeps: a grid of configs for either track, one run folder each, and one results.csv.
 
-    python -m strlowrank.sweep --track speech --grid configs/sweep_speech.yaml --out runs/sweep \\
-        [--seeds 0 1] [--dry-run] [--command "python my_trainer.py"] [--jobs 4] \\
+    python -m strlowrank.sweep --track speech --grid configs/sweep_speech_rank.yaml \\
+        --out runs/rank [--seeds 0 1] [--dry-run] [--command "python my_trainer.py"] [--jobs 4] \\
         [--launcher submitit --partition gpu --gpus-per-node 8]
 
 The grid file (YAML) has any of
     base: {epochs: 10, train.lr: 0.01}          arguments common to all runs
     grid: {train.threshold_decay: [1e-4, 3e-4]}  dotted key -> values; the cartesian product
-    runs: [{model.param: full}, {model.param: lowrank, model.rank: 8}]   explicit override sets
+    runs: [{model.param: full}, {model.param: lowrank, model.rank_u: 8}]  explicit override sets
 (runs x grid x seeds when several are given). Each run is ``<command> --out DIR/<name> --key
 value ...`` in a subprocess (speech/train_gru.py or vision/train.py by default), its output in
 DIR/<name>/train.log; <name> comes from the run's own overrides (base left out), so it is stable.

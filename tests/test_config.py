@@ -1,12 +1,14 @@
 """Config layering (defaults < YAML < command line) and one-line errors naming the field."""
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 
 import pytest
 
 from strlowrank.cli import parse_config, parse_overrides
 from strlowrank.config import ConfigError, from_dict, load_config, option, to_dict
-from strlowrank.engine import TrainConfig, role_lr_scales
+from strlowrank.engine import TrainConfig
 
 
 @dataclass
@@ -41,6 +43,14 @@ def test_layering(tmp_path):
     ({"train.weight_decay": -1e-4}, "train.weight_decay: must be >= 0.0"),
     ({"train.optimizer": "lbfgs"}, "train.optimizer: must be one of"),
     ({"train.progress": "yes please"}, "train.progress: expected bool"),
+    # one field per decay; role mappings take known roles, valid values
+    ({"train.role_decay": {"threshold": 0.1}},
+     "train.role_decay.threshold: set train.threshold_decay instead"),
+    ({"train.role_decay": {"weight": 0.1}}, "train.role_decay.weight: set train.weight_decay"),
+    ({"train.role_lr": {"spectrom": 1.0}}, "train.role_lr: unknown key 'spectrom', must be one of"),
+    ({"train.role_lr": {"spectrum": -1.0}}, "train.role_lr.spectrum: must be >= 0.0"),
+    ({"train.role_optimizer": {"threshold": "lbfgs"}},
+     "train.role_optimizer.threshold: must be one of \\['sgd', 'adam', 'adamw'\\]"),
 ])
 def test_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -69,41 +79,45 @@ def test_override_parsing():
         parse_overrides(["--a.b"])
 
 
-def test_shipped_configs_load():
-    """Every YAML in configs/ is valid for its track (paper recipes keep their exact numbers)."""
-    from pathlib import Path
+def config_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, object]]:
+    """(dotted name, field, annotation) of every leaf field of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += config_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", f, hints[f.name]))
+    return out
 
+
+FREE_TEXT = {"out", "tag", "data.root", "method.budget", "model.init_from"}  # paths and labels
+
+
+@pytest.mark.parametrize("track", ["vision", "speech"])
+def test_every_enumerated_field_lists_its_choices(track):
+    """Every string field but paths and labels has choices: a bad value gets one line naming
+    the field and the choices, and --help lists them."""
     from speech.config import SpeechConfig
-    from strlowrank.cli import SHORTCUTS
-    from strlowrank.sweep import expand, load_grid
+    from strlowrank.cli import build_parser
     from vision.config import VisionConfig
 
-    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert len(paths) >= 8
-    for path in paths:
-        if path.name.startswith("sweep_"):  # sweep grids: every run's overrides are valid
-            spec = load_grid(path)
-            cls = SpeechConfig if "speech" in path.name else VisionConfig
-            for run in expand(spec):  # sweep arguments may use the CLI shortcuts (epochs, seed)
-                args = {**spec["base"], **run.overrides}
-                base = args.pop("config", None)  # --config FILE, relative to the repository
-                base = path.parents[1] / base if base else None
-                load_config(cls, base, {SHORTCUTS.get(k, k): v for k, v in args.items()})
-            if path.name == "sweep_speech_frontier.yaml":  # {sweep}/<run> references resolve
-                assert len(expand(spec, [0, 1, 2])) == 3 * 41
+    cls = {"vision": VisionConfig, "speech": SpeechConfig}[track]
+    help_text = build_parser("t", cls).format_help()
+    enumerated = 0
+    for name, f, tp in config_fields(cls):
+        choices = f.metadata.get("choices")
+        if typing.get_origin(tp) is dict:  # keyed by role: the keys are checked
+            assert f.metadata.get("keys"), f"{name}: a mapping without its keys"
             continue
-        cls = VisionConfig if path.name.startswith("vision_") else SpeechConfig
-        cfg = load_config(cls, path)
-        if path.name == "vision_resnet50_str90.yaml":
-            assert cfg.method.s_init == -3200 and cfg.train.weight_decay == 2.251757813e-5
-            assert cfg.train.lr == 0.256 and cfg.train.momentum == 0.875
-            assert cfg.train.channels_last == "on"  # the YAML's true
-        if path.name in ("vision_resnet50_str90.yaml", "vision_mobilenetv1_str89.yaml"):
-            # thresholds on the run's clock: the paper's per-step lr at the paper's length
-            scale = role_lr_scales(cfg.train, 5005 * 100)["threshold"]
-            assert scale * cfg.train.lr == pytest.approx(0.256)
-        if "x2" in path.name or "pergate" in path.name:  # two layers / one matrix per gate
-            assert cfg.model.layers == (2 if "x2" in path.name else 1)
-            assert cfg.model.split == ("per_gate" if "pergate" in path.name else "stacked")
-        if path.name == "vision_mobilenetv1_str89.yaml":
-            assert cfg.method.s_init == -12800 and cfg.train.threshold_decay == 3.751757813e-5
+        if str in (tp, *typing.get_args(tp)) and name not in FREE_TEXT:
+            assert choices, f"{name}: a string field without choices"
+        if not choices:
+            continue
+        enumerated += 1
+        with pytest.raises(ConfigError) as error:
+            load_config(cls, None, {name: "bogus"})
+        assert str(error.value) == f"{name}: must be one of {list(choices)}, got 'bogus'"
+        assert f"--{name} " in help_text
+        assert f"one of: {' | '.join(map(str, choices))}]" in help_text
+    assert enumerated >= 10

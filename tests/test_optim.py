@@ -8,7 +8,14 @@ import torchvision
 from torch import nn
 
 from strlowrank import apply_soft_threshold
-from strlowrank.optim import build_optimizer, param_groups, parameter_roles, warmup_cosine_factor
+from strlowrank.optim import (
+    NORM_TYPES,
+    build_optimizer,
+    describe_groups,
+    param_groups,
+    parameter_roles,
+    warmup_cosine_factor,
+)
 
 
 def test_every_parameter_exactly_once_with_intended_decay():
@@ -35,19 +42,22 @@ def test_shared_global_threshold_listed_once():
     assert roles.count("threshold") == 1
 
 
-def test_declared_roles_and_lr_scale():
+def test_declared_roles_and_absolute_role_lr():
     class Spectral(nn.Module):
         param_roles = {"sigma": "spectrum"}
 
         def __init__(self):
             super().__init__()
             self.sigma = nn.Parameter(torch.ones(3))
+            self.head = nn.Linear(3, 2, bias=False)
 
     groups = param_groups(Spectral(), 0.1, {"spectrum": 0.0}, {"spectrum": 10.0})
-    opt = build_optimizer(groups, "adam", lr=1e-3)
-    assert groups[0]["role"] == "spectrum"
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2)
-    assert opt.param_groups[0]["weight_decay"] == 0.0
+    assert [g["role"] for g in groups] == ["spectrum", "weight"]
+    for base in (1e-3, 0.5):  # the role's lr is its own; the base lr moves only the others
+        opt = build_optimizer(groups, "adam", lr=base)
+        assert [g["lr"] for g in opt.param_groups] == [10.0, base]
+        assert opt.param_groups[0]["weight_decay"] == 0.0
+    assert "lr 10" in describe_groups(groups) and "lr 0.5" in describe_groups(groups)
 
 
 def test_warmup_cosine_values():
@@ -98,3 +108,26 @@ def test_role_algorithm_mix():
     assert algos == {"weight": "adam", "threshold": "sgd", "norm_bias": "adam"}
     with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
         build_optimizer(param_groups(model, 1e-4), "adam", 1e-3, role_algorithm={"weight": "lbfgs"})
+
+
+def test_norm_types_cover_every_torch_norm_layer():
+    # torch's private base class appears only here, to check that the public list still covers it
+    base = nn.modules.batchnorm._NormBase
+    subclasses = [c for c in vars(nn).values() if isinstance(c, type) and issubclass(c, base)]
+    assert len(subclasses) >= 13 and all(issubclass(c, NORM_TYPES) for c in subclasses)
+    assert all(issubclass(c, base) or c in (nn.GroupNorm, nn.LayerNorm) for c in NORM_TYPES)
+    # parameters of a norm layer are norm_bias whatever their shape (a 2-D LayerNorm weight)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4),
+                          nn.InstanceNorm2d(4, affine=True), nn.LayerNorm([4, 4]))  # fmt: skip
+    roles = {name: role for name, _, role in parameter_roles(model)}
+    assert roles.pop("0.weight") == "weight"
+    assert set(roles.values()) == {"norm_bias"} and len(roles) == 9
+
+
+def test_every_declared_role_is_a_known_role():
+    from strlowrank import lowrank, pruning, rnn, threshold
+    from strlowrank.optim import ROLES
+
+    declared = [set(c.param_roles.values()) for m in (lowrank, pruning, rnn, threshold)
+                for c in vars(m).values() if isinstance(c, type) and hasattr(c, "param_roles")]
+    assert len(declared) >= 4 and set().union(*declared) <= set(ROLES)

@@ -8,13 +8,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from strlowrank import apply_soft_threshold
+from strlowrank.config import ConfigError
 from strlowrank.distributed import DistInfo
 from strlowrank.engine import (
     Task,
     TrainConfig,
     Trainer,
     budget_warnings,
-    role_lr_scales,
+    role_lrs,
     seed_everything,
 )
 
@@ -49,18 +50,20 @@ def test_run_clock_budget_moves_far_less_than_the_step_count(tmp_path):
     assert min(run) > 0.5 and abs(run[0] - run[1]) < 0.25  # on the run's clock: a real budget both
 
 
-def test_role_lr_scales_give_eta_over_the_run_length():
+def test_role_lrs_give_eta_over_the_run_length():
     cfg = TrainConfig(lr=0.1, role_lr={"spectrum": 10.0}, role_lr_per_run={"threshold": 60.0})
     for steps in (150, 600, 2400):
-        scales = role_lr_scales(cfg, steps)
-        assert scales["spectrum"] == 10.0
-        assert scales["threshold"] * cfg.lr == pytest.approx(60.0 / steps)
-    with pytest.raises(ValueError, match="both set the lr of 'threshold'"):
-        role_lr_scales(TrainConfig(role_lr={"threshold": 1.0},
-                                   role_lr_per_run={"threshold": 60.0}), 100)  # fmt: skip
+        lrs = role_lrs(cfg, steps)
+        assert lrs["spectrum"] == 10.0  # absolute: not a multiple of train.lr
+        assert lrs["threshold"] == pytest.approx(60.0 / steps)
+    with pytest.raises(ConfigError, match="train.role_lr.threshold and train.role_lr_per_run"):
+        TrainConfig(role_lr={"threshold": 1.0}, role_lr_per_run={"threshold": 60.0})
     # null takes a role off the run's clock (a YAML or command line cannot delete a default key)
     per_step = TrainConfig(role_lr={"threshold": 1.0}, role_lr_per_run={"threshold": None})
-    assert role_lr_scales(per_step, 100) == {"threshold": 1.0}
+    assert role_lrs(per_step, 100) == {"threshold": 1.0}
+    # the run's clock does not need train.lr (absolute, not stored as a multiplier)
+    assert role_lrs(TrainConfig(lr=0.0, role_lr_per_run={"threshold": 60.0}), 600) == {
+        "threshold": pytest.approx(0.1)}
 
 
 def test_the_old_per_step_clock_is_one_override_away():
@@ -68,9 +71,9 @@ def test_the_old_per_step_clock_is_one_override_away():
     from strlowrank.cli import parse_config
 
     cfg, _ = parse_config(SpeechConfig, "", ["--train.role_lr_per_run", "{threshold: null}",
-                                             "--train.role_lr", "{threshold: 33.333}"])  # fmt: skip
-    scales = role_lr_scales(cfg.train, 1700)
-    assert scales["threshold"] == pytest.approx(33.333) and scales["spectrum"] == 10000.0
+                                             "--train.role_lr", "{threshold: 0.1}"])  # fmt: skip
+    lrs = role_lrs(cfg.train, 1700)
+    assert lrs["threshold"] == 0.1 and lrs["spectrum"] == 30.0
 
 
 def test_trainer_threshold_group_uses_the_run_clock(tmp_path):
@@ -80,9 +83,9 @@ def test_trainer_threshold_group_uses_the_run_clock(tmp_path):
                       role_lr_per_run={"threshold": 12.0})  # fmt: skip
     trainer = Trainer(Task(model=model, train_set=clusters(320, 0), val_set=clusters(64, 1)),
                       cfg, tmp_path, DistInfo())  # fmt: skip
-    group = next(g for g in trainer.groups if g["role"] == "threshold")
+    group = next(g for g in trainer.optimizer.param_groups if g["role"] == "threshold")
     assert trainer.steps_per_epoch == 10
-    assert group["lr_scale"] * cfg.lr == pytest.approx(12.0 / 30)
+    assert group["initial_lr"] == pytest.approx(12.0 / 30)
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
@@ -127,3 +130,56 @@ def test_bn_recalibration_gives_the_exact_mean_over_the_batches(tmp_path):
     torch.testing.assert_close(norm.running_mean, hidden.mean(0), rtol=1e-5, atol=1e-6)
     assert norm.momentum == 0.1 and norm.num_batches_tracked == 4
     assert not trainer.recalibrate_norms(0)
+
+
+def default_trainer(track: str, tmp_path, overrides: dict | None = None) -> Trainer:
+    """A Trainer with the track's default train config, real default model and the default data
+    size in optimizer steps (speech 85 x 64 clips per epoch, vision 40 x 128 images); no data is
+    read."""
+    from speech.config import SpeechConfig
+    from speech.models import build_model as speech_model
+    from strlowrank.config import load_config
+    from vision.config import VisionConfig
+    from vision.models import build_model as vision_model
+
+    if track == "speech":
+        cfg = load_config(SpeechConfig, None, overrides)
+        model, steps = speech_model(cfg.model, 32, 12), 85
+    else:
+        cfg = load_config(VisionConfig, None, overrides)
+        model, steps = vision_model(cfg.model.name, 10, 1), 40
+        apply_soft_threshold(model, s_init=cfg.method.s_init)
+    n = steps * cfg.train.batch_size
+    data = TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long))
+    cfg.train.progress = False
+    return Trainer(Task(model=model, train_set=data, val_set=data), cfg.train, tmp_path, DistInfo())
+
+
+def lrs_after(trainer: Trainer, steps: int) -> dict[str, float]:
+    """Each role's lr after ``steps`` scheduler steps (no gradients: the parameters stay)."""
+    for _ in range(steps):
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    return {g["role"]: g["lr"] for g in trainer.optimizer.param_groups}
+
+
+@pytest.mark.parametrize("track,peaks,warm,total", [
+    # speech: Adam 3e-3; singular values role_lr 30; thresholds 170 per run / 1,700 steps
+    ("speech", {"norm_bias": 3e-3, "factor": 3e-3, "weight": 3e-3, "spectrum": 30.0,
+                "threshold": 0.1}, 85, 1700),
+    # vision: SGD 0.1; thresholds 60 per run / 600 steps
+    ("vision", {"weight": 0.1, "norm_bias": 0.1, "threshold": 0.1}, 40, 600),
+])  # fmt: skip
+def test_default_role_lrs_are_the_absolute_values(track, peaks, warm, total, tmp_path):
+    import math
+
+    trainer = default_trainer(track, tmp_path)
+    assert trainer.total_steps == total and trainer.warmup_steps == warm
+    assert lrs_after(trainer, 0) == pytest.approx({r: lr / warm for r, lr in peaks.items()})
+    mid = 0.5 * (1 + math.cos(math.pi * (total // 2 - warm) / (total - warm)))  # cosine part
+    assert lrs_after(trainer, total // 2) == pytest.approx({r: lr * mid for r, lr in peaks.items()})
+    # another train.lr moves the groups without their own lr, and only those
+    moved = default_trainer(track, tmp_path / "moved", {"train.lr": 0.05})
+    own = {"spectrum", "threshold"}
+    assert {g["role"]: g["initial_lr"] for g in moved.optimizer.param_groups} == {
+        r: (lr if r in own else 0.05) for r, lr in peaks.items()}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from strlowrank.config import option
 from strlowrank.controller import ControllerConfig
 from strlowrank.engine import TrainConfig
+from vision.models import MODELS
 
 METHODS = ("dense", "str", "gmp", "uniform", "transfer")
 
@@ -26,8 +27,7 @@ class VisionDataConfig:
 
 @dataclass
 class VisionModelConfig:
-    name: str = option("resnet20", "resnet18 | resnet50 | mobilenet_v1 | resnet20 | "
-                       "resnet18_small | mobilenet_v1_small")  # fmt: skip
+    name: str = option("resnet20", "network (the vision.models registry)", choices=MODELS)
     width: float = option(1.0, "MobileNetV1 width multiplier", min=0.05)
 
 
