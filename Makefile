@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(PY) -m strlowrank.report $(DEMO)/speech $(DEMO)/vision --out $(DEMO)/report
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) -m bench.run_all
 
 clean-venv:
 	rm -rf $(VENV)

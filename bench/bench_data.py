@@ -5,21 +5,17 @@
 - synthesis: ``speech.synth.render_clip`` (espeak-ng word, warp, room, channel, noise, level),
   clips per second in one process (the generator runs ``SynthConfig.workers`` processes);
   skipped with a note when espeak-ng is not importable.
-Run: python bench/bench_data.py [--clips 512]
+Run: python -m bench.bench_data [--clips 512]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_common_args, interleaved, print_table, setup, write_json
 

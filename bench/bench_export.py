@@ -23,21 +23,17 @@ or CSR) of their time inside a whole forward pass (forward hooks, fastest of 5 p
 ``top_layers`` the three slowest layers with their share of sparse_ms.
 Targets: >= 1.5x at 95% sparsity, batch 1, ResNet-50 and MobileNetV1; ResNet-50 there also
 >= 4x PyTorch dense and >= 2.5x ONNX Runtime dense.
-Run: python bench/bench_export.py [--models resnet50 mobilenet_v1] [--batch 1 16]
+Run: python -m bench.bench_export [--models resnet50 mobilenet_v1] [--batch 1 16]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_common_args, interleaved, print_table, setup, summarize, write_json
 from strlowrank.export import export_sparse_cnn, file_bytes

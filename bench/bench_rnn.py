@@ -14,27 +14,29 @@ process. Targets, judged on the C++ export: >= 1.5x nn.GRU at H=128 B=64 r=H/4, 
 H=512; against ONNX Runtime at H=128 r=32: >= 1.8x at B=1, >= 2x at B=64, and the dense C++ loop
 >= 1x at B=1.
 Stream: latency of one 10 ms frame (T=1, B=1, state carried) at H=128, r=32, per backend.
-Run: python bench/bench_rnn.py [--part p2 p3 stream] [--repeats 5] [--threads 1]
+Run: python -m bench.bench_rnn [--part p2 p3 stream] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.common import add_common_args, interleaved, print_table, setup, summarize, write_json
 from strlowrank import gru_cpp
 from strlowrank.export import export_gru, file_bytes
+from strlowrank.lowrank import MatrixSpec
 from strlowrank.rnn import RNNLayer
 
 STEPS, FEATURES = 99, 32
+
+
+def _lowrank(rank: int) -> MatrixSpec:
+    """A fixed low-rank matrix of ``rank`` (truncated SVD of torch's init)."""
+    return MatrixSpec("lowrank", rank=rank)
 
 
 class _Head(nn.Module):
@@ -51,10 +53,12 @@ class _Head(nn.Module):
 def p2(args: argparse.Namespace, hidden: int = 128, batch: int = 64) -> list[dict]:
     torch.manual_seed(0)
     gru = nn.GRU(FEATURES, hidden, batch_first=True)
+    str_spec = MatrixSpec("str", s_init=-5.0, s_bias=2.0)
     models = {
         "nn.GRU": _Head(gru, hidden),
-        "str": _Head(RNNLayer.from_torch(gru, kind="str", s_init=-5.0, s_bias=2.0), hidden),
-        "lowrank(16,25)": _Head(RNNLayer("gru", FEATURES, hidden, "lowrank", None, 16, 25), hidden),
+        "str": _Head(RNNLayer.from_torch(gru, spec=str_spec), hidden),
+        "lowrank(16,25)": _Head(RNNLayer("gru", FEATURES, hidden, _lowrank(16), _lowrank(25)),
+                                hidden),
     }
     x = torch.randn(batch, STEPS, FEATURES, device=args.device)
     y = torch.randint(0, 12, (batch,), device=args.device)
@@ -96,7 +100,7 @@ def _ort(layer: nn.Module, form: str):
 def p3_case(hidden: int, batch: int, rank: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     gru = nn.GRU(FEATURES, hidden, batch_first=True).eval()
-    layer = RNNLayer("gru", FEATURES, hidden, "lowrank", rank_w=min(rank, FEATURES), rank_u=rank)
+    layer = RNNLayer("gru", FEATURES, hidden, _lowrank(min(rank, FEATURES)), _lowrank(rank))
     exports = {"script": export_gru(layer.eval())}
     if gru_cpp.available():
         exports["cpp"] = export_gru(layer, backend="cpp")
@@ -150,7 +154,7 @@ def stream(args: argparse.Namespace, hidden: int = 128, rank: int = 32) -> list[
     """ms per 10 ms frame (x_t [1, I], state carried) for each backend, low rank and dense."""
     torch.manual_seed(0)
     gru = nn.GRU(FEATURES, hidden, batch_first=True).eval()
-    layer = RNNLayer("gru", FEATURES, hidden, "lowrank", rank_w=rank, rank_u=rank).eval()
+    layer = RNNLayer("gru", FEATURES, hidden, _lowrank(rank), _lowrank(rank)).eval()
     x, h = torch.randn(1, 1, FEATURES), torch.zeros(1, hidden)
     steppers = {("script", "lowrank"): export_gru(layer), ("script", "dense"): export_gru(gru)}
     if gru_cpp.available():

@@ -7,27 +7,23 @@ expression, ``fused=False``). STR is applied to every conv and linear layer with
 threshold. Two floors show what any weight reparameterization costs: ``floor_param`` (an
 identity parametrization: the machinery alone) and ``floor_1pass`` (W' = 1.0 * W: one
 weight-sized pass and allocation per step, no backward work).
-Target: str <= 1.05x dense.  Run: python bench/bench_str_overhead.py [--repeats 5]
+Target: str <= 1.05x dense.  Run: python -m bench.bench_str_overhead [--repeats 5]
 
 GPU table (dense vs STR in both memory formats, bf16 autocast; ``x_dense`` is relative to dense
 in the same format):
-    python bench/bench_str_overhead.py --device cuda --amp bf16 --cases resnet50:256:224 \
+    python -m bench.bench_str_overhead --device cuda --amp bf16 --cases resnet50:256:224 \
         --formats contiguous channels_last --variants dense str
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_common_args, interleaved, print_table, setup, summarize, write_json
 from strlowrank.threshold import apply_soft_threshold, thresholded_modules

@@ -52,19 +52,19 @@ step speech_ddp1 300 "${TORCHRUN[@]}" --standalone --nproc_per_node=1 speech/tra
   --data-dir "$SPEECH" --epochs 1 --device cuda --train.amp bf16 \
   --train.progress false --out "$OUT_DIR/speech_ddp"
 # The compiled GRU export and the sparse CNN export on this machine's CPU (P3 / P4, quick).
-step bench_p3_cpu 300 "$PY" bench/bench_rnn.py --part p3 --threads 4 --repeats 3 \
+step bench_p3_cpu 300 "$PY" -m bench.bench_rnn --part p3 --threads 4 --repeats 3 \
   --json "$OUT_DIR/p3_cpu.json"
 
 # Benchmarks on CUDA: P1 (STR step overhead) and P2 (GRU training step); P3/P4 are CPU exports.
-step bench_p1_cuda 300 "$PY" bench/bench_str_overhead.py --device cuda --repeats 10 --warmup 3 \
+step bench_p1_cuda 300 "$PY" -m bench.bench_str_overhead --device cuda --repeats 10 --warmup 3 \
   --json "$OUT_DIR/p1_cuda.json"
 # P1 at training shapes: dense vs STR, NCHW and channels_last, bf16 autocast, 224 px, batch 256
 # (goal <= 1.05x) and 32 (goal <= 1.3x); x_dense is relative to dense in the same format.
-step bench_p1_cuda_formats 420 "$PY" bench/bench_str_overhead.py --device cuda --amp bf16 \
+step bench_p1_cuda_formats 420 "$PY" -m bench.bench_str_overhead --device cuda --amp bf16 \
   --cases resnet50:256:224 mobilenet_v1:256:224 resnet50:32:224 mobilenet_v1:32:224 \
   --formats contiguous channels_last --variants dense str --repeats 10 --warmup 3 \
   --json "$OUT_DIR/p1_cuda_formats.json"
-step bench_p2_cuda 200 "$PY" bench/bench_rnn.py --part p2 --device cuda --repeats 10 --warmup 3 \
+step bench_p2_cuda 200 "$PY" -m bench.bench_rnn --part p2 --device cuda --repeats 10 --warmup 3 \
   --json "$OUT_DIR/p2_cuda.json"
 
 set +x

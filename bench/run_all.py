@@ -3,17 +3,14 @@
 P1 (STR training-step overhead), P2/P3 (GRU training, low-rank GRU export), P4 (sparse CNN
 export at batch 1 and 16), data throughput. Takes 10-20 minutes on 2 CPU threads; ``--quick``
 runs a reduced set (3 rounds, P4 at batch 1 only) in a few minutes.
-Run: python bench/run_all.py [--threads 2] [--device cpu] [--quick]
+Run: python -m bench.run_all [--threads 2] [--device cpu] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import bench_data, bench_export, bench_rnn, bench_str_overhead
 from bench.common import REPO, setup

@@ -19,6 +19,7 @@ from torch import nn
 
 from strlowrank.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from strlowrank.config import ConfigError, from_dict, option
+from strlowrank.lowrank import MatrixSpec
 from strlowrank.rnn import GATES, SPLITS, RNNLayer
 
 POOLS = ("last", "mean")
@@ -68,14 +69,11 @@ class KeywordSpotter(nn.Module):
                 if rank > min(rows, cols):
                     raise ValueError(f"model.{name}: {rank} is above the full rank "
                                      f"{min(rows, cols)} of a {rows}x{cols} matrix")  # fmt: skip
+        spec_w, spec_u = matrix_specs(cfg)
         self.rnns = nn.ModuleList(
-            RNNLayer(
-                cfg.cell, sizes[i], cfg.hidden, kind=cfg.param, rank_w=cfg.rank_w,
-                rank_u=cfg.rank_u, s_init=cfg.s_init, lowrank_init=cfg.lowrank_init,
-                threshold_scale=cfg.threshold_scale, s_bias=cfg.s_bias, split=cfg.split,
-            )
+            RNNLayer(cfg.cell, sizes[i], cfg.hidden, spec=spec_w, spec_u=spec_u, split=cfg.split)
             for i in range(cfg.layers)
-        )  # fmt: skip
+        )
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.hidden, num_classes)
 
@@ -99,6 +97,13 @@ class KeywordSpotter(nn.Module):
         compact = copy.deepcopy(self)
         compact.rnns = nn.ModuleList(rnn.export() for rnn in self.rnns)
         return compact
+
+
+def matrix_specs(cfg: SpeechModelConfig) -> tuple[MatrixSpec, MatrixSpec]:
+    """The ``MatrixSpec`` of every W and of every U of the model (they differ in the fixed rank)."""
+    common = dict(kind=cfg.param, s_init=cfg.s_init, threshold_scale=cfg.threshold_scale,
+                  s_bias=cfg.s_bias, lowrank_init=cfg.lowrank_init)  # fmt: skip
+    return MatrixSpec(rank=cfg.rank_w, **common), MatrixSpec(rank=cfg.rank_u, **common)
 
 
 def build_model(cfg: SpeechModelConfig, input_size: int, num_classes: int) -> KeywordSpotter:

@@ -28,7 +28,8 @@ from strlowrank.cli import execute, parse_config, run_main
 from strlowrank.controller import build_controller
 from strlowrank.distributed import DistInfo
 from strlowrank.engine import Task
-from strlowrank.lowrank import Refactorize, matrix_spectra
+from strlowrank.lowrank import Refactorize
+from strlowrank.rnn import matrix_spectra
 
 
 def rank_text(table: pd.DataFrame) -> str:

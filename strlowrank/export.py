@@ -48,6 +48,7 @@ from torch.nn.utils import parametrize
 
 from strlowrank import gru_cpp
 from strlowrank.gru_cpp import lowrank_gru_forward
+from strlowrank.lowrank import factored_is_cheaper
 from strlowrank.rnn import RNNLayer
 from strlowrank.sparse_cnn_ops import (
     SparseConv2d,
@@ -96,10 +97,10 @@ class LowRankGRU(nn.Module):
 
 
 def _cheapest(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, torch.Tensor, torch.Tensor]:
-    """(factored?, A, B): keep A [out, r] B [r, in] when r (out + in) < out in, else (W, empty)."""
+    """(factored?, A, B): A [out, r], B [r, in] if ``factored_is_cheaper``, else (W, empty)."""
     a, b = a.detach().float(), b.detach().float()
     out_f, rank, in_f = a.shape[0], a.shape[1], b.shape[1]
-    if rank * (out_f + in_f) < out_f * in_f:
+    if factored_is_cheaper(rank, out_f, in_f):
         return True, a, b
     return False, a @ b, a.new_zeros(in_f, 0)
 

@@ -14,12 +14,15 @@ nonzero thresholded values relu(sigma_i - tau). Two properties make the rank lea
   singular value, so a matrix never collapses below rank 1.
 
 The fixed-rank baseline is W = W1 W2 (EdgeML-style, FastGRNN). ``refactorize_`` re-orthonormalizes
-P and Q by an SVD without changing any effective matrix.
+P and Q by an SVD without changing any effective matrix. A ``MatrixSpec`` names a matrix's kind
+and settings; ``make_matrix`` builds it. Every deployable form stores factors of rank r for an
+[out, in] matrix only when ``factored_is_cheaper``: r (out + in) < out in.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,24 @@ from torch import nn
 
 KINDS = ("full", "lowrank", "str")
 THRESHOLD_SCALES = ("max", "rms", "init", "one")
+LOWRANK_INITS = ("svd", "randn")
+
+
+def factored_is_cheaper(rank: int, out_features: int, in_features: int) -> bool:
+    """True when factors A [out, r], B [r, in] hold fewer numbers than the dense W [out, in]:
+
+        r (out + in) < out in,
+
+    i.e. r < out in / (out + in). At equality the dense matrix is kept (same size, one product).
+    """
+    return rank * (out_features + in_features) < out_features * in_features
+
+
+def compact_size(rank: int, out_features: int, in_features: int) -> int:
+    """Numbers in the deployable form: r (out + in) if ``factored_is_cheaper``, else out in."""
+    if factored_is_cheaper(rank, out_features, in_features):
+        return rank * (out_features + in_features)
+    return out_features * in_features
 
 
 def uniform_init(out_features: int, in_features: int, bound: float | None = None) -> torch.Tensor:
@@ -116,7 +137,7 @@ class LowRankMatrix(nn.Module):
 
     def num_params(self) -> int:
         """Parameters of the deployable form: the factors, or the dense matrix if smaller."""
-        return min(self.W1.numel() + self.W2.numel(), self.W1.shape[0] * self.W2.shape[1])
+        return compact_size(self.rank(), self.W1.shape[0], self.W2.shape[1])
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.W1.detach().float().clone(), self.W2.detach().float().clone()
@@ -194,8 +215,7 @@ class STRMatrix(nn.Module):
 
     def num_params(self) -> int:
         """Parameters of the deployable form: r (out + in) as factors, or out in if smaller."""
-        out_f, in_f = self.P.shape[0], self.Q.shape[0]
-        return min(self.rank() * (out_f + in_f), out_f * in_f)
+        return compact_size(self.rank(), self.P.shape[0], self.Q.shape[0])
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A = P_n[:, act] sqrt(e) [out, r], B = sqrt(e) Q_n[:, act]^T [r, in], A @ B == W."""
@@ -230,31 +250,63 @@ class STRMatrix(nn.Module):
         self.sigma.copy_(new_sigma)
 
 
-def make_matrix(
-    kind: str,
-    out_features: int,
-    in_features: int,
-    rank: int | None = None,
-    init: torch.Tensor | str | None = None,
-    s_init: float = -4.0,
-    threshold_scale: str = "max",
-    s_bias: float = 0.0,
-) -> nn.Module:
-    """Factory: ``"full"`` | ``"lowrank"`` (needs ``rank``) | ``"str"`` over a dense ``init``.
+@dataclass(frozen=True)
+class MatrixSpec:
+    """What ``make_matrix`` builds: a matrix's kind and its kind's settings.
 
-    ``init`` is a dense [out, in] tensor (default U(-1/sqrt(in), 1/sqrt(in))); the string
-    ``"randn"`` selects EdgeML's 0.1 * N(0, 1) factors for ``"lowrank"``.
+    Args:
+        kind: ``"full"`` (dense W) | ``"lowrank"`` (W = W1 W2 at a fixed rank) | ``"str"``
+            (thresholded singular values, a learned rank).
+        rank: the fixed rank of a ``"lowrank"`` matrix (required there; ignored otherwise).
+        s_init: STR's initial threshold parameter s (``STRMatrix``).
+        threshold_scale: STR's threshold unit (``STRMatrix``): max | rms | init | one.
+        s_bias: STR's constant b in g = sigmoid(s + b).
+        lowrank_init: ``"svd"`` (truncated SVD of the dense init) or ``"randn"`` (EdgeML's
+            0.1 N(0, 1) factors; the dense init is then ignored).
+    Settings of other kinds are ignored, so one spec can describe every matrix of a model.
     """
-    if kind == "full":
-        return FullMatrix(out_features, in_features, None if isinstance(init, str) else init)
-    if kind == "lowrank":
-        if rank is None:
-            raise ValueError("make_matrix('lowrank', ...) needs a rank")
-        return LowRankMatrix(out_features, in_features, rank, init)
-    if kind == "str":
-        dense = None if isinstance(init, str) else init
-        return STRMatrix(out_features, in_features, s_init, dense, threshold_scale, s_bias)
-    raise ValueError(f"unknown matrix kind {kind!r}; expected one of {KINDS}")
+
+    kind: str = "full"
+    rank: int | None = None
+    s_init: float = -4.0
+    threshold_scale: str = "max"
+    s_bias: float = 0.0
+    lowrank_init: str = "svd"
+
+    def __post_init__(self) -> None:
+        choices = {"kind": KINDS, "threshold_scale": THRESHOLD_SCALES,
+                   "lowrank_init": LOWRANK_INITS}  # fmt: skip
+        for field, allowed in choices.items():
+            if (value := getattr(self, field)) not in allowed:
+                raise ValueError(f"MatrixSpec.{field}: {value!r}, expected one of {allowed}")
+        if self.kind == "lowrank" and self.rank is None:
+            raise ValueError("MatrixSpec(kind='lowrank') needs a rank")
+
+
+def make_matrix(
+    spec: MatrixSpec, out_features: int, in_features: int, init: torch.Tensor | None = None
+) -> nn.Module:
+    """The matrix ``spec`` describes, [out, in], from a dense ``init`` [out, in] (default
+    U(-1/sqrt(in), 1/sqrt(in))): full = a copy, lowrank = truncated SVD at ``spec.rank`` (or
+    random factors, ``lowrank_init="randn"``), str = SVD (equal to ``init`` as s -> -inf)."""
+    if spec.kind == "full":
+        return FullMatrix(out_features, in_features, init)
+    if spec.kind == "lowrank":
+        dense = "randn" if spec.lowrank_init == "randn" else init
+        return LowRankMatrix(out_features, in_features, spec.rank, dense)
+    return STRMatrix(out_features, in_features, s_init=spec.s_init, init=init,
+                     threshold_scale=spec.threshold_scale, s_bias=spec.s_bias)  # fmt: skip
+
+
+def spec_of(matrix: nn.Module) -> MatrixSpec:
+    """The spec that rebuilds ``matrix``'s kind and settings: the rank of a fixed low-rank
+    matrix, the current s, threshold unit and bias of an STR matrix (``lowrank_init`` "svd")."""
+    if isinstance(matrix, STRMatrix):
+        return MatrixSpec("str", s_init=float(matrix.s.detach()),
+                          threshold_scale=matrix.threshold_scale, s_bias=float(matrix.s_bias))
+    if isinstance(matrix, LowRankMatrix):
+        return MatrixSpec("lowrank", rank=matrix.rank())
+    return MatrixSpec("full")
 
 
 def refactorize_(model: nn.Module) -> int:
@@ -285,28 +337,3 @@ class Refactorize:
         if self.every_epochs and (epoch + 1) % self.every_epochs == 0:
             refactorize_(model)
         return None
-
-
-def matrix_spectra(model: nn.Module, stage: str) -> list[dict]:
-    """One row per singular value of every recurrent matrix (W, U) of every ``RNNLayer``.
-
-    Rows: {"layer", "matrix", "stage", "index", "sigma", "threshold"}. For an ``STRMatrix``,
-    sigma is the raw learnable spectrum sorted descending and threshold is tau (same units);
-    for full / fixed-rank matrices sigma = svdvals of the effective matrix, threshold NaN.
-    """
-    from strlowrank.rnn import RNNLayer  # rnn imports this module
-
-    rows = []
-    for name, layer in model.named_modules():
-        if not isinstance(layer, RNNLayer):
-            continue
-        for mat_name, m in layer.matrices().items():
-            with torch.no_grad():
-                if isinstance(m, STRMatrix):
-                    sigma = torch.sort(_float32(m.sigma).detach(), descending=True).values
-                    tau = float(m.tau())
-                else:
-                    sigma, tau = torch.linalg.svdvals(m().detach().float()), float("nan")
-            rows += [{"layer": name, "matrix": mat_name, "stage": stage, "index": i,
-                      "sigma": float(v), "threshold": tau} for i, v in enumerate(sigma.tolist())]
-    return rows

@@ -12,11 +12,11 @@ each a ``FullMatrix``, ``LowRankMatrix`` (W = W1 W2) or ``STRMatrix``
     W = [W_r; W_z; W_n],     U = [U_r; U_z; U_n]
 
 so a GRU layer learns 6 ranks (an LSTM 8) and runs the same kernel. The effective
-matrices are reconstructed once per forward and handed with the biases to torch's fused
-GRU/LSTM kernel (``torch._VF.gru`` / ``torch._VF.lstm``, what ``nn.GRU.forward`` calls), so the
-time loop never runs in Python and autograd reaches the factors. GRU and LSTM differ only in the
-kernel and the number of gates. No parametrization is ever registered on nn.GRU / nn.LSTM
-(pytorch issue 65688).
+matrices are reconstructed once per forward and handed with the biases to a stock nn.GRU /
+nn.LSTM through ``torch.func.functional_call`` (torch's fused kernel), so the time loop never
+runs in Python and autograd reaches the factors. GRU and LSTM differ only in the module and the
+number of gates. No parametrization is ever registered on nn.GRU / nn.LSTM (pytorch issue
+65688). ``matrix_spectra`` lists the singular values of every recurrent matrix of a model.
 """
 
 from __future__ import annotations
@@ -26,12 +26,22 @@ import math
 import torch
 from torch import nn
 
-from strlowrank.lowrank import LowRankMatrix, STRMatrix, make_matrix
+from strlowrank.lowrank import (
+    FullMatrix,
+    LowRankMatrix,
+    MatrixSpec,
+    STRMatrix,
+    factored_is_cheaper,
+    make_matrix,
+    spec_of,
+)
 
 GATE_NAMES = {"gru": ("r", "z", "n"), "lstm": ("i", "f", "g", "o")}  # torch's row order
 GATES = {cell: len(names) for cell, names in GATE_NAMES.items()}
 SPLITS = ("stacked", "per_gate")
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+TORCH_RNNS = {"gru": nn.GRU, "lstm": nn.LSTM}
+WEIGHT_NAMES = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")  # nn.GRU's names
 
 
 def fused_recurrence(
@@ -39,18 +49,22 @@ def fused_recurrence(
 ) -> tuple[torch.Tensor, State]:
     """Run torch's fused single-layer recurrence on x [B, T, I] with [W, U, b_ih, b_hh].
 
+    The weights go by ``torch.func.functional_call`` into a stock batch-first nn.GRU / nn.LSTM
+    built on the meta device (no memory, no random draw), so the call is ``nn.GRU.forward``'s
+    own: the same fused kernel, with autograd reaching whatever computed the weights.
     Returns outputs [B, T, H] and the final state: h [B, H] (GRU) or (h, c) (LSTM).
     """
     batch, hidden = x.shape[0], weights[1].shape[1]
-    weights = [w.to(x.dtype) for w in weights]
+    rnn = TORCH_RNNS[cell](x.shape[2], hidden, batch_first=True, device="meta").train(train)
+    params = dict(zip(WEIGHT_NAMES, (w.to(x.dtype) for w in weights)))
     if cell == "gru":
         h0 = x.new_zeros(1, batch, hidden) if state is None else state.unsqueeze(0)
-        out, h_n = torch._VF.gru(x, h0, weights, True, 1, 0.0, train, False, True)
+        out, h_n = torch.func.functional_call(rnn, params, (x, h0))
         return out, h_n[0]
     if state is None:
         state = (x.new_zeros(batch, hidden), x.new_zeros(batch, hidden))
     hx = (state[0].unsqueeze(0), state[1].unsqueeze(0))
-    out, h_n, c_n = torch._VF.lstm(x, hx, weights, True, 1, 0.0, train, False, True)
+    out, (h_n, c_n) = torch.func.functional_call(rnn, params, (x, hx))
     return out, (h_n[0], c_n[0])
 
 
@@ -59,14 +73,11 @@ class RNNLayer(nn.Module):
 
     Args:
         cell: ``"gru"`` or ``"lstm"``.
-        kind: matrix kind of W (and of U unless ``kind_u`` is given): full | lowrank | str.
-        rank_w, rank_u: ranks of fixed low-rank matrices.
-        s_init: initial threshold parameter of STR matrices (g(s_init) = fraction of max sigma).
-        lowrank_init: ``"svd"`` (truncated SVD of the standard init) or ``"randn"`` (0.1 N(0,1)).
-        threshold_scale: see ``STRMatrix``.
+        spec: the ``MatrixSpec`` of W (kind, fixed rank, STR threshold settings); default full.
+        spec_u: the ``MatrixSpec`` of U (default: ``spec``).
         split: ``"stacked"`` (one W [G H, I] and one U [G H, H]) or ``"per_gate"`` (W_g [H, I]
-            and U_g [H, H] per gate g, named ``W_r``, ``U_r``, ...; fixed ranks are
-            ``rank_w`` / ``rank_u`` for every gate).
+            and U_g [H, H] per gate g, named ``W_r``, ``U_r``, ...; every gate of a side is built
+            from that side's spec, so fixed ranks are the same for every gate).
     Initial dense matrices and biases follow torch: U(-1/sqrt(H), 1/sqrt(H)) (the same
     stacked draw for both splits: a per-gate layer starts as the row blocks of the stacked one).
     """
@@ -78,14 +89,8 @@ class RNNLayer(nn.Module):
         cell: str,
         input_size: int,
         hidden_size: int,
-        kind: str = "full",
-        kind_u: str | None = None,
-        rank_w: int | None = None,
-        rank_u: int | None = None,
-        s_init: float = -4.0,
-        lowrank_init: str = "svd",
-        threshold_scale: str = "max",
-        s_bias: float = 0.0,
+        spec: MatrixSpec | None = None,
+        spec_u: MatrixSpec | None = None,
         split: str = "stacked",
     ) -> None:
         super().__init__()
@@ -95,20 +100,14 @@ class RNNLayer(nn.Module):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.cell, self.input_size, self.hidden_size = cell, input_size, hidden_size
         self.split = split
+        spec = MatrixSpec() if spec is None else spec
         rows, bound = GATES[cell] * hidden_size, 1.0 / math.sqrt(hidden_size)
-        opts = (s_init, lowrank_init, threshold_scale, s_bias)
-        for side, kind_, cols, rank in (("W", kind, input_size, rank_w),
-                                        ("U", kind_u or kind, hidden_size, rank_u)):  # fmt: skip
+        for side, side_spec, cols in (("W", spec, input_size), ("U", spec_u or spec, hidden_size)):
             dense = torch.empty(rows, cols).uniform_(-bound, bound)
             for name, block in zip(self._names(side), self._blocks(dense)):
-                self.add_module(name, self._matrix(kind_, block, rank, *opts))
+                self.add_module(name, make_matrix(side_spec, *block.shape, block))
         self.bias_ih = nn.Parameter(torch.empty(rows).uniform_(-bound, bound))
         self.bias_hh = nn.Parameter(torch.empty(rows).uniform_(-bound, bound))
-
-    @staticmethod
-    def _matrix(kind, dense, rank, s_init, lowrank_init, scale, s_bias) -> nn.Module:
-        init = "randn" if kind == "lowrank" and lowrank_init == "randn" else dense
-        return make_matrix(kind, *dense.shape, rank, init, s_init, scale, s_bias)
 
     def _names(self, side: str) -> list[str]:
         """Matrix names of one side ("W" or "U"): [side] or [side_r, side_z, ...] per gate."""
@@ -151,11 +150,7 @@ class RNNLayer(nn.Module):
             if tuple(dense.shape) != expected[side]:
                 raise ValueError(f"{side}: shape {tuple(dense.shape)}, expected {expected[side]}")
             for name, block in zip(self._names(side), self._blocks(dense.detach().float())):
-                m = getattr(self, name)
-                rank = m.rank() if isinstance(m, LowRankMatrix) else None
-                str_opts = (float(m.s), m.threshold_scale, float(m.s_bias)) if isinstance(
-                    m, STRMatrix) else (-4.0, "max", 0.0)  # fmt: skip
-                new = make_matrix(_kind_of(m), *block.shape, rank, block.clone(), *str_opts)
+                new = make_matrix(spec_of(getattr(self, name)), *block.shape, block.clone())
                 setattr(self, name, new.to(self.bias_ih.device))
         self.bias_ih.copy_(bias_ih)
         self.bias_hh.copy_(bias_hh)
@@ -172,7 +167,7 @@ class RNNLayer(nn.Module):
             numel, nnz = out_f * in_f, m.num_params()
             thr = float(m.tau().detach()) if isinstance(m, STRMatrix) else float("nan")
             rows.append({
-                "name": name, "kind": f"{self.cell}.{name}", "param": _kind_of(m),
+                "name": name, "kind": f"{self.cell}.{name}", "param": spec_of(m).kind,
                 "shape": f"{out_f}x{in_f}", "numel": numel, "nnz": nnz,
                 "sparsity": 1.0 - nnz / numel, "rank": m.rank(), "full_rank": min(out_f, in_f),
                 "threshold": thr, "macs_dense": steps * numel, "macs_sparse": steps * nnz,
@@ -187,16 +182,15 @@ class RNNLayer(nn.Module):
     def export(self) -> RNNLayer:
         """A compact copy: every factorized matrix stored as two factors at its (learned) rank,
         shrunk singular values folded in (a fixed ``lowrank`` layer), unless the dense matrix is
-        smaller (r (out + in) >= out in); full matrices stay dense.
+        smaller (``factored_is_cheaper`` false); full matrices stay dense.
         Outputs equal this layer's outputs up to float rounding; a per-gate layer stays per gate."""
-        compact = RNNLayer(self.cell, self.input_size, self.hidden_size, kind="full",
-                           split=self.split)  # fmt: skip
+        compact = RNNLayer(self.cell, self.input_size, self.hidden_size, split=self.split)
         for name, m in self.matrices().items():
             a, b = m.factors()
-            if a.shape[1] * (a.shape[0] + b.shape[1]) >= a.shape[0] * b.shape[1]:
-                new = make_matrix("full", a.shape[0], b.shape[1], init=(a @ b).detach())
-            else:  # factors only pay off below r = out in / (out + in)
+            if factored_is_cheaper(a.shape[1], a.shape[0], b.shape[1]):
                 new = LowRankMatrix.from_factors(a, b)
+            else:
+                new = FullMatrix(a.shape[0], b.shape[1], (a @ b).detach())
             setattr(compact, name, new)
         compact.load_state_dict(
             {"bias_ih": self.bias_ih.detach(), "bias_hh": self.bias_hh.detach()}, strict=False
@@ -204,21 +198,16 @@ class RNNLayer(nn.Module):
         return compact.to(self.bias_ih.device)
 
     @classmethod
-    def from_torch(cls, rnn: nn.GRU | nn.LSTM, kind: str = "full", **kwargs) -> RNNLayer:
+    def from_torch(cls, rnn: nn.GRU | nn.LSTM, **kwargs) -> RNNLayer:
         """An RNNLayer holding the weights of a single-layer unidirectional nn.GRU/nn.LSTM
-        (factorized by SVD for ``kind`` lowrank/str; ``kwargs`` go to the constructor)."""
+        (``kwargs``: the constructor's ``spec``, ``spec_u``, ``split``; lowrank / str matrices
+        factorize the weights by SVD, see ``load_dense_``)."""
         if rnn.num_layers != 1 or rnn.bidirectional or not rnn.bias or rnn.proj_size:
             raise ValueError("from_torch needs one unidirectional layer with biases")
         cell = "gru" if isinstance(rnn, nn.GRU) else "lstm"
-        layer = cls(cell, rnn.input_size, rnn.hidden_size, kind=kind, **kwargs)
+        layer = cls(cell, rnn.input_size, rnn.hidden_size, **kwargs)
         layer.load_dense_(rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
         return layer
-
-
-def _kind_of(m: nn.Module) -> str:
-    if isinstance(m, STRMatrix):
-        return "str"
-    return "lowrank" if isinstance(m, LowRankMatrix) else "full"
 
 
 def compact_bytes(model: nn.Module) -> int:
@@ -230,3 +219,26 @@ def compact_bytes(model: nn.Module) -> int:
 def num_parameters(model: nn.Module) -> int:
     """Number of parameter elements of a model (for an exported model: what it stores)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def matrix_spectra(model: nn.Module, stage: str) -> list[dict]:
+    """One row per singular value of every recurrent matrix (W, U) of every ``RNNLayer``.
+
+    Rows: {"layer", "matrix", "stage", "index", "sigma", "threshold"}. For an ``STRMatrix``,
+    sigma is the raw learnable spectrum sorted descending and threshold is tau (same units);
+    for full / fixed-rank matrices sigma = svdvals of the effective matrix, threshold NaN.
+    """
+    rows = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, RNNLayer):
+            continue
+        for mat_name, m in layer.matrices().items():
+            with torch.no_grad():
+                if isinstance(m, STRMatrix):
+                    sigma = torch.sort(m.sigma.detach().float(), descending=True).values
+                    tau = float(m.tau())
+                else:
+                    sigma, tau = torch.linalg.svdvals(m().detach().float()), float("nan")
+            rows += [{"layer": name, "matrix": mat_name, "stage": stage, "index": i,
+                      "sigma": float(v), "threshold": tau} for i, v in enumerate(sigma.tolist())]
+    return rows

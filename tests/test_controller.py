@@ -19,6 +19,7 @@ from strlowrank.controller import (
 )
 from strlowrank.distributed import DistInfo
 from strlowrank.engine import Interrupted, Task, TrainConfig, Trainer, seed_everything
+from strlowrank.lowrank import MatrixSpec
 from strlowrank.measures import (
     from_reduction,
     macs_metric,
@@ -122,7 +123,7 @@ def test_plain_shift_moves_every_survivor():
 
 def test_compensated_rank_shift_keeps_kept_singular_values():
     torch.manual_seed(0)
-    layer = RNNLayer("gru", 8, 16, kind="str", s_init=-4.0, threshold_scale="init")
+    layer = RNNLayer("gru", 8, 16, MatrixSpec("str", s_init=-4.0, threshold_scale="init"))
     before = [m.spectrum().detach().clone() for m in (layer.W, layer.U)]
     full = float(layers(budget_table(layer))["full_rank"].sum())
     shift_thresholds(layer, rank_metric(), to_reduction("rank", 10, full))
@@ -144,7 +145,7 @@ def test_metrics_are_the_budget_table():
 
 def test_rank_metric_on_str_matrices_and_shift():
     torch.manual_seed(0)
-    layer = RNNLayer("gru", 8, 16, kind="str", s_init=-4.0)
+    layer = RNNLayer("gru", 8, 16, MatrixSpec("str", s_init=-4.0))
     rows = layers(budget_table(layer))
     full = float(rows["full_rank"].sum())
     target = to_reduction("rank", 10, unit_scale("rank", layer))  # 10 ranks in total
@@ -308,7 +309,7 @@ def test_unreachable_target_leaves_thresholds_alone():
 
 def test_boundary_move_prunes_ranks_past_the_threshold_ceiling():
     torch.manual_seed(0)
-    layer = RNNLayer("gru", 8, 16, kind="str", s_init=-4.0, threshold_scale="init")
+    layer = RNNLayer("gru", 8, 16, MatrixSpec("str", s_init=-4.0, threshold_scale="init"))
     full = float(layers(budget_table(layer))["full_rank"].sum())
     with torch.no_grad():  # tau at its ceiling (sigma_ref) and spectra grown past it
         for m in (layer.W, layer.U):
@@ -335,7 +336,8 @@ def test_spectrum_role_steers_the_singular_value_decay(tmp_path, role):
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.rnn = RNNLayer("gru", 4, 16, kind="str", s_init=-4.0, threshold_scale="init")
+            spec = MatrixSpec("str", s_init=-4.0, threshold_scale="init")
+            self.rnn = RNNLayer("gru", 4, 16, spec)
             self.fc = nn.Linear(16, 3)
 
         def forward(self, x):

@@ -15,6 +15,7 @@ from strlowrank.export import (
     file_bytes,
     save_export,
 )
+from strlowrank.lowrank import MatrixSpec
 from strlowrank.pruning import apply_masks, set_layer_densities, uniform_densities
 from strlowrank.rnn import RNNLayer
 from strlowrank.sparse_cnn_ops import (
@@ -190,7 +191,8 @@ def test_export_sparse_cnn_keeps_dense_layers_when_slower() -> None:
 @pytest.mark.parametrize("kind", ["lowrank", "str", "full"])
 def test_export_gru_equal_outputs(kind: str, tmp_path) -> None:
     torch.manual_seed(0)
-    layer = RNNLayer("gru", 12, 16, kind=kind, rank_w=3, rank_u=4, s_init=-1.0).eval()
+    spec_w, spec_u = (MatrixSpec(kind, rank=r, s_init=-1.0) for r in (3, 4))
+    layer = RNNLayer("gru", 12, 16, spec=spec_w, spec_u=spec_u).eval()
     exported = export_gru(layer)
     x, h0 = torch.randn(3, 7, 12), torch.randn(3, 16)
     with torch.no_grad():

@@ -16,6 +16,7 @@ from torch import nn
 
 from strlowrank import gru_cpp
 from strlowrank.export import export_gru
+from strlowrank.lowrank import MatrixSpec
 from strlowrank.rnn import RNNLayer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,8 @@ CASES = [
 def test_cpp_equals_script_and_layer(case: tuple) -> None:
     torch.manual_seed(0)
     inp, hid, kind, rank_w, rank_u, w_fact, u_fact = case
-    layer = RNNLayer("gru", inp, hid, kind=kind, rank_w=rank_w, rank_u=rank_u, s_init=-1.0)
+    spec_w, spec_u = (MatrixSpec(kind, rank=r, s_init=-1.0) for r in (rank_w, rank_u))
+    layer = RNNLayer("gru", inp, hid, spec=spec_w, spec_u=spec_u)
     layer.eval()
     script = export_gru(layer)
     cpp = export_gru(layer, backend="cpp")
@@ -73,7 +75,8 @@ def test_cpp_equals_script_and_layer(case: tuple) -> None:
 @pytest.mark.usefixtures("compiled")
 def test_cpp_blocks_edge_cases_and_fallback() -> None:
     torch.manual_seed(0)
-    layer = RNNLayer("gru", 6, 8, kind="lowrank", rank_w=2, rank_u=3).eval()
+    layer = RNNLayer("gru", 6, 8, MatrixSpec("lowrank", rank=2), MatrixSpec("lowrank", rank=3))
+    layer.eval()
     cpp = export_gru(layer, backend="cpp")
     weights = tuple(getattr(cpp, n) for n in cpp._names)
     x, h0 = torch.randn(3, 11, 6), torch.randn(3, 8)

@@ -1,5 +1,6 @@
 """Equivalences of the factorized matrices: identity at s -> -inf, scale lives in sigma,
-function-preserving refactorization, rank counting, factors and parameter counts."""
+function-preserving refactorization, rank counting, factors and parameter counts, the
+factored-vs-dense rule and MatrixSpec."""
 
 import math
 
@@ -9,10 +10,13 @@ import torch
 from strlowrank.lowrank import (
     FullMatrix,
     LowRankMatrix,
+    MatrixSpec,
     Refactorize,
     STRMatrix,
+    factored_is_cheaper,
     make_matrix,
     refactorize_,
+    spec_of,
 )
 
 
@@ -90,7 +94,7 @@ def test_gradients_reach_all_str_parameters():
 @pytest.mark.parametrize("kind", ["full", "lowrank", "str"])
 def test_factors_reproduce_matrix_and_count_params(kind):
     torch.manual_seed(0)
-    m = make_matrix(kind, 9, 5, rank=3, s_init=-0.8)
+    m = make_matrix(MatrixSpec(kind, rank=3, s_init=-0.8), 9, 5)
     a, b = m.factors()
     torch.testing.assert_close(a @ b, m().detach(), atol=1e-5, rtol=1e-5)
     r = m.rank()
@@ -107,7 +111,36 @@ def test_lowrank_inits():
     r = LowRankMatrix(7, 5, 2, init="randn")
     assert r.rank() == 2 and r.W1.std() < 0.3
     assert FullMatrix(7, 5).rank() == 5
-    with pytest.raises(ValueError):
-        make_matrix("lowrank", 7, 5)
-    with pytest.raises(ValueError):
-        make_matrix("sparse", 7, 5)
+    with pytest.raises(ValueError, match="needs a rank"):
+        MatrixSpec("lowrank")
+    with pytest.raises(ValueError, match="MatrixSpec.kind: 'sparse'"):
+        MatrixSpec("sparse")
+
+
+def test_factored_is_cheaper_is_strict_and_sets_num_params():
+    # r (out + in) < out in; at equality (4 x 4 at rank 2: 16 = 16) the dense form is kept
+    assert factored_is_cheaper(1, 4, 4) and not factored_is_cheaper(2, 4, 4)
+    assert factored_is_cheaper(3, 12, 10) and not factored_is_cheaper(6, 12, 10)  # 66 < 120, 132
+    for rank, expected in ((1, 8), (2, 16), (3, 16)):
+        assert LowRankMatrix(4, 4, rank).num_params() == expected
+    m = _str_with_spectrum([4.0, 3.0, 2.5, 1.0], s=0.0, out=4, inp=4)  # rank 3: dense, 16
+    assert m.rank() == 3 and m.num_params() == 16
+
+
+def test_matrix_spec_builds_and_round_trips():
+    torch.manual_seed(0)
+    dense = torch.randn(6, 4)
+    spec = MatrixSpec("str", s_init=-1.5, threshold_scale="init", s_bias=0.5)
+    m = make_matrix(spec, 6, 4, dense)
+    assert (float(m.s.detach()), m.threshold_scale, float(m.s_bias)) == (-1.5, "init", 0.5)
+    assert spec_of(m) == spec and spec_of(make_matrix(MatrixSpec("full"), 6, 4)).kind == "full"
+    low = make_matrix(MatrixSpec("lowrank", rank=2), 6, 4, dense)
+    torch.testing.assert_close(low(), LowRankMatrix(6, 4, 2, init=dense)(), atol=0, rtol=0)
+    assert spec_of(low) == MatrixSpec("lowrank", rank=2)
+    torch.manual_seed(1)
+    randn = make_matrix(MatrixSpec("lowrank", rank=2, lowrank_init="randn"), 6, 4, dense)
+    torch.manual_seed(1)
+    torch.testing.assert_close(randn.W1, 0.1 * torch.randn(6, 2), atol=0, rtol=0)  # dense unused
+    for bad in (dict(threshold_scale="mean"), dict(lowrank_init="zeros")):
+        with pytest.raises(ValueError, match="MatrixSpec"):
+            MatrixSpec("str", **bad)

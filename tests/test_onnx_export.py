@@ -17,6 +17,7 @@ pytest.importorskip("onnxruntime")
 
 from strlowrank import gru_cpp  # noqa: E402
 from strlowrank.export import export_gru, export_onnx  # noqa: E402
+from strlowrank.lowrank import MatrixSpec  # noqa: E402
 from strlowrank.onnx_export import ort_session, run_ort  # noqa: E402
 from strlowrank.pruning import apply_masks, set_layer_densities, uniform_densities  # noqa: E402
 from strlowrank.rnn import RNNLayer  # noqa: E402
@@ -28,8 +29,9 @@ TOL = 1e-5
 def _layer(kind: str) -> RNNLayer:
     torch.manual_seed(0)
     if kind == "lowrank":  # both W and U stay factored (r (out + in) < out in)
-        return RNNLayer("gru", 32, 64, kind="lowrank", rank_w=8, rank_u=16).eval()
-    return RNNLayer("gru", 12, 16, kind=kind, s_init=-1.0).eval()
+        spec_w, spec_u = MatrixSpec("lowrank", rank=8), MatrixSpec("lowrank", rank=16)
+        return RNNLayer("gru", 32, 64, spec_w, spec_u).eval()
+    return RNNLayer("gru", 12, 16, MatrixSpec(kind, s_init=-1.0)).eval()
 
 
 def _matmuls_per_step(proto) -> int:

@@ -469,13 +469,14 @@ def test_dead_layers_are_reported(tmp_path, capsys, tree):
 
 def test_thresholds_that_remove_every_singular_value_are_dead_layers():
     from strlowrank.budget import budget_table, dead_layers
+    from strlowrank.lowrank import MatrixSpec
     from strlowrank.rnn import RNNLayer
 
-    layer = RNNLayer("gru", 4, 3, kind="str", s_init=20.0)  # g(s) ~ 1: every sigma cut
+    layer = RNNLayer("gru", 4, 3, MatrixSpec("str", s_init=20.0))  # g(s) ~ 1: every sigma cut
     table = budget_table(layer, torch.randn(1, 5, 4))
     assert dead_layers(table) == ["W", "U"]
     assert list(table.set_index("name").loc[["W", "U"], "rank"]) == [0, 0]
-    assert dead_layers(budget_table(RNNLayer("gru", 4, 3, kind="str", s_init=-20.0),
+    assert dead_layers(budget_table(RNNLayer("gru", 4, 3, MatrixSpec("str", s_init=-20.0)),
                                     torch.randn(1, 5, 4))) == []  # fmt: skip
 
 

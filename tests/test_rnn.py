@@ -1,5 +1,7 @@
-"""RNNLayer equivalences: full rank equals nn.GRU / nn.LSTM (outputs and gradients), STR at
-s -> -inf equals its dense init, export keeps outputs, budget entries on a hand-computed case."""
+"""RNNLayer equivalences: full rank equals nn.GRU / nn.LSTM (outputs and gradients), the
+functional_call recurrence equals torch's private kernel call, STR at s -> -inf equals its dense
+init, export keeps outputs, budget entries on a hand-computed case, and a speech model built
+from its MatrixSpecs equals one assembled directly from the matrix classes."""
 
 import math
 
@@ -8,7 +10,8 @@ import torch
 from torch import nn
 
 from speech.models import SpeechModelConfig, build_model, recurrent_params
-from strlowrank.rnn import RNNLayer, compact_bytes, num_parameters
+from strlowrank.lowrank import FullMatrix, LowRankMatrix, MatrixSpec, STRMatrix
+from strlowrank.rnn import RNNLayer, compact_bytes, matrix_spectra, num_parameters
 
 TORCH = {"gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -33,11 +36,42 @@ def test_full_rank_equals_torch_outputs_and_gradients(cell):
         torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-6, rtol=1e-5)
 
 
+def _vf_recurrence(cell, x, weights, state):
+    """torch._VF.gru / _VF.lstm, the private call inside nn.GRU.forward (the reference)."""
+    if cell == "gru":
+        out, h_n = torch._VF.gru(x, state[None], weights, True, 1, 0.0, True, False, True)
+        return out, h_n[0]
+    out, h_n, c_n = torch._VF.lstm(x, (state[0][None], state[1][None]), weights, True, 1, 0.0,
+                                   True, False, True)  # fmt: skip
+    return out, (h_n[0], c_n[0])
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_functional_call_recurrence_equals_vf_outputs_and_gradients(cell):
+    torch.manual_seed(0)
+    layer = RNNLayer(cell, 6, 8, MatrixSpec("str", s_init=-1.0), split="per_gate").train()
+    x = torch.randn(3, 7, 6)
+    state = torch.randn(3, 8) if cell == "gru" else (torch.randn(3, 8), torch.randn(3, 8))
+    params = list(layer.parameters())
+    results = []
+    for run in (lambda: layer(x, state), lambda: _vf_recurrence(
+            cell, x, [*layer.stacked_weights(), layer.bias_ih, layer.bias_hh], state)):  # fmt: skip
+        out, final = run()
+        h = final if cell == "gru" else final[0]
+        results.append((out, h, torch.autograd.grad(out.square().sum() + h.sum(), params)))
+    (out, h, grads), (out_ref, h_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h, h_ref, atol=1e-6, rtol=0)
+    assert len(grads) == len(params) > 4 * 3  # P, sigma, Q, s of every gate's W and U, biases
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_str_at_very_negative_threshold_equals_torch(cell):
     torch.manual_seed(0)
     ref = TORCH[cell](6, 5, batch_first=True)
-    layer = RNNLayer.from_torch(ref, kind="str", s_init=-100.0)
+    layer = RNNLayer.from_torch(ref, spec=MatrixSpec("str", s_init=-100.0))
     x = torch.randn(3, 7, 6)
     torch.testing.assert_close(layer(x)[0], ref(x)[0], atol=1e-5, rtol=1e-5)
     assert layer.ranks() == (6, 5)
@@ -46,7 +80,7 @@ def test_str_at_very_negative_threshold_equals_torch(cell):
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_gradients_reach_factors(cell):
     torch.manual_seed(0)
-    layer = RNNLayer(cell, 6, 8, kind="str", s_init=-1.0)
+    layer = RNNLayer(cell, 6, 8, MatrixSpec("str", s_init=-1.0))
     layer(torch.randn(2, 5, 6))[0].sum().backward()
     for m in (layer.W, layer.U):
         for p in (m.P, m.sigma, m.Q, m.s):
@@ -56,7 +90,7 @@ def test_gradients_reach_factors(cell):
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_export_equal_outputs_params_and_bytes(cell):
     torch.manual_seed(0)
-    layer = RNNLayer(cell, 6, 8, kind="str", s_init=0.0)  # tau = max sigma / 2
+    layer = RNNLayer(cell, 6, 8, MatrixSpec("str", s_init=0.0))  # tau = max sigma / 2
     with torch.no_grad():
         layer.W.sigma.copy_(torch.linspace(2.0, 0.1, 6))
         layer.U.sigma.copy_(torch.linspace(2.0, 0.1, 8))
@@ -74,7 +108,7 @@ def test_export_equal_outputs_params_and_bytes(cell):
 
 
 def test_budget_entries_hand_computed():
-    layer = RNNLayer("gru", 10, 4, kind="lowrank", kind_u="full", rank_w=2)
+    layer = RNNLayer("gru", 10, 4, MatrixSpec("lowrank", rank=2), MatrixSpec("full"))
     entries = layer.budget_entries((torch.zeros(2, 5, 10),))
     w, u = entries
     assert (w["name"], w["kind"], w["param"], w["shape"]) == ("W", "gru.W", "lowrank", "12x10")
@@ -83,7 +117,7 @@ def test_budget_entries_hand_computed():
     assert (w["macs_dense"], w["macs_sparse"]) == (600, 220)
     assert math.isnan(w["threshold"])
     assert (u["numel"], u["nnz"], u["rank"], u["macs_dense"]) == (48, 48, 4, 240)
-    s = RNNLayer("gru", 10, 4, kind="str", s_init=0.0)
+    s = RNNLayer("gru", 10, 4, MatrixSpec("str", s_init=0.0))
     tau = s.budget_entries(None)[1]["threshold"]
     assert tau == pytest.approx(0.5 * float(s.U.sigma.detach().max()))
 
@@ -101,8 +135,6 @@ def test_keyword_spotter_export(param):
 
 @pytest.mark.parametrize("param", ["full", "lowrank", "str"])
 def test_matrix_spectra_rows(param):
-    from strlowrank.lowrank import STRMatrix, matrix_spectra
-
     torch.manual_seed(0)
     model = build_model(SpeechModelConfig(param=param, hidden=8, rank_w=2, rank_u=3), 5, 4)
     rows = matrix_spectra(model, "init")
@@ -128,9 +160,9 @@ GATE_COUNT = {"gru": 3, "lstm": 4}
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_per_gate_full_equals_stacked_outputs_and_gradients(cell):
     torch.manual_seed(0)
-    stacked = RNNLayer(cell, 6, 5, kind="full")
+    stacked = RNNLayer(cell, 6, 5)
     torch.manual_seed(0)
-    per_gate = RNNLayer(cell, 6, 5, kind="full", split="per_gate")
+    per_gate = RNNLayer(cell, 6, 5, split="per_gate")
     for mine, theirs in zip(per_gate.stacked_weights(), stacked.stacked_weights()):
         torch.testing.assert_close(mine, theirs, atol=0, rtol=0)  # same draw, row blocks
     x = torch.randn(3, 7, 6)
@@ -149,7 +181,7 @@ def test_per_gate_full_equals_stacked_outputs_and_gradients(cell):
 def test_per_gate_str_at_very_negative_threshold_equals_torch(cell):
     torch.manual_seed(0)
     ref = TORCH[cell](3, 5, batch_first=True)
-    layer = RNNLayer.from_torch(ref, kind="str", s_init=-100.0, split="per_gate")
+    layer = RNNLayer.from_torch(ref, spec=MatrixSpec("str", s_init=-100.0), split="per_gate")
     x = torch.randn(3, 7, 3)
     torch.testing.assert_close(layer(x)[0], ref(x)[0], atol=1e-5, rtol=1e-5)
     g = GATE_COUNT[cell]
@@ -159,10 +191,8 @@ def test_per_gate_str_at_very_negative_threshold_equals_torch(cell):
 
 
 def test_per_gate_ranks_budget_export_and_spectra():
-    from strlowrank.lowrank import matrix_spectra
-
     torch.manual_seed(0)
-    layer = RNNLayer("gru", 6, 8, kind="str", s_init=0.0, split="per_gate")
+    layer = RNNLayer("gru", 6, 8, MatrixSpec("str", s_init=0.0), split="per_gate")
     with torch.no_grad():
         for i, m in enumerate(layer.matrices().values()):
             m.sigma.copy_(torch.linspace(2.0, 0.1, len(m.sigma)) * (1 + i % 3))
@@ -273,3 +303,80 @@ def test_init_from_mismatch_and_unfinished_name_the_file(tmp_path):
     _, partial = _checkpoint(tmp_path / "p", SpeechModelConfig(param="full", hidden=6), 4, 1)
     with pytest.raises(CheckpointError, match="unfinished run .epoch 1 of 4"):
         init_from_checkpoint(build_model(SpeechModelConfig(hidden=6), 5, 4), partial)
+
+
+# ------------------------------------------------------------------------------ matrix specs
+def _direct_state(cfg: SpeechModelConfig, inputs: int, classes: int) -> tuple[dict, dict]:
+    """(state_dict, matrices by name) of ``build_model(cfg, ...)`` right after a seed, built
+    from the matrix classes without MatrixSpec or RNNLayer: per layer and side, one
+    U(-1/sqrt(H), 1/sqrt(H)) draw of the stacked [G H, cols] matrix, each (gate) block given
+    to the class with cfg's settings, then the two biases; then the classifier."""
+    hidden, gates = cfg.hidden, "rzn" if cfg.cell == "gru" else "ifgo"
+    bound, sizes = 1.0 / math.sqrt(hidden), [inputs] + [hidden] * cfg.layers
+    state, mats = {}, {}
+    for i in range(cfg.layers):
+        for side, cols, rank in (("W", sizes[i], cfg.rank_w), ("U", hidden, cfg.rank_u)):
+            dense = torch.empty(len(gates) * hidden, cols).uniform_(-bound, bound)
+            stacked = cfg.split == "stacked"
+            names = [side] if stacked else [f"{side}_{g}" for g in gates]
+            for name, block in zip(names, [dense] if stacked else dense.chunk(len(gates))):
+                if cfg.param == "str":
+                    m = STRMatrix(*block.shape, s_init=cfg.s_init, init=block,
+                                  threshold_scale=cfg.threshold_scale, s_bias=cfg.s_bias)
+                elif cfg.param == "lowrank":
+                    init = "randn" if cfg.lowrank_init == "randn" else block
+                    m = LowRankMatrix(*block.shape, rank, init=init)
+                else:
+                    m = FullMatrix(*block.shape, block)
+                mats[f"rnns.{i}.{name}"] = m
+                state.update({f"rnns.{i}.{name}.{k}": v for k, v in m.state_dict().items()})
+        for bias in ("bias_ih", "bias_hh"):
+            state[f"rnns.{i}.{bias}"] = torch.empty(len(gates) * hidden).uniform_(-bound, bound)
+    head = nn.Linear(hidden, classes)
+    state.update({f"classifier.{k}": v for k, v in head.state_dict().items()})
+    return state, mats
+
+
+SPEC_CASES = {
+    "default": {},
+    "per_gate": dict(split="per_gate"),
+    "lstm": dict(cell="lstm"),
+    "lowrank_randn_per_gate_2_layers": dict(param="lowrank", lowrank_init="randn", layers=2,
+                                            split="per_gate", rank_w=3, rank_u=5),
+    "lowrank_svd": dict(param="lowrank", rank_w=4, rank_u=6),
+    "str_rms_lstm_per_gate": dict(cell="lstm", split="per_gate", threshold_scale="rms",
+                                  s_init=-0.5, s_bias=0.25),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SPEC_CASES))
+def test_keyword_spotter_equals_direct_construction(case):
+    """The speech model built through MatrixSpec -> RNNLayer -> make_matrix: the same parameter
+    names, shapes and values as the direct assembly, the same threshold settings, and the
+    forward of stock nn.GRU / nn.LSTM on the direct matrices."""
+    cfg = SpeechModelConfig(hidden=16, **SPEC_CASES[case])
+    torch.manual_seed(7)
+    model = build_model(cfg, input_size=5, num_classes=4).eval()
+    torch.manual_seed(7)
+    state, mats = _direct_state(cfg, 5, 4)
+    own = model.state_dict()
+    assert sorted(own) == sorted(state)
+    for key, value in state.items():
+        torch.testing.assert_close(own[key], value, atol=0, rtol=0, msg=key)
+    for name, m in mats.items():
+        assert type(model.get_submodule(name)) is type(m)
+        if isinstance(m, STRMatrix):
+            assert model.get_submodule(name).threshold_scale == cfg.threshold_scale
+    x = torch.randn(2, 9, 5)
+    h = x
+    with torch.no_grad():
+        for i in range(cfg.layers):
+            w, u = (torch.cat([m() for n, m in mats.items() if n.startswith(f"rnns.{i}.{side}")])
+                    for side in "WU")  # fmt: skip
+            rnn = TORCH[cfg.cell](h.shape[2], cfg.hidden, batch_first=True)
+            rnn.load_state_dict({"weight_ih_l0": w, "weight_hh_l0": u,
+                                 "bias_ih_l0": state[f"rnns.{i}.bias_ih"],
+                                 "bias_hh_l0": state[f"rnns.{i}.bias_hh"]})  # fmt: skip
+            h = rnn(h)[0]
+        expected = h.mean(dim=1) @ state["classifier.weight"].T + state["classifier.bias"]
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
