@@ -33,8 +33,10 @@ from strlowrank.engine import (
 from strlowrank.lowrank import (
     FullMatrix,
     LowRankMatrix,
+    MatrixSpec,
     Refactorize,
     STRMatrix,
+    factored_is_cheaper,
     make_matrix,
     refactorize_,
 )
@@ -61,7 +63,7 @@ from strlowrank.pruning import (
     uniform_densities,
     zero_pruned,
 )
-from strlowrank.rnn import RNNLayer, compact_bytes, num_parameters
+from strlowrank.rnn import RNNLayer, compact_bytes, matrix_spectra, num_parameters
 from strlowrank.threshold import (
     SoftThreshold,
     apply_soft_threshold,
@@ -97,12 +99,15 @@ __all__ = [
     # method: low-rank matrices and recurrent layers (strlowrank.lowrank, strlowrank.rnn)
     "FullMatrix",
     "LowRankMatrix",
+    "MatrixSpec",
     "Refactorize",
     "STRMatrix",
+    "factored_is_cheaper",
     "make_matrix",
     "refactorize_",
     "RNNLayer",
     "compact_bytes",
+    "matrix_spectra",
     "num_parameters",
     # method: budgets and caches (strlowrank.budget, strlowrank.cache)
     "budget_table",
