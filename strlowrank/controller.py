@@ -91,7 +91,9 @@ class ControllerConfig:
     decay_max: float = option(0.1, "upper bound of the decay on s", min=0.0)
     correction: str = option(
         "hold", "exact common shift of all s: off | final (last step) | hold (after the ramp, when "
-        "the error exceeds tolerance, and at the last step)", choices=("off", "final", "hold")
+        "the error exceeds tolerance, and at the last step) | track (hold, and during the ramp "
+        "also when the total lags the schedule by more than overshoot while the decay is at "
+        "decay_max: the decay can do no more)", choices=("off", "final", "hold", "track")
     )  # fmt: skip
     tolerance: float = option(0.001, "hold-phase error that triggers a correction", min=0.0)
     compensate: bool = option(
@@ -235,11 +237,13 @@ class BudgetController:
             return False
         if last:
             return True
-        if mode != "hold":
+        if mode not in ("hold", "track"):
             return False
         if self.done >= self.cfg.end * self.total_steps:
             return abs(error) > self.cfg.tolerance
-        return -error > self.cfg.overshoot
+        saturated = self.decay >= self.cfg.decay_max * (1 - 1e-9)
+        lags = mode == "track" and saturated and error > self.cfg.overshoot
+        return -error > self.cfg.overshoot or lags
 
     def _role_decay(self, role: str) -> float:
         if role == self.roles[0]:

@@ -227,6 +227,25 @@ def test_training_reaches_target_through_threshold_decay(finished):
     assert (metrics["achieved_sparsity"] - metrics["sparsity"]).abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("mode", ["hold", "track"])
+def test_track_follows_the_ramp_when_the_decay_is_saturated(tmp_path, mode):
+    """A decay bound far too low to reach 0.9 sparsity: 'hold' lags the schedule through the
+    whole ramp and corrects only after it; 'track' shifts onto the schedule whenever it lags
+    by more than the overshoot band with the decay at its bound."""
+    trainer, ctl = make_trainer(tmp_path, 0.9, decay_max=1e-4, correction=mode)
+    trainer.fit()
+    trace = ctl.trace_frame()
+    ramp = trace[(trace["step"] < 0.75 * 96) & (trace["step"] > 8)]
+    lag = ramp["target"] - ramp["achieved"]
+    assert ramp["decay"].min() == pytest.approx(1e-4)  # saturated: the decay can do no more
+    if mode == "hold":
+        assert lag.max() > 0.3
+    else:
+        assert lag.max() <= ctl.cfg.overshoot + 1e-6
+        assert (ramp["measured"] < ramp["achieved"] - 1e-9).any()  # corrections did it
+    assert abs(totals(trainer.budget())["sparsity"] - 0.9) < 0.005  # both end on the target
+
+
 def test_plain_str_until_start_then_ramp_from_there(tmp_path):
     trainer, ctl = make_trainer(tmp_path, 0.8, start=0.4)
     trainer.fit()
