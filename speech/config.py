@@ -42,8 +42,11 @@ class SpeechConfig:
     model: SpeechModelConfig = option(factory=SpeechModelConfig)
     lowrank: SpectraConfig = option(factory=SpectraConfig)
     # singular values move from the first step (no dead time as with vision's s_init -10), so a
-    # params / rank target ramps from the start (docs/CONTROLLER.md, speech measurements)
-    controller: ControllerConfig = option(factory=lambda: ControllerConfig(start=0.0))
+    # params / rank target ramps from the start; the decay on s saturates below the natural rank
+    # (tau <= sigma_0), so corrections track the ramp (docs/CONTROLLER.md, speech measurements)
+    controller: ControllerConfig = option(
+        factory=lambda: ControllerConfig(start=0.0, correction="track")
+    )
     # docs/LEARNED_RANK.md: Adam for the factors P, Q and the rest; SGD (the paper's optimizer) for
     # the singular values (peak lr 30: their gradients are ~5e-4) and the thresholds (170 per run:
     # 0.1 per step x the default's 1,700 steps)

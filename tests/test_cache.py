@@ -90,7 +90,7 @@ print("result", (root / "part1").read_text(), (root / "part2").read_text(), flus
 def test_build_once_builds_once_for_concurrent_processes(tmp_path: Path) -> None:
     target = tmp_path / "cache" / "thing"
     procs = [start(BUILDER, str(target), "1.0") for _ in range(N_PROCESSES)]
-    outs = finish_all(procs, timeout=60)
+    outs = finish_all(procs, timeout=240)
     results = [line for out in outs for line in out.splitlines() if line.startswith("result")]
     assert len(set(results)) == 1  # every process read the one tree
     assert sum("building" in out for out in outs) == 1  # built exactly once
