@@ -27,8 +27,12 @@ def features(clips: int, args: argparse.Namespace) -> dict:
     waves = torch.rand(clips, 16000) * 2 - 1
     shape = tuple(extract(waves[:2]).shape[1:])
     ms = statistics.median(interleaved({"f": lambda: extract(waves)}, args.repeats)["f"])
-    return {"stage": f"features [N,16000] -> [N,{shape[0]},{shape[1]}]", "N": clips,
-            "ms": ms, "clips_per_s": clips / ms * 1e3}  # fmt: skip
+    return {
+        "stage": f"features [N,16000] -> [N,{shape[0]},{shape[1]}]",
+        "N": clips,
+        "ms": ms,
+        "clips_per_s": clips / ms * 1e3,
+    }
 
 
 def synthesis(clips: int) -> dict:
@@ -46,8 +50,12 @@ def synthesis(clips: int) -> dict:
         speaker = speakers[i % len(speakers)]
         render_clip(speaker, speaker.takes[i % len(speaker.takes)][0], rng, cfg)
     ms = (time.perf_counter() - start) * 1e3
-    return {"stage": "synthesis (render_clip, 1 process)", "N": clips, "ms": ms,
-            "clips_per_s": clips / ms * 1e3}  # fmt: skip
+    return {
+        "stage": "synthesis (render_clip, 1 process)",
+        "N": clips,
+        "ms": ms,
+        "clips_per_s": clips / ms * 1e3,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -64,6 +64,7 @@ def _layer_ms(model: nn.Module, x: torch.Tensor, passes: int = 5) -> dict[str, f
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, kinds):
+
             def pre(mod, args, name=name):
                 mod._t0 = time.perf_counter()
 
@@ -132,23 +133,32 @@ def run_case(name: str, batch: int, sparsity: float, args: argparse.Namespace) -
     ort_x = stats["ort_dense"]["ratio"] / stats["sparse"]["ratio"] if "ort_dense" in stats else None
     target = 1.5 if sparsity == 0.95 and batch == 1 else None
     return {
-        "model": name, "batch": batch, "sparsity": sparsity, "dense_ms": stats["dense"]["ms"],
-        "sparse_ms": stats["sparse"]["ms"], "speedup": speedup,
+        "model": name,
+        "batch": batch,
+        "sparsity": sparsity,
+        "dense_ms": stats["dense"]["ms"],
+        "sparse_ms": stats["sparse"]["ms"],
+        "speedup": speedup,
         "speedup_min": stats["dense"]["min_ms"] / stats["sparse"]["min_ms"],
-        "dense_folded_ms": stats["folded"]["ms"], "speedup_vs_folded": 1.0 / vs_folded["ratio"],
+        "dense_folded_ms": stats["folded"]["ms"],
+        "speedup_vs_folded": 1.0 / vs_folded["ratio"],
         "speedup_vs_folded_min": 1.0 / vs_folded["min_ratio"],
-        "target": f">= {target}" if target else "", "met": "" if not target else speedup >= target,
+        "target": f">= {target}" if target else "",
+        "met": "" if not target else speedup >= target,
         "sparse_layers": f"{sum(c.sparse for c in choices)}/{len(choices)}",
         "paths": " ".join(f"{k}:{v}" for k, v in sorted(paths.items())),
-        "rel_err": err, "rel_err_folded": err_folded, "dense_MB": file_bytes(dense) / 2**20,
+        "rel_err": err,
+        "rel_err_folded": err_folded,
+        "dense_MB": file_bytes(dense) / 2**20,
         "export_MB": file_bytes(exported) / 2**20,
         "ort_dense_ms": stats["ort_dense"]["ms"] if ort_x else float("nan"),
         "speedup_vs_ort": ort_x or float("nan"),
-        "conv_linear_ms": sum(layer_ms.values()), "rest_ms": sparse_ms - sum(layer_ms.values()),
+        "conv_linear_ms": sum(layer_ms.values()),
+        "rest_ms": sparse_ms - sum(layer_ms.values()),
         "ms_by_path": " ".join(f"{k}:{v:.1f}" for k, v in sorted(by_path.items())),
         "top_layers": " ".join(f"{n}:{ms / sparse_ms:.0%}" for n, ms in top),
         "layers": [vars(c) for c in choices],
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -161,10 +171,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     env = setup(args.threads)
     rows = [run_case(m, b, s, args) for m in args.models for b in args.batch for s in args.sparsity]
-    cols = ["model", "batch", "sparsity", "dense_ms", "dense_folded_ms", "ort_dense_ms",
-            "sparse_ms", "speedup", "speedup_min", "speedup_vs_folded", "speedup_vs_ort", "target",
-            "met", "conv_linear_ms", "rest_ms", "ms_by_path", "top_layers", "sparse_layers",
-            "paths", "rel_err", "dense_MB", "export_MB"]  # fmt: skip
+    cols = [
+        "model",
+        "batch",
+        "sparsity",
+        "dense_ms",
+        "dense_folded_ms",
+        "ort_dense_ms",
+        "sparse_ms",
+        "speedup",
+        "speedup_min",
+        "speedup_vs_folded",
+        "speedup_vs_ort",
+        "target",
+        "met",
+        "conv_linear_ms",
+        "rest_ms",
+        "ms_by_path",
+        "top_layers",
+        "sparse_layers",
+        "paths",
+        "rel_err",
+        "dense_MB",
+        "export_MB",
+    ]
     print_table(rows, cols, "P4 sparse CNN inference: CSR export vs dense (cpu)")
     write_json("p4_sparse_cnn", env, rows, args.json)
     return rows

@@ -57,8 +57,9 @@ def p2(args: argparse.Namespace, hidden: int = 128, batch: int = 64) -> list[dic
     models = {
         "nn.GRU": _Head(gru, hidden),
         "str": _Head(RNNLayer.from_torch(gru, spec=str_spec), hidden),
-        "lowrank(16,25)": _Head(RNNLayer("gru", FEATURES, hidden, _lowrank(16), _lowrank(25)),
-                                hidden),
+        "lowrank(16,25)": _Head(
+            RNNLayer("gru", FEATURES, hidden, _lowrank(16), _lowrank(25)), hidden
+        ),
     }
     x = torch.randn(batch, STEPS, FEATURES, device=args.device)
     y = torch.randint(0, 12, (batch,), device=args.device)
@@ -75,10 +76,17 @@ def p2(args: argparse.Namespace, hidden: int = 128, batch: int = 64) -> list[dic
         steps[name] = step
     stats = summarize(interleaved(steps, args.repeats, args.warmup, args.device), "nn.GRU")
     return [
-        {"H": hidden, "B": batch, "T": STEPS, "model": k, "ms": v["ms"], "x_nn.GRU": v["ratio"],
-         "target": "<= 1.2" if k == "str" else ""}
+        {
+            "H": hidden,
+            "B": batch,
+            "T": STEPS,
+            "model": k,
+            "ms": v["ms"],
+            "x_nn.GRU": v["ratio"],
+            "target": "<= 1.2" if k == "str" else "",
+        }
         for k, v in stats.items()
-    ]  # fmt: skip
+    ]
 
 
 def _ort(layer: nn.Module, form: str):
@@ -124,12 +132,17 @@ def p3_case(hidden: int, batch: int, rank: int, args: argparse.Namespace) -> dic
     for k in ("script", "cpp"):
         row[f"speedup_{k}"] = 1.0 / stats[k]["ratio"] if k in stats else float("nan")
     row.update(_vs_ort(fns, stats, args, hidden, batch, rank))
-    row.update({
-        "judged": best, "speedup_min": stats["dense"]["min_ms"] / stats[best]["min_ms"],
-        "target": f">= {target}" if target else "", "met": "" if not target else speedup >= target,
-        "max_abs_err": max(errs.values()), "dense_bytes": file_bytes(nn.GRU(FEATURES, hidden)),
-        "export_bytes": file_bytes(exports[best]),
-    })  # fmt: skip
+    row.update(
+        {
+            "judged": best,
+            "speedup_min": stats["dense"]["min_ms"] / stats[best]["min_ms"],
+            "target": f">= {target}" if target else "",
+            "met": "" if not target else speedup >= target,
+            "max_abs_err": max(errs.values()),
+            "dense_bytes": file_bytes(nn.GRU(FEATURES, hidden)),
+            "export_bytes": file_bytes(exports[best]),
+        }
+    )
     return row
 
 
@@ -138,8 +151,10 @@ def _vs_ort(fns: dict, stats: dict, args, hidden: int, batch: int, rank: int) ->
     if "ort_dense" not in stats:
         return {"cpp_x_ort": float("nan"), "cpp_dense_x_ort": float("nan"), "ort_target": ""}
     ort = stats["ort_dense"]["ratio"]  # t_ort / t_nn.GRU per round; ratios of ratios below
-    row = {k + "_x_ort": ort / stats[k]["ratio"] if k in stats else float("nan")
-           for k in ("cpp", "cpp_dense")}  # fmt: skip
+    row = {
+        k + "_x_ort": ort / stats[k]["ratio"] if k in stats else float("nan")
+        for k in ("cpp", "cpp_dense")
+    }
     goals = []
     if hidden == 128 and rank == 32:
         goals.append(("cpp", 1.8 if batch == 1 else 2.0))
@@ -168,16 +183,24 @@ def stream(args: argparse.Namespace, hidden: int = 128, rank: int = 32) -> list[
     fns = {f"{b} {k}": f for (b, k), f in models.items()}
     with torch.no_grad():
         stats = summarize(interleaved(fns, 20 * args.repeats, 10 * args.warmup), "nn.GRU dense")
-    return [{"backend": b, "matrices": k, "ms_per_frame": stats[f"{b} {k}"]["ms"],
-             "min_ms": stats[f"{b} {k}"]["min_ms"],
-             "share_of_10ms": stats[f"{b} {k}"]["ms"] / 10.0} for b, k in models]  # fmt: skip
+    return [
+        {
+            "backend": b,
+            "matrices": k,
+            "ms_per_frame": stats[f"{b} {k}"]["ms"],
+            "min_ms": stats[f"{b} {k}"]["min_ms"],
+            "share_of_10ms": stats[f"{b} {k}"]["ms"] / 10.0,
+        }
+        for b, k in models
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser, repeats=5)
     parser.add_argument(
-        "--part", nargs="+", default=["p2", "p3", "stream"], choices=["p2", "p3", "stream"])
+        "--part", nargs="+", default=["p2", "p3", "stream"], choices=["p2", "p3", "stream"]
+    )
     parser.add_argument("--hidden", nargs="+", type=int, default=[128, 256, 512])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 64])
     args = parser.parse_args(argv)
@@ -190,12 +213,33 @@ def main(argv: list[str] | None = None) -> dict:
     if "p3" in args.part:
         out["p3"] = [
             p3_case(h, b, r, args)
-            for h in args.hidden for b in args.batch for r in (h // 8, h // 4)
-        ]  # fmt: skip
-        cols = ["H", "B", "r", "dense_ms", "ort_dense_ms", "script_ms", "cpp_ms", "cpp_dense_ms",
-                "ort_scan_ms", "speedup_script", "speedup_cpp", "cpp_x_ort", "cpp_dense_x_ort",
-                "ort_target", "ort_met", "speedup_min", "target", "met", "max_abs_err",
-                "dense_bytes", "export_bytes"]  # fmt: skip
+            for h in args.hidden
+            for b in args.batch
+            for r in (h // 8, h // 4)
+        ]
+        cols = [
+            "H",
+            "B",
+            "r",
+            "dense_ms",
+            "ort_dense_ms",
+            "script_ms",
+            "cpp_ms",
+            "cpp_dense_ms",
+            "ort_scan_ms",
+            "speedup_script",
+            "speedup_cpp",
+            "cpp_x_ort",
+            "cpp_dense_x_ort",
+            "ort_target",
+            "ort_met",
+            "speedup_min",
+            "target",
+            "met",
+            "max_abs_err",
+            "dense_bytes",
+            "export_bytes",
+        ]
         title = "P3 GRU inference: low-rank exports (TorchScript, C++) vs nn.GRU (cpu)"
         if not gru_cpp.available():
             title += f"; cpp export unavailable: {gru_cpp.unavailable_reason()}"

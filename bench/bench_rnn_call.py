@@ -76,8 +76,12 @@ def training_steps(hidden: int, device: str) -> dict[str, Callable[[], None]]:
 def call_cost(hidden: int, repeats: int, calls: int = 100) -> list[dict]:
     """ms per forward of one frame (B=1, T=1, no grad): the fixed cost of each call."""
     torch.manual_seed(0)
-    weights = [torch.randn(3 * hidden, FEATURES), torch.randn(3 * hidden, hidden),
-               torch.randn(3 * hidden), torch.randn(3 * hidden)]  # fmt: skip
+    weights = [
+        torch.randn(3 * hidden, FEATURES),
+        torch.randn(3 * hidden, hidden),
+        torch.randn(3 * hidden),
+        torch.randn(3 * hidden),
+    ]
     x, h0 = torch.randn(1, 1, FEATURES), torch.zeros(1, 1, hidden)
 
     def repeated(recurrence: Recurrence) -> Callable[[], None]:
@@ -90,8 +94,17 @@ def call_cost(hidden: int, repeats: int, calls: int = 100) -> list[dict]:
 
     fns = {"_VF": repeated(vf_gru), "functional_call": repeated(functional_gru)}
     stats = summarize(interleaved(fns, repeats, 1), "_VF")
-    return [{"H": hidden, "B": 1, "T": 1, "call": name, "ms_per_call": s["ms"] / calls,
-             "min_ms_per_call": s["min_ms"] / calls} for name, s in stats.items()]  # fmt: skip
+    return [
+        {
+            "H": hidden,
+            "B": 1,
+            "T": 1,
+            "call": name,
+            "ms_per_call": s["ms"] / calls,
+            "min_ms_per_call": s["min_ms"] / calls,
+        }
+        for name, s in stats.items()
+    ]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -102,12 +115,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = setup(args.threads)
     steps = training_steps(args.hidden, args.device)
     stats = summarize(interleaved(steps, args.repeats, args.warmup, args.device), "_VF")
-    rows = [{"H": args.hidden, "B": BATCH, "T": STEPS, "I": FEATURES, "call": name,
-             "ms": s["ms"], "min_ms": s["min_ms"], "x_VF": s["ratio"], "x_VF_min": s["min_ratio"]}
-            for name, s in stats.items()]  # fmt: skip
+    rows = [
+        {
+            "H": args.hidden,
+            "B": BATCH,
+            "T": STEPS,
+            "I": FEATURES,
+            "call": name,
+            "ms": s["ms"],
+            "min_ms": s["min_ms"],
+            "x_VF": s["ratio"],
+            "x_VF_min": s["min_ratio"],
+        }
+        for name, s in stats.items()
+    ]
     print_table(rows, list(rows[0]), f"GRU training step, recurrence call ({args.device})")
-    print(f"functional_call / _VF = {stats['functional_call']['ratio']:.3f} (median ratio), "
-          f"{stats['functional_call']['min_ratio']:.3f} (fastest rounds)")  # fmt: skip
+    print(
+        f"functional_call / _VF = {stats['functional_call']['ratio']:.3f} (median ratio), "
+        f"{stats['functional_call']['min_ratio']:.3f} (fastest rounds)"
+    )
     cost = call_cost(args.hidden, max(args.repeats // 5, 3))
     print_table(cost, list(cost[0]), "Fixed cost of one call (one frame, no grad, cpu)")
     write_json("rnn_call", env, {"step": rows, "call_cost": cost}, args.json)

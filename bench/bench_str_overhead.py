@@ -91,9 +91,13 @@ def variants(name: str, device: str) -> dict[str, nn.Module]:
     fused.load_state_dict(dense.state_dict())
     apply_soft_threshold(fused, s_init=-6.0)  # the default: fused autograd function
     state = dense.state_dict()
-    return {"dense": dense, "str_plain": plain, "str": fused,
-            "floor_param": _parametrized(name, device, state, _Identity),
-            "floor_1pass": _parametrized(name, device, state, _OnePass)}  # fmt: skip
+    return {
+        "dense": dense,
+        "str_plain": plain,
+        "str": fused,
+        "floor_param": _parametrized(name, device, state, _Identity),
+        "floor_1pass": _parametrized(name, device, state, _OnePass),
+    }
 
 
 def run_case(
@@ -108,15 +112,26 @@ def run_case(
     models = variants(name, args.device)
     steps = {
         k: make_step(m.to(memory_format=memory_format), x, y, amp)
-        for k, m in models.items() if k == "dense" or k in args.variants
-    }  # fmt: skip
+        for k, m in models.items()
+        if k == "dense" or k in args.variants
+    }
     stats = summarize(interleaved(steps, args.repeats, args.warmup, args.device), "dense")
     return [
-        {"model": name, "batch": batch, "px": size, "format": fmt, "amp": args.amp, "variant": k,
-         "ms": v["ms"], "img_s": 1e3 * batch / v["ms"], "x_dense": v["ratio"],
-         "x_dense_min": v["min_ratio"], "target": "<= 1.05" if k == "str" else ""}
+        {
+            "model": name,
+            "batch": batch,
+            "px": size,
+            "format": fmt,
+            "amp": args.amp,
+            "variant": k,
+            "ms": v["ms"],
+            "img_s": 1e3 * batch / v["ms"],
+            "x_dense": v["ratio"],
+            "x_dense_min": v["min_ratio"],
+            "target": "<= 1.05" if k == "str" else "",
+        }
         for k, v in stats.items()
-    ]  # fmt: skip
+    ]
 
 
 def _case(text: str) -> tuple[str, int, int]:
@@ -129,13 +144,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser, repeats=5)
     parser.add_argument("--models", nargs="+", default=None, help="only these models' cases")
-    parser.add_argument("--cases", nargs="+", type=_case, default=CASES, metavar="MODEL:BATCH:PX",
-                        help="cases to time instead of the default ones, e.g. resnet50:256:224")
-    parser.add_argument("--formats", nargs="+", default=["contiguous"], choices=tuple(FORMATS),
-                        help="memory formats of weights and inputs (one table each)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        type=_case,
+        default=CASES,
+        metavar="MODEL:BATCH:PX",
+        help="cases to time instead of the default ones, e.g. resnet50:256:224",
+    )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=["contiguous"],
+        choices=tuple(FORMATS),
+        help="memory formats of weights and inputs (one table each)",
+    )
     parser.add_argument("--amp", default="off", choices=("off", "bf16"), help="autocast dtype")
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS,
-                        help="variants to time (dense, the baseline, always)")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=VARIANTS,
+        choices=VARIANTS,
+        help="variants to time (dense, the baseline, always)",
+    )
     args = parser.parse_args(argv)
     env = setup(args.threads)
     if args.device.startswith("cuda"):
@@ -145,8 +176,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.models is None or name in args.models:
             for fmt in args.formats:
                 rows += run_case(name, batch, size, args, fmt)
-    cols = ["model", "batch", "px", "format", "amp", "variant", "ms", "img_s", "x_dense",
-            "x_dense_min", "target"]  # fmt: skip
+    cols = [
+        "model",
+        "batch",
+        "px",
+        "format",
+        "amp",
+        "variant",
+        "ms",
+        "img_s",
+        "x_dense",
+        "x_dense_min",
+        "target",
+    ]
     print_table(rows, cols, f"P1 STR training-step overhead ({args.device}, {args.threads} thr)")
     write_json("p1_str_overhead", env, rows, args.json)
     return rows

@@ -39,11 +39,15 @@ def setup(threads: int) -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": platform.node(), "cpu": _cpu_name(), "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": sys.version.split()[0], "load_avg_start": [round(x, 2) for x in load],
+        "machine": platform.node(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "load_avg_start": [round(x, 2) for x in load],
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }  # fmt: skip
+    }
 
 
 def _cpu_name() -> str:

@@ -15,13 +15,18 @@ from strlowrank.engine import TrainConfig
 @dataclass
 class SpeechDataConfig:
     root: str | None = option(None, "Speech Commands root (default: the synthetic espeak tree)")
-    task: str = option("google12", "google12 (10 words + unknown + silence) | all35",
-                       choices=("google12", "all35"))  # fmt: skip
-    silence_fraction: float = option(0.1, "silence clips per split, relative to its keywords",
-                                     min=0.0, max=1.0)  # fmt: skip
+    task: str = option(
+        "google12", "google12 (10 words + unknown + silence) | all35", choices=("google12", "all35")
+    )
+    silence_fraction: float = option(
+        0.1, "silence clips per split, relative to its keywords", min=0.0, max=1.0
+    )
     unknown_fraction: float | None = option(
-        0.1, "google12: unknown-word clips kept, relative to the keywords (null: keep all)",
-        min=0.0, max=1.0)  # fmt: skip
+        0.1,
+        "google12: unknown-word clips kept, relative to the keywords (null: keep all)",
+        min=0.0,
+        max=1.0,
+    )
     augment_shift: int = option(0, "training augmentation: random time shift, in frames", min=0)
     augment_noise: float = option(0.0, "training augmentation: feature noise std", min=0.0)
 
@@ -29,14 +34,18 @@ class SpeechDataConfig:
 @dataclass
 class SpectraConfig:
     refactorize_every_epochs: int = option(
-        0, "STR: re-orthonormalize P, Q by SVD every N epochs (0: never)", min=0)  # fmt: skip
+        0, "STR: re-orthonormalize P, Q by SVD every N epochs (0: never)", min=0
+    )
 
 
 @dataclass
 class SpeechConfig:
     out: str = option("runs/speech", "run folder")
-    tag: str | None = option(None, "a free label copied to summary.json (sweeps: the frontier "
-                             "budget a run belongs to); training ignores it")  # fmt: skip
+    tag: str | None = option(
+        None,
+        "a free label copied to summary.json (sweeps: the frontier "
+        "budget a run belongs to); training ignores it",
+    )
     data: SpeechDataConfig = option(factory=SpeechDataConfig)
     features: FeatureConfig = option(factory=FeatureConfig)
     model: SpeechModelConfig = option(factory=SpeechModelConfig)
@@ -50,9 +59,20 @@ class SpeechConfig:
     # docs/LEARNED_RANK.md: Adam for the factors P, Q and the rest; SGD (the paper's optimizer) for
     # the singular values (peak lr 30: their gradients are ~5e-4) and the thresholds (170 per run:
     # 0.1 per step x the default's 1,700 steps)
-    train: TrainConfig = option(factory=lambda: TrainConfig(
-        epochs=20, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, momentum=0.9,
-        threshold_decay=0.01, spectrum_decay=3e-4,
-        role_optimizer={"threshold": "sgd", "spectrum": "sgd"},
-        role_lr={"spectrum": 30.0}, role_lr_per_run={"threshold": 170.0},
-        warmup_epochs=1.0, clip_grad=1.0))
+    train: TrainConfig = option(
+        factory=lambda: TrainConfig(
+            epochs=20,
+            batch_size=64,
+            optimizer="adam",
+            lr=3e-3,
+            weight_decay=0.0,
+            momentum=0.9,
+            threshold_decay=0.01,
+            spectrum_decay=3e-4,
+            role_optimizer={"threshold": "sgd", "spectrum": "sgd"},
+            role_lr={"spectrum": 30.0},
+            role_lr_per_run={"threshold": 170.0},
+            warmup_epochs=1.0,
+            clip_grad=1.0,
+        )
+    )

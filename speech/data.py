@@ -35,9 +35,27 @@ TESTING_LIST = "testing_list.txt"
 SPLITS = ("train", "val", "test")
 GOOGLE12_KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 V1_OTHER_WORDS = (
-    "bed", "bird", "cat", "dog", "eight", "five", "four", "happy", "house", "marvin", "nine",
-    "one", "seven", "sheila", "six", "three", "tree", "two", "wow", "zero",
-)  # fmt: skip
+    "bed",
+    "bird",
+    "cat",
+    "dog",
+    "eight",
+    "five",
+    "four",
+    "happy",
+    "house",
+    "marvin",
+    "nine",
+    "one",
+    "seven",
+    "sheila",
+    "six",
+    "three",
+    "tree",
+    "two",
+    "wow",
+    "zero",
+)
 V2_EXTRA_WORDS = ("backward", "follow", "forward", "learn", "visual")
 TASKS = ("google12", "all35")
 _START = "#start="

@@ -40,8 +40,9 @@ FEATURE_KINDS = ("logmel", "mfcc")
 class FeatureConfig:
     """Front end of the keyword models; the defaults give [99, 32] log-mel frames per clip."""
 
-    kind: str = option("logmel", "logmel | mfcc (DCT-II of the log-mel energies)",
-                       choices=FEATURE_KINDS)  # fmt: skip
+    kind: str = option(
+        "logmel", "logmel | mfcc (DCT-II of the log-mel energies)", choices=FEATURE_KINDS
+    )
     n_mels: int = option(32, "mel filterbank channels", min=1)
     win_ms: float = option(25.0, "analysis window (Hann) in ms, also the FFT size", min=1.0)
     hop_ms: float = option(10.0, "frame step in ms", min=1.0)
@@ -99,10 +100,16 @@ def feature_extractor(cfg: FeatureConfig | None = None) -> Callable[[torch.Tenso
 
     cfg = cfg or FeatureConfig()
     mel = torchaudio.transforms.MelSpectrogram(
-        sample_rate=cfg.sample_rate, n_fft=cfg.win_length, win_length=cfg.win_length,
-        hop_length=cfg.hop_length, f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels,
-        power=2.0, center=False,
-    )  # fmt: skip
+        sample_rate=cfg.sample_rate,
+        n_fft=cfg.win_length,
+        win_length=cfg.win_length,
+        hop_length=cfg.hop_length,
+        f_min=cfg.f_min,
+        f_max=cfg.f_max,
+        n_mels=cfg.n_mels,
+        power=2.0,
+        center=False,
+    )
     dct = None
     if cfg.kind == "mfcc":
         dct = torchaudio.functional.create_dct(cfg.n_mfcc, cfg.n_mels, norm="ortho")
@@ -215,10 +222,15 @@ def _compute_cache(
     for part in splits.values():
         part["x"] = ((part["x"] - mean) / std).contiguous()
     return {
-        "format": CACHE_FORMAT, "task": task, "class_names": class_names(task),
-        "features": asdict(cfg), "mean": mean, "std": std, "splits": splits,
+        "format": CACHE_FORMAT,
+        "task": task,
+        "class_names": class_names(task),
+        "features": asdict(cfg),
+        "mean": mean,
+        "std": std,
+        "splits": splits,
         "skipped": len(errors),
-    }  # fmt: skip
+    }
 
 
 def load_features(
@@ -240,8 +252,12 @@ def load_features(
     Unreadable clips are skipped with warnings and a count."""
     cfg = feature_cfg or FeatureConfig()
     root = Path(root).resolve()
-    params = {"silence_fraction": silence_fraction, "unknown_fraction": unknown_fraction,
-              "seed": seed, "allow_no_split": allow_no_split}  # fmt: skip
+    params = {
+        "silence_fraction": silence_fraction,
+        "unknown_fraction": unknown_fraction,
+        "seed": seed,
+        "allow_no_split": allow_no_split,
+    }
     index = build_index(root, task, **params)
     key = cache_key(index, task, cfg, params)
     path = Path(cache_dir or cache_root()) / "features" / f"{key}.pt"

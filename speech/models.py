@@ -28,29 +28,48 @@ POOLS = ("last", "mean")
 @dataclass
 class SpeechModelConfig:
     cell: str = option("gru", "gru | lstm", choices=("gru", "lstm"))
-    param: str = option("str", "recurrent matrices: full | lowrank (fixed ranks) | str (learned)",
-                        choices=("full", "lowrank", "str"))  # fmt: skip
+    param: str = option(
+        "str",
+        "recurrent matrices: full | lowrank (fixed ranks) | str (learned)",
+        choices=("full", "lowrank", "str"),
+    )
     hidden: int = option(128, "hidden units per layer", min=1)
     layers: int = option(1, "stacked recurrent layers", min=1)
     rank_w: int = option(16, "input-to-hidden rank for param=lowrank (FastGRNN, Google-12)", min=0)
     rank_u: int = option(25, "hidden-to-hidden rank for param=lowrank", min=0)
-    s_init: float = option(-10.0, "STR: initial threshold parameter; g(s_init + s_bias) is the "
-                           "initial threshold as a fraction of the threshold unit")  # fmt: skip
-    threshold_scale: str = option("init", "STR threshold unit: init (initial top singular value) "
-                                  "| max | rms | one", choices=("init", "max", "rms", "one"))
+    s_init: float = option(
+        -10.0,
+        "STR: initial threshold parameter; g(s_init + s_bias) is the "
+        "initial threshold as a fraction of the threshold unit",
+    )
+    threshold_scale: str = option(
+        "init",
+        "STR threshold unit: init (initial top singular value) | max | rms | one",
+        choices=("init", "max", "rms", "one"),
+    )
     s_bias: float = option(2.0, "STR: g = sigmoid(s + s_bias); decay pulls g to sigmoid(s_bias)")
-    lowrank_init: str = option("svd", "fixed low rank init: svd of the torch init | randn "
-                               "(EdgeML's 0.1 N(0, 1))", choices=("svd", "randn"))  # fmt: skip
-    pool: str = option("mean", "classifier input: mean over time of h_t | last hidden state",
-                       choices=POOLS)  # fmt: skip
+    lowrank_init: str = option(
+        "svd",
+        "fixed low rank init: svd of the torch init | randn (EdgeML's 0.1 N(0, 1))",
+        choices=("svd", "randn"),
+    )
+    pool: str = option(
+        "mean", "classifier input: mean over time of h_t | last hidden state", choices=POOLS
+    )
     dropout: float = option(0.0, "dropout on the pooled features", min=0.0, max=0.99)
-    split: str = option("stacked", "recurrent matrices: stacked (one W [G H, I], one U [G H, H] "
-                        "per layer) | per_gate (W_g [H, I], U_g [H, H] per gate, each its own "
-                        "rank; lowrank: rank_w / rank_u for every gate)", choices=SPLITS)
+    split: str = option(
+        "stacked",
+        "recurrent matrices: stacked (one W [G H, I], one U [G H, H] "
+        "per layer) | per_gate (W_g [H, I], U_g [H, H] per gate, each its own "
+        "rank; lowrank: rank_w / rank_u for every gate)",
+        choices=SPLITS,
+    )
     init_from: str | None = option(
-        None, "checkpoint.pt of a trained model with the same cell, hidden, layers and classes: "
+        None,
+        "checkpoint.pt of a trained model with the same cell, hidden, layers and classes: "
         "its effective matrices initialize this one (full: copy, lowrank: truncated SVD at the "
-        "fixed ranks, str: SVD) and its biases and classifier are copied")  # fmt: skip
+        "fixed ranks, str: SVD) and its biases and classifier are copied",
+    )
 
 
 class KeywordSpotter(nn.Module):
@@ -64,11 +83,15 @@ class KeywordSpotter(nn.Module):
         sizes = [input_size] + [cfg.hidden] * cfg.layers
         if cfg.param == "lowrank":
             rows = cfg.hidden * (GATES[cfg.cell] if cfg.split == "stacked" else 1)
-            for name, rank, cols in (("rank_w", cfg.rank_w, min(sizes[:-1])),
-                                     ("rank_u", cfg.rank_u, cfg.hidden)):  # fmt: skip
+            for name, rank, cols in (
+                ("rank_w", cfg.rank_w, min(sizes[:-1])),
+                ("rank_u", cfg.rank_u, cfg.hidden),
+            ):
                 if rank > min(rows, cols):
-                    raise ValueError(f"model.{name}: {rank} is above the full rank "
-                                     f"{min(rows, cols)} of a {rows}x{cols} matrix")  # fmt: skip
+                    raise ValueError(
+                        f"model.{name}: {rank} is above the full rank "
+                        f"{min(rows, cols)} of a {rows}x{cols} matrix"
+                    )
         spec_w, spec_u = matrix_specs(cfg)
         self.rnns = nn.ModuleList(
             RNNLayer(cfg.cell, sizes[i], cfg.hidden, spec=spec_w, spec_u=spec_u, split=cfg.split)
@@ -101,8 +124,13 @@ class KeywordSpotter(nn.Module):
 
 def matrix_specs(cfg: SpeechModelConfig) -> tuple[MatrixSpec, MatrixSpec]:
     """The ``MatrixSpec`` of every W and of every U of the model (they differ in the fixed rank)."""
-    common = dict(kind=cfg.param, s_init=cfg.s_init, threshold_scale=cfg.threshold_scale,
-                  s_bias=cfg.s_bias, lowrank_init=cfg.lowrank_init)  # fmt: skip
+    common = dict(
+        kind=cfg.param,
+        s_init=cfg.s_init,
+        threshold_scale=cfg.threshold_scale,
+        s_bias=cfg.s_bias,
+        lowrank_init=cfg.lowrank_init,
+    )
     return MatrixSpec(rank=cfg.rank_w, **common), MatrixSpec(rank=cfg.rank_u, **common)
 
 
@@ -112,8 +140,12 @@ def build_model(cfg: SpeechModelConfig, input_size: int, num_classes: int) -> Ke
 
 def recurrent_params(model: nn.Module) -> int:
     """Parameters a deployed recurrent cell needs: sum of num_params of its matrices (no biases)."""
-    return sum(m.num_params() for r in model.modules() if isinstance(r, RNNLayer)
-               for m in r.matrices().values())  # fmt: skip
+    return sum(
+        m.num_params()
+        for r in model.modules()
+        if isinstance(r, RNNLayer)
+        for m in r.matrices().values()
+    )
 
 
 def init_from_checkpoint(model: KeywordSpotter, path: str | Path) -> None:
@@ -133,19 +165,26 @@ def init_from_checkpoint(model: KeywordSpotter, path: str | Path) -> None:
     source_cfg.init_from = None
     done, epochs = state.get("epoch"), state["config"].get("train", {}).get("epochs")
     if isinstance(done, int) and isinstance(epochs, int) and done < epochs:
-        raise CheckpointError(f"{path}: an unfinished run (epoch {done} of {epochs}); "
-                              "finish it (--resume) before initializing from it")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: an unfinished run (epoch {done} of {epochs}); "
+            "finish it (--resume) before initializing from it"
+        )
     own, theirs = model.cfg, source_cfg
     for key in ("cell", "hidden", "layers"):
         if getattr(own, key) != getattr(theirs, key):
-            raise CheckpointError(f"{path}: model.{key} is {getattr(theirs, key)!r} in the "
-                                  f"checkpoint, {getattr(own, key)!r} here")  # fmt: skip
+            raise CheckpointError(
+                f"{path}: model.{key} is {getattr(theirs, key)!r} in the "
+                f"checkpoint, {getattr(own, key)!r} here"
+            )
     weight = state["model"].get("classifier.weight")
     if weight is None or tuple(weight.shape) != tuple(model.classifier.weight.shape):
-        shape, own_shape = None if weight is None else tuple(weight.shape), tuple(
-            model.classifier.weight.shape)  # fmt: skip
-        raise CheckpointError(f"{path}: classifier shape {shape}, expected {own_shape} "
-                              "(other classes?)")  # fmt: skip
+        shape, own_shape = (
+            None if weight is None else tuple(weight.shape),
+            tuple(model.classifier.weight.shape),
+        )
+        raise CheckpointError(
+            f"{path}: classifier shape {shape}, expected {own_shape} (other classes?)"
+        )
     source = build_model(theirs, model.rnns[0].input_size, model.classifier.out_features)
     try:
         load_model_state(source, state["model"], path)

@@ -52,16 +52,27 @@ DATA_VERSION = "speech_synth_v2"
 MARKER = "SYNTH_DONE.json"
 IN_PROGRESS = "SYNTH_IN_PROGRESS"
 ENGLISH_VOICES = (
-    "en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-gbclan",
+    "en-us",
+    "en",
+    "en-gb-x-rp",
+    "en-gb-scotland",
+    "en-029",
+    "en-us-nyc",
+    "en-gb-x-gbclan",
     "en-gb-x-gbcwmd",
-)  # fmt: skip
+)
 BABBLE_SENTENCES = (
-    "the weather will change by tomorrow morning", "please pass me the salt and pepper",
-    "we are meeting at the station later", "this is a very long queue for coffee",
-    "my brother bought a new bicycle", "could you open the window a little",
-    "the train was late again today", "they painted the kitchen bright yellow",
-    "I think the film starts at eight thirty", "she is reading a book about gardens",
-)  # fmt: skip
+    "the weather will change by tomorrow morning",
+    "please pass me the salt and pepper",
+    "we are meeting at the station later",
+    "this is a very long queue for coffee",
+    "my brother bought a new bicycle",
+    "could you open the window a little",
+    "the train was late again today",
+    "they painted the kitchen bright yellow",
+    "I think the film starts at eight thirty",
+    "she is reading a book about gardens",
+)
 NOISE_FILES = ("white_noise", "pink_noise", "brown_noise", "babble", "hum")
 _ESPEAK_RATE = 22050
 
@@ -155,8 +166,9 @@ class Espeak:
         self._libc = ctypes.CDLL(None) if os.name == "posix" else None
         probe = [self.say("seven", "en-us", 200.0, 60.0, 50.0) for _ in range(2)]
         if probe[0].tobytes() != probe[1].tobytes():
-            raise RuntimeError("espeak-ng keeps its state after unloading; audio would not be "
-                               "reproducible")  # fmt: skip
+            raise RuntimeError(
+                "espeak-ng keeps its state after unloading; audio would not be reproducible"
+            )
 
     def _private_copy(self, source: str) -> str:
         """A path to load the library from that no other code in this process uses, so that
@@ -261,10 +273,15 @@ def make_speakers(cfg: SynthConfig) -> list[Speaker]:
         name = hashlib.sha1(f"{DATA_VERSION}:{cfg.seed}:{i}".encode()).hexdigest()[:8]
         speakers.append(
             Speaker(
-                index=i, name=name, voice=voice, rate=rng.uniform(*cfg.rate_range),
-                pitch=rng.uniform(*cfg.pitch_range), intonation=rng.uniform(*cfg.intonation_range),
-                warp=rng.uniform(*cfg.warp_range), takes=takes,
-            )  # fmt: skip
+                index=i,
+                name=name,
+                voice=voice,
+                rate=rng.uniform(*cfg.rate_range),
+                pitch=rng.uniform(*cfg.pitch_range),
+                intonation=rng.uniform(*cfg.intonation_range),
+                warp=rng.uniform(*cfg.warp_range),
+                takes=takes,
+            )
         )
     return speakers
 
@@ -318,8 +335,10 @@ def hum(n: int, rng: np.random.Generator) -> np.ndarray:
     """Mains hum (50 or 60 Hz and harmonics) over a little fan-like noise, unit RMS: [n]."""
     t = np.arange(n) / SAMPLE_RATE
     base = 50.0 if rng.random() < 0.5 else 60.0
-    x = sum(rng.uniform(0.1, 1.0) / k * np.sin(2 * np.pi * base * k * t + rng.uniform(0, 6.3))
-            for k in range(1, 8))  # fmt: skip
+    x = sum(
+        rng.uniform(0.1, 1.0) / k * np.sin(2 * np.pi * base * k * t + rng.uniform(0, 6.3))
+        for k in range(1, 8)
+    )
     x = x + 0.3 * colored_noise(n, 1.5, rng)
     return (x / (x.std() + 1e-12)).astype(np.float32)
 
@@ -528,11 +547,14 @@ def _write_tree(root: Path, cfg: SynthConfig, progress: bool) -> None:
         "version": DATA_VERSION,
         "config": asdict(cfg),
         "n_clips": total,
-        "n_speakers": {"train": cfg.n_speakers - len(val) - len(test), "val": len(val),
-                       "test": len(test)},
+        "n_speakers": {
+            "train": cfg.n_speakers - len(val) - len(test),
+            "val": len(val),
+            "test": len(test),
+        },
         "seconds": round(time.perf_counter() - start, 2),
         "synthesizer": "espeak-ng (GPL-3.0-or-later) via espeakng-loader, loaded at run time",
-    }  # fmt: skip
+    }
     write_atomic(root / MARKER, json.dumps(marker, indent=2))
 
 

@@ -49,9 +49,14 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
         root = ensure_default_data(progress=cfg.train.progress and info.is_main)
     else:
         root = Path(d.root)
-    sets = load_features(root, d.task, cfg.features, progress=cfg.train.progress and info.is_main,
-                         silence_fraction=d.silence_fraction,
-                         unknown_fraction=d.unknown_fraction)  # fmt: skip
+    sets = load_features(
+        root,
+        d.task,
+        cfg.features,
+        progress=cfg.train.progress and info.is_main,
+        silence_fraction=d.silence_fraction,
+        unknown_fraction=d.unknown_fraction,
+    )
     train, val, test = sets["train"], sets["val"], sets["test"]
     model = build_model(cfg.model, train.x.shape[2], len(train.class_names))
     if cfg.model.init_from:
@@ -69,10 +74,17 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
         final = matrix_spectra(model, "final")
         if info.is_main:
             pd.DataFrame(spectra + final).to_csv(Path(cfg.out) / "spectra.csv", index=False)
-        return {"track": "speech", "method": cfg.model.param, "cell": cfg.model.cell,
-                "hidden": cfg.model.hidden, "split": cfg.model.split,
-                "init_from": cfg.model.init_from, "tag": cfg.tag, "params": recurrent_params(model),
-                "ranks": {n: int(r) for n, r in zip(ranks["name"], ranks["rank"])}}  # fmt: skip
+        return {
+            "track": "speech",
+            "method": cfg.model.param,
+            "cell": cfg.model.cell,
+            "hidden": cfg.model.hidden,
+            "split": cfg.model.split,
+            "init_from": cfg.model.init_from,
+            "tag": cfg.tag,
+            "params": recurrent_params(model),
+            "ranks": {n: int(r) for n, r in zip(ranks["name"], ranks["rank"])},
+        }
 
     controller = build_controller(cfg.controller, model, val.x[:1])
     if controller is not None:
@@ -80,10 +92,17 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
             raise ValueError("controller.target: a budget target needs model.param str")
         callbacks.append(controller)
     augmenting = d.augment_shift > 0 or d.augment_noise > 0
-    return Task(model=model, train_set=TensorDataset(train.x, train.y),
-                val_set=TensorDataset(val.x, val.y), test_set=TensorDataset(test.x, test.y),
-                example_input=val.x[:1], augment=add_noise if augmenting else None,
-                callbacks=callbacks, describe=rank_text, summarize=summarize)  # fmt: skip
+    return Task(
+        model=model,
+        train_set=TensorDataset(train.x, train.y),
+        val_set=TensorDataset(val.x, val.y),
+        test_set=TensorDataset(test.x, test.y),
+        example_input=val.x[:1],
+        augment=add_noise if augmenting else None,
+        callbacks=callbacks,
+        describe=rank_text,
+        summarize=summarize,
+    )
 
 
 def report(model: torch.nn.Module, out: Path, summary: dict) -> None:

@@ -110,10 +110,16 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     summary = {}
     if (path / "summary.json").is_file():
         summary = json.loads((path / "summary.json").read_text())
-    return Run(path=path, label=label or path.name, config=config, summary=summary,
-               metrics=_read_csv(path / "metrics.csv"), budget=_read_csv(path / "budget.csv"),
-               history=_read_csv(path / "budget_history.csv"),
-               spectra=_read_csv(path / "spectra.csv"))  # fmt: skip
+    return Run(
+        path=path,
+        label=label or path.name,
+        config=config,
+        summary=summary,
+        metrics=_read_csv(path / "metrics.csv"),
+        budget=_read_csv(path / "budget.csv"),
+        history=_read_csv(path / "budget_history.csv"),
+        spectra=_read_csv(path / "spectra.csv"),
+    )
 
 
 def _unique_labels(paths: Sequence[Path]) -> list[str]:
@@ -176,9 +182,14 @@ def summaries(runs: Sequence[Run]) -> pd.DataFrame:
     (nested ones flattened, e.g. ``ranks.rnn.0.W``) and 'accuracy' (test_acc, else val_acc)."""
     rows = []
     for run in runs:
-        row: dict[str, Any] = {"run": run.label, "path": str(run.path), "track": run.track,
-                               "method": run.method, "group": config_group(run.config),
-                               "seed": run.config.get("train", {}).get("seed")}  # fmt: skip
+        row: dict[str, Any] = {
+            "run": run.label,
+            "path": str(run.path),
+            "track": run.track,
+            "method": run.method,
+            "group": config_group(run.config),
+            "seed": run.config.get("train", {}).get("seed"),
+        }
         row |= flatten({k: v for k, v in _summary(run).items() if k not in ("track", "method")})
         row["rank_total"] = _rank_total(run)
         rows.append(row)
@@ -196,8 +207,11 @@ def _summary(run: Run) -> dict[str, Any]:
         return run.summary
     last = run.metrics.iloc[-1]
     keys = ("val_acc", "val_top5", "val_loss", "sparsity", "nnz", "macs_sparse")
-    return {"epochs": int(last["epoch"]), "finished": False,
-            **{k: float(last[k]) for k in keys if k in last}}
+    return {
+        "epochs": int(last["epoch"]),
+        "finished": False,
+        **{k: float(last[k]) for k in keys if k in last},
+    }
 
 
 def _stack(runs: Sequence[Run], attr: str) -> pd.DataFrame | None:
@@ -221,8 +235,9 @@ def budgets(runs: Sequence[Run]) -> pd.DataFrame | None:
         if run.budget is None:
             continue
         table = layers(run.budget).reset_index(drop=True)
-        parts.append(table.assign(order=range(len(table)), run=run.label, track=run.track,
-                                  method=run.method))  # fmt: skip
+        parts.append(
+            table.assign(order=range(len(table)), run=run.label, track=run.track, method=run.method)
+        )
     return pd.concat(parts, ignore_index=True) if parts else None
 
 
@@ -241,8 +256,13 @@ def layer_order(budget: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(budget["name"]))
 
 
-def aggregate(table: pd.DataFrame, by: Sequence[str], value: str, level: float = 0.95,
-              extra: Sequence[str] = ()) -> pd.DataFrame:  # fmt: skip
+def aggregate(
+    table: pd.DataFrame,
+    by: Sequence[str],
+    value: str,
+    level: float = 0.95,
+    extra: Sequence[str] = (),
+) -> pd.DataFrame:
     """Mean, sd, n and a Student-t interval of ``value`` over the rows of each group of ``by``
     (the seeds of one sweep point):
 
@@ -260,8 +280,14 @@ def aggregate(table: pd.DataFrame, by: Sequence[str], value: str, level: float =
         sd = float(values.std(ddof=1)) if n > 1 else math.nan
         ci = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n) if n > 1 else math.nan
         keys = key if isinstance(key, tuple) else (key,)
-        row = dict(zip(by, keys)) | {"n": n, "mean": mean, "sd": sd, "ci": ci,
-                                     "lo": mean - ci, "hi": mean + ci}  # fmt: skip
+        row = dict(zip(by, keys)) | {
+            "n": n,
+            "mean": mean,
+            "sd": sd,
+            "ci": ci,
+            "lo": mean - ci,
+            "hi": mean + ci,
+        }
         row |= {c: float(pd.to_numeric(group[c], errors="coerce").mean()) for c in extra}
         rows.append(row)
     return pd.DataFrame(rows, columns=[*by, "n", "mean", "sd", "ci", "lo", "hi", *extra])
@@ -309,17 +335,23 @@ def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFra
     keys = ["method", "budget", "split"]
     points = aggregate(t, keys, value, extra=["params"])
     points["_select"] = aggregate(t, keys, select)["mean"].to_numpy() if len(points) else []
-    grid = points.groupby(["method", "budget"], sort=False).apply(
-        lambda g: "; ".join(f"{s}: {100 * m:.2f}" for s, m in zip(g["split"], g["mean"]) if s),
-        include_groups=False).rename("splits")  # fmt: skip
+    grid = (
+        points.groupby(["method", "budget"], sort=False)
+        .apply(
+            lambda g: "; ".join(f"{s}: {100 * m:.2f}" for s, m in zip(g["split"], g["mean"]) if s),
+            include_groups=False,
+        )
+        .rename("splits")
+    )
     best = points.sort_values("_select", ascending=False, kind="stable")
     best = best.drop_duplicates(["method", "budget"]).join(grid, on=["method", "budget"])
     best = best.drop(columns="_select").assign(select=select)
     return best.sort_values(["method", "params"], kind="stable").reset_index(drop=True)
 
 
-def frontier_gaps(table: pd.DataFrame, baseline: str = "lowrank", value: str | None = None,
-                  level: float = 0.95) -> pd.DataFrame:
+def frontier_gaps(
+    table: pd.DataFrame, baseline: str = "lowrank", value: str | None = None, level: float = 0.95
+) -> pd.DataFrame:
     """Each method's accuracy minus the baseline's at the same budget, paired by seed.
 
     The baseline at a budget is the split :func:`frontier_points` keeps. For every other method

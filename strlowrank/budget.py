@@ -20,9 +20,19 @@ from torch import nn
 from strlowrank.threshold import SoftThreshold, select_modules, weight_parametrizations
 
 COLUMNS = [
-    "name", "kind", "param", "shape", "numel", "nnz", "sparsity", "threshold",
-    "rank", "full_rank", "macs_dense", "macs_sparse",
-]  # fmt: skip
+    "name",
+    "kind",
+    "param",
+    "shape",
+    "numel",
+    "nnz",
+    "sparsity",
+    "threshold",
+    "rank",
+    "full_rank",
+    "macs_dense",
+    "macs_sparse",
+]
 
 
 def _layer_macs(module: nn.Module, out: torch.Tensor, batch: int) -> float:
@@ -96,15 +106,27 @@ def budget_table(
             w = module.weight
             numel, nnz = w.numel(), int(torch.count_nonzero(w))
             param, thr = _method(module)
-            dense = _layer_macs(module, traced[id(module)][1], batch) if id(module) in traced else (
-                float("nan"))
-            rows.append({
-                "name": name, "kind": type(module).__name__.lower(), "param": param,
-                "shape": "x".join(map(str, w.shape)), "numel": numel, "nnz": nnz,
-                "sparsity": 1.0 - nnz / numel, "threshold": thr,
-                "rank": float("nan"), "full_rank": float("nan"),
-                "macs_dense": dense, "macs_sparse": dense * nnz / numel,
-            })  # fmt: skip
+            dense = (
+                _layer_macs(module, traced[id(module)][1], batch)
+                if id(module) in traced
+                else (float("nan"))
+            )
+            rows.append(
+                {
+                    "name": name,
+                    "kind": type(module).__name__.lower(),
+                    "param": param,
+                    "shape": "x".join(map(str, w.shape)),
+                    "numel": numel,
+                    "nnz": nnz,
+                    "sparsity": 1.0 - nnz / numel,
+                    "threshold": thr,
+                    "rank": float("nan"),
+                    "full_rank": float("nan"),
+                    "macs_dense": dense,
+                    "macs_sparse": dense * nnz / numel,
+                }
+            )
         for name, module in owners:
             inputs = traced.get(id(module), (None,))[0]
             for entry in module.budget_entries(inputs):
@@ -126,13 +148,25 @@ def _position(order: dict[str, int], name: str) -> int:
 
 def _total(table: pd.DataFrame) -> pd.DataFrame:
     numel, nnz = int(table["numel"].sum()), int(table["nnz"].sum())
-    return pd.DataFrame([{
-        "name": "total", "kind": "total", "param": "", "shape": "", "numel": numel, "nnz": nnz,
-        "sparsity": 1.0 - nnz / max(numel, 1), "threshold": float("nan"),
-        "rank": float("nan"), "full_rank": float("nan"),
-        "macs_dense": table["macs_dense"].sum(min_count=1),
-        "macs_sparse": table["macs_sparse"].sum(min_count=1),
-    }], columns=COLUMNS)  # fmt: skip
+    return pd.DataFrame(
+        [
+            {
+                "name": "total",
+                "kind": "total",
+                "param": "",
+                "shape": "",
+                "numel": numel,
+                "nnz": nnz,
+                "sparsity": 1.0 - nnz / max(numel, 1),
+                "threshold": float("nan"),
+                "rank": float("nan"),
+                "full_rank": float("nan"),
+                "macs_dense": table["macs_dense"].sum(min_count=1),
+                "macs_sparse": table["macs_sparse"].sum(min_count=1),
+            }
+        ],
+        columns=COLUMNS,
+    )
 
 
 def _is_total(table: pd.DataFrame) -> pd.Series:

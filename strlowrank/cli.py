@@ -23,9 +23,15 @@ from typing import Any
 from strlowrank.config import ConfigError, describe_fields, load_config, parse_value
 from strlowrank.measures import METRICS
 
-SHORTCUTS = {"epochs": "train.epochs", "device": "train.device", "seed": "train.seed",
-             "data_dir": "data.root", "out": "out", "init_from": "model.init_from",
-             "tag": "tag"}  # fmt: skip
+SHORTCUTS = {
+    "epochs": "train.epochs",
+    "device": "train.device",
+    "seed": "train.seed",
+    "data_dir": "data.root",
+    "out": "out",
+    "init_from": "model.init_from",
+    "tag": "tag",
+}
 
 
 def build_parser(
@@ -41,29 +47,40 @@ def build_parser(
     ]
     epilog = "config fields (override any with --NAME VALUE, YAML syntax):\n" + "\n".join(lines)
     p = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog,
+        prog=prog,
+        description=description,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument("--config", help="YAML file with config fields (see below)")
-    p.add_argument("--out", help="run folder: config.yaml, metrics.csv, budget.csv, summary.json, "
-                   "checkpoint.pt, plots/")  # fmt: skip
+    p.add_argument(
+        "--out",
+        help="run folder: config.yaml, metrics.csv, budget.csv, summary.json, "
+        "checkpoint.pt, plots/",
+    )
     p.add_argument("--data-dir", help="dataset root (default: the embedded default data)")
     p.add_argument("--epochs", type=int, help="number of training epochs (train.epochs)")
     p.add_argument("--device", help="auto | cpu | cuda (train.device)")
     p.add_argument("--seed", type=int, help="random seed (train.seed)")
     p.add_argument("--resume", help="checkpoint.pt to continue from (or to evaluate)")
-    p.add_argument("--test-only", action="store_true",
-                   help="evaluate the --resume checkpoint on the test split and write summary.json")
+    p.add_argument(
+        "--test-only",
+        action="store_true",
+        help="evaluate the --resume checkpoint on the test split and write summary.json",
+    )
     names = {name for name, *_ in rows}
     if "model.init_from" in names:
-        p.add_argument("--init-from", help="checkpoint.pt of a trained model to initialize "
-                       "from (model.init_from)")  # fmt: skip
+        p.add_argument(
+            "--init-from",
+            help="checkpoint.pt of a trained model to initialize from (model.init_from)",
+        )
     if "tag" in names:
         p.add_argument("--tag", help="a free label copied to summary.json (tag)")
     if any(name.startswith("controller.") for name, *_ in rows):
         g = p.add_argument_group("budget targets (a controller steers the threshold decay)")
-        g.add_argument("--target-sparsity", metavar="S",
-                       help="final overall sparsity, a fraction, e.g. 0.9")
+        g.add_argument(
+            "--target-sparsity", metavar="S", help="final overall sparsity, a fraction, e.g. 0.9"
+        )
         g.add_argument("--target-macs", metavar="F", help="final sparse/dense MACs, e.g. 0.1")
         g.add_argument("--target-params", metavar="N", help="final parameter count (speech)")
         g.add_argument("--target-rank", metavar="R", help="final sum of learned ranks (speech)")
@@ -106,8 +123,9 @@ def expand_target_flags(argv: Sequence[str], section: str = "controller") -> lis
     return out
 
 
-def parse_config(cfg_cls: type, description: str, argv: Sequence[str] | None = None,
-                 prog: str | None = None) -> tuple[Any, argparse.Namespace]:  # fmt: skip
+def parse_config(
+    cfg_cls: type, description: str, argv: Sequence[str] | None = None, prog: str | None = None
+) -> tuple[Any, argparse.Namespace]:
     """Parse ``argv`` into (validated config, namespace with resume/test_only/config)."""
     parser = build_parser(description, cfg_cls, prog)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -134,8 +152,14 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     except Interrupted as e:
         print(f"interrupted: {e}; continue with --resume", file=sys.stderr)
         return 143
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError, OSError,
-            TrainingError) as e:  # fmt: skip
+    except (
+        ConfigError,
+        ValueError,
+        FileNotFoundError,
+        PermissionError,
+        OSError,
+        TrainingError,
+    ) as e:
         if os.environ.get("STRLOWRANK_DEBUG"):
             raise
         message = str(e).strip()
@@ -146,8 +170,9 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     return 0
 
 
-def execute(cfg: Any, args: argparse.Namespace, build_task: Callable, report: Callable | None = None
-            ) -> dict[str, Any]:  # fmt: skip
+def execute(
+    cfg: Any, args: argparse.Namespace, build_task: Callable, report: Callable | None = None
+) -> dict[str, Any]:
     """Compose a run: seed, (DDP), run folder, task, train or --test-only, report.
 
     ``build_task(cfg, info) -> Task``; ``report(model, out_dir, summary)`` runs on rank 0 at the

@@ -251,6 +251,13 @@ def describe_fields(cls: type, prefix: str = "", instance: Any = None) -> list[t
             rows += describe_fields(tp, f"{prefix}{f.name}.", value)
             continue
         tname = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-        rows.append((f"{prefix}{f.name}", tname, value, f.metadata.get("help", ""),
-                     choices_text(f.metadata)))
+        rows.append(
+            (
+                f"{prefix}{f.name}",
+                tname,
+                value,
+                f.metadata.get("help", ""),
+                choices_text(f.metadata),
+            )
+        )
     return rows

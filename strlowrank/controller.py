@@ -61,53 +61,68 @@ class ControllerConfig:
     """Budget controller settings (the ``controller.*`` config section); off unless ``target``."""
 
     target: float | None = option(
-        None, "requested final total, in the metric's unit: sparsity (a fraction), "
+        None,
+        "requested final total, in the metric's unit: sparsity (a fraction), "
         "macs (sparse / dense MACs), params (count), rank (sum of learned ranks); None: off",
         min=0.0,
-    )  # fmt: skip
+    )
     metric: str = option("sparsity", "what the target counts", choices=METRICS)
     start: float = option(
-        0.2, "fraction of training where the controller takes over: before it plain STR runs "
-        "with the configured decay; the ramp starts from the total measured then", min=0.0, max=1.0
-    )  # fmt: skip
-    end: float = option(0.75, "fraction of training where the ramp reaches the target (then hold)",
-                        min=0.0, max=1.0)  # fmt: skip
-    shape: str = option("cubic", "ramp shape: cubic (Zhu & Gupta) | linear",
-                        choices=("cubic", "linear"))  # fmt: skip
+        0.2,
+        "fraction of training where the controller takes over: before it plain STR runs "
+        "with the configured decay; the ramp starts from the total measured then",
+        min=0.0,
+        max=1.0,
+    )
+    end: float = option(
+        0.75, "fraction of training where the ramp reaches the target (then hold)", min=0.0, max=1.0
+    )
+    shape: str = option(
+        "cubic", "ramp shape: cubic (Zhu & Gupta) | linear", choices=("cubic", "linear")
+    )
     role: str = option(
-        "threshold", "the parameter role(s) whose weight decay is steered: threshold (the decay "
+        "threshold",
+        "the parameter role(s) whose weight decay is steered: threshold (the decay "
         "on s, STR's sparsity knob) | spectrum (the decay on singular values, the rank knob of "
         "STR matrices with a fixed threshold unit) | threshold+spectrum (both, scaled by the "
-        "same factor)", choices=("threshold", "spectrum", "threshold+spectrum")
-    )  # fmt: skip
+        "same factor)",
+        choices=("threshold", "spectrum", "threshold+spectrum"),
+    )
     every: int = option(10, "update interval in optimizer steps", min=1)
     kp: float = option(10.0, "proportional gain: log-decay change per unit of error", min=0.0)
-    ki: float = option(100.0, "integral gain: log-decay change per unit error x training fraction",
-                       min=0.0)  # fmt: skip
+    ki: float = option(
+        100.0, "integral gain: log-decay change per unit error x training fraction", min=0.0
+    )
     decay_init: float | None = option(
         None, "initial decay; default: the steered group's configured decay", min=0.0
     )
     decay_min: float = option(1e-6, "lower bound of the decay on s", min=0.0)
     decay_max: float = option(0.1, "upper bound of the decay on s", min=0.0)
     correction: str = option(
-        "hold", "exact common shift of all s: off | final (last step) | hold (after the ramp, when "
+        "hold",
+        "exact common shift of all s: off | final (last step) | hold (after the ramp, when "
         "the error exceeds tolerance, and at the last step) | track (hold, and during the ramp "
         "also when the total lags the schedule by more than overshoot while the decay is at "
-        "decay_max: the decay can do no more)", choices=("off", "final", "hold", "track")
-    )  # fmt: skip
+        "decay_max: the decay can do no more)",
+        choices=("off", "final", "hold", "track"),
+    )
     tolerance: float = option(0.001, "hold-phase error that triggers a correction", min=0.0)
     compensate: bool = option(
-        True, "a correction keeps the thresholded value of every weight (singular value) that "
-        "survives it: only those that cross the threshold change (no jump of the survivors)"
-    )  # fmt: skip
+        True,
+        "a correction keeps the thresholded value of every weight (singular value) that "
+        "survives it: only those that cross the threshold change (no jump of the survivors)",
+    )
     overshoot: float = option(
-        0.02, "during the ramp, a total above the schedule by more than this is shifted back "
-        "(decay cannot lower thresholds; fully pruned layers get no gradient to recover)", min=0.0
-    )  # fmt: skip
+        0.02,
+        "during the ramp, a total above the schedule by more than this is shifted back "
+        "(decay cannot lower thresholds; fully pruned layers get no gradient to recover)",
+        min=0.0,
+    )
 
 
-def schedule_value(t: float, y0: float, target: float, start: float, end: float,
-                   shape: str = "cubic") -> float:  # fmt: skip
+def schedule_value(
+    t: float, y0: float, target: float, start: float, end: float, shape: str = "cubic"
+) -> float:
     """r(t): y0 before ``start``, ramp (cubic or linear), ``target`` from ``end`` on."""
     p = 1.0 if end <= start else min(max((t - start) / (end - start), 0.0), 1.0)
     remaining = (1.0 - p) ** 3 if shape == "cubic" else 1.0 - p
@@ -144,8 +159,10 @@ class BudgetController:
         """Use the optimizer's ``role == cfg.role`` param groups (there must be one)."""
         self.optimizer = optimizer
         if not self.groups():
-            raise ValueError(f"budget controller: the optimizer has no {self.roles[0]!r} param "
-                             "group (controller.role)")  # fmt: skip
+            raise ValueError(
+                f"budget controller: the optimizer has no {self.roles[0]!r} param "
+                "group (controller.role)"
+            )
         return self
 
     def groups(self, role: str | None = None) -> list[dict]:
@@ -189,8 +206,9 @@ class BudgetController:
             return
         if not self._ramp_started(self.done):  # plain STR: the configured decay, no correction
             self.achieved = self.measure(model)
-            self.trace.append([float(self.done), math.nan, self.achieved, self.achieved,
-                               self.decay])  # fmt: skip
+            self.trace.append(
+                [float(self.done), math.nan, self.achieved, self.achieved, self.decay]
+            )
             return
         if math.isnan(self.y0):  # the ramp starts here, from the total STR reached on its own
             self.y0 = self.measure(model)
@@ -204,19 +222,24 @@ class BudgetController:
             self.shift += delta
             if abs(y - r) > 0.01 and not self.warned:
                 self.warned = True
-                warnings.warn(f"budget controller: the target {r:.4f} is out of reach of a "
-                              f"threshold shift (total {y:.4f}); relying on the decay alone",
-                              RuntimeWarning, stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"budget controller: the target {r:.4f} is out of reach of a "
+                    f"threshold shift (total {y:.4f}); relying on the decay alone",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self.achieved = y
         self.trace.append([float(self.done), r, measured, y, self.decay])
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
         self.achieved = self.measure(model)
         metric, scale = self.cfg.metric, self.scale
-        return {f"target_{metric}": from_reduction(metric, self.schedule(self.done), scale),
-                f"achieved_{metric}": from_reduction(metric, self.achieved, scale),
-                **{f"{role}_decay": self._role_decay(role) for role in self.roles},
-                "threshold_shift": self.shift}  # fmt: skip
+        return {
+            f"target_{metric}": from_reduction(metric, self.schedule(self.done), scale),
+            f"achieved_{metric}": from_reduction(metric, self.achieved, scale),
+            **{f"{role}_decay": self._role_decay(role) for role in self.roles},
+            "threshold_shift": self.shift,
+        }
 
     # ----------------------------------------------------------------------------- control law
     def _update_decay(self, error: float, dt: float) -> None:
@@ -257,8 +280,20 @@ class BudgetController:
                 g["weight_decay"] = self._role_decay(role)
 
     # ----------------------------------------------------------------------------- state
-    STATE_KEYS = ("target", "total_steps", "done", "last_update", "started", "y0", "log_decay0",
-                  "decay", "achieved", "integral", "shift", "ratios")  # fmt: skip
+    STATE_KEYS = (
+        "target",
+        "total_steps",
+        "done",
+        "last_update",
+        "started",
+        "y0",
+        "log_decay0",
+        "decay",
+        "achieved",
+        "integral",
+        "shift",
+        "ratios",
+    )
 
     def state_dict(self) -> dict[str, Any]:
         state = {k: getattr(self, k) for k in self.STATE_KEYS}
@@ -278,9 +313,13 @@ class BudgetController:
             self._apply()
 
 
-def build_controller(cfg: ControllerConfig, model: nn.Module, example_input=None,
-                     include: Sequence[str] = ("*",),
-                     exclude: Sequence[str] = ()) -> BudgetController | None:  # fmt: skip
+def build_controller(
+    cfg: ControllerConfig,
+    model: nn.Module,
+    example_input=None,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+) -> BudgetController | None:
     """The controller for ``cfg`` (None when ``cfg.target`` is None); call ``bind`` next."""
     if cfg.target is None:
         return None

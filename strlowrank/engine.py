@@ -68,34 +68,54 @@ class TrainConfig:
         None, "weight decay on STR thresholds s (the sparsity knob); default: weight_decay", min=0.0
     )
     spectrum_decay: float | None = option(
-        None, "weight decay on singular values of STR low-rank matrices (the rank knob); "
-        "default: weight_decay", min=0.0)  # fmt: skip
+        None,
+        "weight decay on singular values of STR low-rank matrices (the rank knob); "
+        "default: weight_decay",
+        min=0.0,
+    )
     norm_decay: float | None = option(
         None, "weight decay on norm weights and biases; default: weight_decay", min=0.0
     )
     role_decay: dict[str, float] = option(
-        factory=dict, help="weight decay of a role without its own field, e.g. {factor: 0.0} "
+        factory=dict,
+        help="weight decay of a role without its own field, e.g. {factor: 0.0} "
         "(weight, threshold, spectrum, norm_bias: train.weight_decay, threshold_decay, "
-        "spectrum_decay, norm_decay)", min=0.0, keys=ROLES)  # fmt: skip
+        "spectrum_decay, norm_decay)",
+        min=0.0,
+        keys=ROLES,
+    )
     role_lr: dict[str, float | None] = option(
-        factory=dict, help="peak per-step lr of a role (absolute, not a multiple of train.lr; the "
+        factory=dict,
+        help="peak per-step lr of a role (absolute, not a multiple of train.lr; the "
         "same warm-up + cosine shape), e.g. {spectrum: 30.0}; null: train.lr",
-        min=0.0, keys=ROLES)  # fmt: skip
+        min=0.0,
+        keys=ROLES,
+    )
     role_lr_per_run: dict[str, float | None] = option(
-        factory=dict, help="lr of a role in units of the whole run: its peak per-step lr is this "
+        factory=dict,
+        help="lr of a role in units of the whole run: its peak per-step lr is this "
         "value / the run's optimizer steps (absolute, not a multiple of train.lr), so the role "
         "moves the same way over training progress at any data size, epochs or batch "
         "(docs/METHOD.md, run-length invariance), e.g. {threshold: 60}; null takes a role off "
-        "the run's clock", min=0.0, keys=ROLES)  # fmt: skip
+        "the run's clock",
+        min=0.0,
+        keys=ROLES,
+    )
     role_optimizer: dict[str, str] = option(
-        factory=dict, help="another optimizer for some roles, e.g. {threshold: sgd}",
-        choices=ALGORITHMS, keys=ROLES)  # fmt: skip
+        factory=dict,
+        help="another optimizer for some roles, e.g. {threshold: sgd}",
+        choices=ALGORITHMS,
+        keys=ROLES,
+    )
     warmup_epochs: float = option(0.0, "linear warm-up epochs before the cosine decay", min=0.0)
     min_lr_ratio: float = option(0.0, "final lr as a fraction of the peak", min=0.0, max=1.0)
     label_smoothing: float = option(0.0, "label smoothing of the training loss", min=0.0, max=1.0)
     clip_grad: float = option(0.0, "clip the gradient norm to this value (0: off)", min=0.0)
-    amp: str = option("auto", "auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off",
-                      choices=("auto", "bf16", "fp16", "off"))  # fmt: skip
+    amp: str = option(
+        "auto",
+        "auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off",
+        choices=("auto", "bf16", "fp16", "off"),
+    )
     channels_last: bool | str = option(
         "auto",
         "channels_last memory format: auto (on for image batches on CUDA, off on CPU) | on | off;"
@@ -107,9 +127,12 @@ class TrainConfig:
     workers: int = option(0, "data loader worker processes", min=0)
     progress: bool = option(True, "show a progress bar")
     bn_recalibration: int = option(
-        0, "training batches over which BatchNorm running statistics are re-estimated (exact "
+        0,
+        "training batches over which BatchNorm running statistics are re-estimated (exact "
         "average, no gradient) before the final evaluation; pruning moves the weights faster than "
-        "the running averages follow on short runs (0: off)", min=0)  # fmt: skip
+        "the running averages follow on short runs (0: off)",
+        min=0,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.channels_last, bool):  # older configs: channels_last: true / false
@@ -118,8 +141,12 @@ class TrainConfig:
 
 
 # roles whose decay has its own train.* field; train.role_decay covers the others
-DECAY_FIELDS = {"weight": "weight_decay", "threshold": "threshold_decay",
-                "spectrum": "spectrum_decay", "norm_bias": "norm_decay"}  # fmt: skip
+DECAY_FIELDS = {
+    "weight": "weight_decay",
+    "threshold": "threshold_decay",
+    "spectrum": "spectrum_decay",
+    "norm_bias": "norm_decay",
+}
 
 
 def check_one_spelling(cfg: TrainConfig) -> None:
@@ -128,14 +155,18 @@ def check_one_spelling(cfg: TrainConfig) -> None:
     does not count). Raises ConfigError naming both fields."""
     for role in cfg.role_decay:
         if role in DECAY_FIELDS:
-            raise ConfigError(f"train.role_decay.{role}: set train.{DECAY_FIELDS[role]} instead "
-                              "(one field per decay)")  # fmt: skip
+            raise ConfigError(
+                f"train.role_decay.{role}: set train.{DECAY_FIELDS[role]} instead "
+                "(one field per decay)"
+            )
     per_run = {role for role, eta in cfg.role_lr_per_run.items() if eta is not None}
     both = sorted(per_run & {role for role, lr in cfg.role_lr.items() if lr is not None})
     if both:
-        raise ConfigError(f"train.role_lr.{both[0]} and train.role_lr_per_run.{both[0]} both set "
-                          "its lr; give one (null in role_lr_per_run takes it off the run's "
-                          "clock)")  # fmt: skip
+        raise ConfigError(
+            f"train.role_lr.{both[0]} and train.role_lr_per_run.{both[0]} both set "
+            "its lr; give one (null in role_lr_per_run takes it off the run's "
+            "clock)"
+        )
 
 
 def role_decays(cfg: TrainConfig) -> dict[str, float]:
@@ -191,8 +222,16 @@ class EpochSampler(Sampler[int]):
     shards are padded to equal length (DDP needs equal step counts); evaluation shards are not.
     """
 
-    def __init__(self, n: int, seed: int, epoch: int, shuffle: bool, info: DistInfo,
-                 start: int = 0, pad: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        info: DistInfo,
+        start: int = 0,
+        pad: bool = True,
+    ) -> None:
         if shuffle:
             g = torch.Generator().manual_seed(seed * 100_003 + epoch)
             order = torch.randperm(n, generator=g).tolist()
@@ -209,8 +248,9 @@ class EpochSampler(Sampler[int]):
         return len(self.indices)
 
 
-def budget_warnings(table: pd.DataFrame, val_acc: float, classes: int, cfg: TrainConfig,
-                    steps: int) -> list[str]:  # fmt: skip
+def budget_warnings(
+    table: pd.DataFrame, val_acc: float, classes: int, cfg: TrainConfig, steps: int
+) -> list[str]:
     """One line per way a learned budget failed silently: STR layers that pruned almost nothing
     (total sparsity of the thresholded layers under 10%, or learned ranks summing to over 80% of
     the full ranks)
@@ -224,20 +264,26 @@ def budget_warnings(table: pd.DataFrame, val_acc: float, classes: int, cfg: Trai
     if ranked and learned["rank"].sum() > 0.8 * learned["full_rank"].sum():
         pairs = zip(learned["name"], learned["rank"], learned["full_rank"])
         ranks = ", ".join(f"{n.rsplit('.', 1)[-1]} {int(r)}/{int(f)}" for n, r, f in pairs)
-        notes.append(f"warning: no rank was learned (ranks {ranks} after {steps} optimizer steps, "
-                     f"together over 80% of full): ask for a budget with --target-params N or "
-                     f"--target-rank N, or raise train.spectrum_decay (now {cfg.spectrum_decay})")
+        notes.append(
+            f"warning: no rank was learned (ranks {ranks} after {steps} optimizer steps, "
+            f"together over 80% of full): ask for a budget with --target-params N or "
+            f"--target-rank N, or raise train.spectrum_decay (now {cfg.spectrum_decay})"
+        )
     sparsity = 1.0 - learned["nnz"].sum() / max(learned["numel"].sum(), 1)
     if not ranked and sparsity < 0.1:
-        notes.append(f"warning: STR pruned almost nothing ({100 * sparsity:.1f}% sparsity after "
-                     f"{steps} optimizer steps): ask for a budget with --target-sparsity 0.9 or "
-                     f"--target-macs 0.1, or raise train.threshold_decay (now "
-                     f"{cfg.threshold_decay})")  # fmt: skip
+        notes.append(
+            f"warning: STR pruned almost nothing ({100 * sparsity:.1f}% sparsity after "
+            f"{steps} optimizer steps): ask for a budget with --target-sparsity 0.9 or "
+            f"--target-macs 0.1, or raise train.threshold_decay (now "
+            f"{cfg.threshold_decay})"
+        )
     if classes > 1 and val_acc < 2.0 / classes:
-        notes.append(f"warning: val accuracy {100 * val_acc:.1f}% is below twice chance "
-                     f"({200 / classes:.1f}%) at {100 * sparsity:.1f}% sparsity of the learned "
-                     f"layers: the budget is too small; ask for a larger one (--target-sparsity, "
-                     f"--target-params) or lower the decay")  # fmt: skip
+        notes.append(
+            f"warning: val accuracy {100 * val_acc:.1f}% is below twice chance "
+            f"({200 / classes:.1f}%) at {100 * sparsity:.1f}% sparsity of the learned "
+            f"layers: the budget is too small; ask for a larger one (--target-sparsity, "
+            f"--target-params) or lower the decay"
+        )
     return notes
 
 
@@ -300,8 +346,14 @@ def _input_dim(task: Task) -> int | None:
 class Trainer:
     """Train and evaluate ``task.model`` as configured; only rank 0 prints and writes."""
 
-    def __init__(self, task: Task, cfg: TrainConfig, out_dir: str | Path, info: DistInfo,
-                 config_dict: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        task: Task,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        info: DistInfo,
+        config_dict: dict | None = None,
+    ) -> None:
         self.task, self.cfg, self.info = task, cfg, info
         self.out = Path(out_dir)
         self.config_dict = config_dict or {}
@@ -319,17 +371,21 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=amp == "fp16")
         if cfg.batch_size % info.world_size:
-            raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by the "
-                             f"{info.world_size} processes")  # fmt: skip
+            raise ValueError(
+                f"train.batch_size {cfg.batch_size} is not divisible by the "
+                f"{info.world_size} processes"
+            )
         self.batch_size = cfg.batch_size // info.world_size  # per process
         self.steps_per_epoch = math.ceil(
             len(EpochSampler(len(task.train_set), 0, 0, False, info)) / self.batch_size
         )
         total = cfg.epochs * self.steps_per_epoch
-        self.groups = param_groups(self.model, cfg.weight_decay, role_decays(cfg),
-                                   role_lrs(cfg, total))  # fmt: skip
-        self.optimizer = build_optimizer(self.groups, cfg.optimizer, cfg.lr, cfg.momentum,
-                                         cfg.nesterov, cfg.role_optimizer)  # fmt: skip
+        self.groups = param_groups(
+            self.model, cfg.weight_decay, role_decays(cfg), role_lrs(cfg, total)
+        )
+        self.optimizer = build_optimizer(
+            self.groups, cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.role_optimizer
+        )
         for cb in task.callbacks:  # callbacks that steer the optimizer (budget controller)
             if hasattr(cb, "bind"):
                 cb.bind(self.optimizer)
@@ -344,8 +400,9 @@ class Trainer:
     # ----------------------------------------------------------------------------- logging
     def lr_factor(self) -> float:
         """The schedule's factor now (every group's lr is its peak lr times it)."""
-        return warmup_cosine_factor(self.step, self.warmup_steps, self.total_steps,
-                                    self.cfg.min_lr_ratio)  # fmt: skip
+        return warmup_cosine_factor(
+            self.step, self.warmup_steps, self.total_steps, self.cfg.min_lr_ratio
+        )
 
     def log(self, text: str) -> None:
         if self.info.is_main:
@@ -361,13 +418,25 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- data
     def loader(self, dataset: Dataset, epoch: int, train: bool, start: int = 0) -> DataLoader:
-        sampler = EpochSampler(len(dataset), self.cfg.seed, epoch, shuffle=train, info=self.info,
-                               start=start * self.batch_size, pad=train)  # fmt: skip
+        sampler = EpochSampler(
+            len(dataset),
+            self.cfg.seed,
+            epoch,
+            shuffle=train,
+            info=self.info,
+            start=start * self.batch_size,
+            pad=train,
+        )
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.cfg.workers, generator=g,
-                          pin_memory=self.info.device.type == "cuda",
-                          persistent_workers=False)  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.cfg.workers,
+            generator=g,
+            pin_memory=self.info.device.type == "cuda",
+            persistent_workers=False,
+        )
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.info.device, non_blocking=True)
@@ -376,8 +445,9 @@ class Trainer:
         return x, y.to(self.info.device, non_blocking=True)
 
     def _autocast(self):
-        return torch.autocast(self.info.device.type, dtype=self.amp_dtype,
-                              enabled=self.amp_dtype is not None)  # fmt: skip
+        return torch.autocast(
+            self.info.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        )
 
     # ----------------------------------------------------------------------------- steps
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -410,20 +480,30 @@ class Trainer:
     def _train_epoch(self) -> tuple[float, float]:
         self.net.train()
         loader = self.loader(self.task.train_set, self.epoch, True, start=self.batch_in_epoch)
-        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False,
-                   initial=self.batch_in_epoch, total=self.steps_per_epoch,
-                   disable=not (self.cfg.progress and self.info.is_main))  # fmt: skip
+        bar = tqdm(
+            loader,
+            desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+            leave=False,
+            initial=self.batch_in_epoch,
+            total=self.steps_per_epoch,
+            disable=not (self.cfg.progress and self.info.is_main),
+        )
         for x, y in bar:
             loss_sum, correct = self._train_step(*self._to_device(x, y))
-            self.partial = [self.partial[0] + loss_sum, self.partial[1] + correct,
-                            self.partial[2] + len(y)]  # fmt: skip
+            self.partial = [
+                self.partial[0] + loss_sum,
+                self.partial[1] + correct,
+                self.partial[2] + len(y),
+            ]
             self.batch_in_epoch += 1
             bar.set_postfix(loss=f"{self.partial[0] / self.partial[2]:.3f}")
             if self._stop_signal is not None:
                 bar.close()
                 self.save()
-                raise Interrupted(f"signal {self._stop_signal}: checkpoint saved at epoch "
-                                  f"{self.epoch + 1}, batch {self.batch_in_epoch}")  # fmt: skip
+                raise Interrupted(
+                    f"signal {self._stop_signal}: checkpoint saved at epoch "
+                    f"{self.epoch + 1}, batch {self.batch_in_epoch}"
+                )
         loss_sum, correct, count = all_reduce_sum(self.partial, self.info)
         return loss_sum / max(count, 1), correct / max(count, 1)
 
@@ -474,8 +554,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else {}
-                          for cb in self.task.callbacks],  # fmt: skip
+            "callbacks": [
+                cb.state_dict() if hasattr(cb, "state_dict") else {} for cb in self.task.callbacks
+            ],
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "step": self.step,
@@ -510,8 +591,9 @@ class Trainer:
         if not self.info.is_main:
             return
         write_atomic(self.out / "metrics.csv", pd.DataFrame(self.history).to_csv(index=False))
-        write_atomic(self.out / "budget_history.csv",
-                     pd.DataFrame(self.budget_history).to_csv(index=False))  # fmt: skip
+        write_atomic(
+            self.out / "budget_history.csv", pd.DataFrame(self.budget_history).to_csv(index=False)
+        )
         write_atomic(self.out / "budget.csv", table.to_csv(index=False))
 
     # ----------------------------------------------------------------------------- epochs
@@ -519,11 +601,19 @@ class Trainer:
         val = self.evaluate(self.task.val_set)
         table = self.budget()
         tot = budget_mod.totals(table)
-        row = {"epoch": self.epoch + 1, "step": self.step,
-               "lr": self.cfg.lr * self.lr_factor(),
-               "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
-               "val_acc": val["acc"], "val_top5": val["top5"], "sparsity": tot["sparsity"],
-               "nnz": tot["nnz"], "macs_sparse": tot["macs_sparse"]}  # fmt: skip
+        row = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "lr": self.cfg.lr * self.lr_factor(),
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "val_top5": val["top5"],
+            "sparsity": tot["sparsity"],
+            "nnz": tot["nnz"],
+            "macs_sparse": tot["macs_sparse"],
+        }
         for cb in self.task.callbacks:
             extra = cb.on_epoch_end(self.model, self.epoch) if hasattr(cb, "on_epoch_end") else None
             row.update(extra or {})
@@ -533,9 +623,11 @@ class Trainer:
             self.budget_history.append({"epoch": self.epoch + 1, **r})
         dead = budget_mod.dead_layers(table)
         extra = f" | {self.task.describe(table)}" if self.task.describe else ""
-        self.log(f"epoch {self.epoch + 1}/{self.cfg.epochs}  loss {train_loss:.3f}  "
-                 f"train {100 * train_acc:.2f}%  val {100 * val['acc']:.2f}%  "
-                 f"sparsity {100 * tot['sparsity']:.2f}%{extra}")  # fmt: skip
+        self.log(
+            f"epoch {self.epoch + 1}/{self.cfg.epochs}  loss {train_loss:.3f}  "
+            f"train {100 * train_acc:.2f}%  val {100 * val['acc']:.2f}%  "
+            f"sparsity {100 * tot['sparsity']:.2f}%{extra}"
+        )
         if dead:
             self.log(f"warning: {len(dead)} layer(s) entirely zero: {', '.join(dead[:5])}")
         self.epoch, self.batch_in_epoch, self.partial = self.epoch + 1, 0, [0.0, 0.0, 0.0]
@@ -585,8 +677,11 @@ class Trainer:
         summary |= {"val_acc": val["acc"], "val_top5": val["top5"], "val_loss": val["loss"]}
         if self.task.test_set is not None:
             test = self.evaluate(self.task.test_set)
-            summary |= {"test_acc": test["acc"], "test_top5": test["top5"],
-                        "test_loss": test["loss"]}  # fmt: skip
+            summary |= {
+                "test_acc": test["acc"],
+                "test_top5": test["top5"],
+                "test_loss": test["loss"],
+            }
         if self.task.summarize is not None:
             summary |= self.task.summarize(table)
         notes = budget_warnings(table, val["acc"], val["classes"], self.cfg, self.step)

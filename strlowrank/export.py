@@ -72,8 +72,13 @@ class LowRankGRU(nn.Module):
     the same for U, biases [3H]. forward: x [B, T, I], h0 [B, H] or None -> (out [B, T, H], h_T).
     """
 
-    def __init__(self, w: tuple[torch.Tensor, torch.Tensor], u: tuple[torch.Tensor, torch.Tensor],
-                 bias_ih: torch.Tensor, bias_hh: torch.Tensor) -> None:  # fmt: skip
+    def __init__(
+        self,
+        w: tuple[torch.Tensor, torch.Tensor],
+        u: tuple[torch.Tensor, torch.Tensor],
+        bias_ih: torch.Tensor,
+        bias_hh: torch.Tensor,
+    ) -> None:
         super().__init__()
         self.hidden_size = int(bias_ih.shape[0] // 3)
         self.w_factored, w_a, w_b = _cheapest(*w)
@@ -86,8 +91,18 @@ class LowRankGRU(nn.Module):
         self.register_buffer("bias_hh", bias_hh.detach().clone())
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None):
-        return lowrank_gru_forward(x, h0, self.w_at, self.w_bt, self.u_at, self.u_bt,
-                                   self.bias_ih, self.bias_hh, self.w_factored, self.u_factored)
+        return lowrank_gru_forward(
+            x,
+            h0,
+            self.w_at,
+            self.w_bt,
+            self.u_at,
+            self.u_bt,
+            self.bias_ih,
+            self.bias_hh,
+            self.w_factored,
+            self.u_factored,
+        )
 
     @torch.jit.export
     def step(self, x_t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +140,10 @@ def export_gru(layer: RNNLayer | nn.GRU, script: bool = True, backend: str = "sc
     if layer.cell != "gru":
         raise ValueError(f"export_gru: only GRU cells are supported, got {layer.cell!r}")
     if layer.split != "stacked":  # the kernels take one factor pair per side
-        raise ValueError("export_gru: per-gate layers are not supported (stacked W, U only); "
-                         "use RNNLayer.export() for a compact PyTorch layer")  # fmt: skip
+        raise ValueError(
+            "export_gru: per-gate layers are not supported (stacked W, U only); "
+            "use RNNLayer.export() for a compact PyTorch layer"
+        )
     compact = layer.export()
     factors = [m.factors() for m in (compact.W, compact.U)]
     module = LowRankGRU(*factors, compact.bias_ih, compact.bias_hh).eval()
@@ -170,9 +187,10 @@ def bake(model: nn.Module) -> nn.Module:
     """
     baked = {
         (name, t): getattr(m, t).detach().clone()
-        for name, m in model.named_modules() if parametrize.is_parametrized(m)
+        for name, m in model.named_modules()
+        if parametrize.is_parametrized(m)
         for t in m.parametrizations
-    }  # fmt: skip
+    }
     model = copy.deepcopy(model).eval()
     for (name, t), value in baked.items():
         module = model.get_submodule(name)
@@ -230,11 +248,16 @@ def export_sparse_cnn(
     if fast_pool:
         use_onednn_maxpool_(model)
     candidates = {
-        n: m for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1
-                                        and not isinstance(m.padding, str)
-                                        and m.padding_mode == "zeros")
-    }  # fmt: skip
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        or (
+            isinstance(m, nn.Conv2d)
+            and m.groups == 1
+            and not isinstance(m.padding, str)
+            and m.padding_mode == "zeros"
+        )
+    }
     inputs = _inputs(model, example, list(candidates))
     choices = []
     with torch.no_grad():
@@ -267,8 +290,16 @@ def _time_layer(
     ms = {name: min(ts) for name, ts in times.items()}  # fastest: least disturbed by load
     path = min(paths, key=ms.__getitem__)
     choice = LayerChoice(
-        name, type(module).__name__, "x".join(map(str, module.weight.shape)),
-        "x".join(map(str, x.shape)), sparsity, ms["dense"], ms[path], False, path)  # fmt: skip
+        name,
+        type(module).__name__,
+        "x".join(map(str, module.weight.shape)),
+        "x".join(map(str, x.shape)),
+        sparsity,
+        ms["dense"],
+        ms[path],
+        False,
+        path,
+    )
     return choice, paths[path]
 
 

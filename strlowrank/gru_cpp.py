@@ -119,9 +119,14 @@ def _compile(folder: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _cpp_extension().load_inline(
-            _NAME, cpp_sources=[source()], extra_cflags=_FLAGS, build_directory=str(folder),
-            is_python_module=False, no_implicit_headers=True, verbose=False,
-        )  # fmt: skip
+            _NAME,
+            cpp_sources=[source()],
+            extra_cflags=_FLAGS,
+            build_directory=str(folder),
+            is_python_module=False,
+            no_implicit_headers=True,
+            verbose=False,
+        )
     _state["loaded"] = True
 
 
@@ -232,7 +237,8 @@ class CompiledLowRankGRU(nn.Module):
         self, x: torch.Tensor, h0: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         grad = torch.is_grad_enabled() and (
-            x.requires_grad or (h0 is not None and h0.requires_grad))  # fmt: skip
+            x.requires_grad or (h0 is not None and h0.requires_grad)
+        )
         # buffers read from the dict (not six nn.Module.__getattr__ calls): a streaming call per
         # 10 ms frame spends most of its time outside the op
         buffers = self._buffers
@@ -247,5 +253,7 @@ class CompiledLowRankGRU(nn.Module):
         return out[:, 0], h_next
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, w_factored={self.w_factored}, "
-                f"u_factored={self.u_factored}")  # fmt: skip
+        return (
+            f"hidden_size={self.hidden_size}, w_factored={self.w_factored}, "
+            f"u_factored={self.u_factored}"
+        )

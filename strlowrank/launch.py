@@ -57,16 +57,21 @@ class ClusterConfig:
             raise ValueError("need nodes >= 1, gpus_per_node >= 0 and cpus_per_task >= 1")
 
 
-def execute(line: Sequence[str], folder: Path, env: dict[str, str] | None = None,
-            log_name: str = "train.log") -> int:  # fmt: skip
+def execute(
+    line: Sequence[str],
+    folder: Path,
+    env: dict[str, str] | None = None,
+    log_name: str = "train.log",
+) -> int:
     """Run ``line`` with stdout and stderr appended to ``folder/log_name``; its exit status."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / log_name, "a") as log:
         log.write("$ " + shlex.join(line) + "\n")
         log.flush()
         run_env = {**os.environ, **(env or {})}
-        return subprocess.run(list(line), stdout=log, stderr=subprocess.STDOUT,
-                              env=run_env).returncode  # fmt: skip
+        return subprocess.run(
+            list(line), stdout=log, stderr=subprocess.STDOUT, env=run_env
+        ).returncode
 
 
 def available_cpus() -> int:
@@ -85,8 +90,9 @@ def threads_per_run(jobs: int) -> int:
     return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
 
 
-def run_local(launches: Sequence[Launch], jobs: int = 1,
-              threads: int | None = None) -> Iterator[tuple[str, int]]:  # fmt: skip
+def run_local(
+    launches: Sequence[Launch], jobs: int = 1, threads: int | None = None
+) -> Iterator[tuple[str, int]]:
     """Run ``jobs`` launches at once on this machine, each with ``threads`` CPU threads (default
     `threads_per_run(jobs)`); yield (name, exit status) as each finishes."""
     n = threads or threads_per_run(jobs)
@@ -114,14 +120,26 @@ class ClusterJob:
             import submitit
 
             job = submitit.JobEnvironment()
-            line = torchrun_line(self.line, self.gpus_per_node, self.nodes, job.node,
-                                 job.hostnames[0], str(job.job_id))  # fmt: skip
+            line = torchrun_line(
+                self.line,
+                self.gpus_per_node,
+                self.nodes,
+                job.node,
+                job.hostnames[0],
+                str(job.job_id),
+            )
             log_name = "train.log" if job.node == 0 else f"train.node{job.node}.log"
         return execute(line, self.folder, log_name=log_name)
 
 
-def torchrun_line(line: Sequence[str], nproc: int, nodes: int = 1, node_rank: int = 0,
-                  master: str = "localhost", job_id: str = "0") -> list[str]:  # fmt: skip
+def torchrun_line(
+    line: Sequence[str],
+    nproc: int,
+    nodes: int = 1,
+    node_rank: int = 0,
+    master: str = "localhost",
+    job_id: str = "0",
+) -> list[str]:
     """``python script args`` -> ``python -m torch.distributed.run ... script args``: nproc
     processes on this node; one node is standalone, several meet at master on a port drawn from
     the job id."""
@@ -130,8 +148,12 @@ def torchrun_line(line: Sequence[str], nproc: int, nodes: int = 1, node_rank: in
         where = ["--standalone"]
     else:
         port = 20000 + int(hashlib.sha1(job_id.encode()).hexdigest(), 16) % 20000
-        where = [f"--nnodes={nodes}", f"--node_rank={node_rank}", f"--master_addr={master}",
-                 f"--master_port={port}"]  # fmt: skip
+        where = [
+            f"--nnodes={nodes}",
+            f"--node_rank={node_rank}",
+            f"--master_addr={master}",
+            f"--master_port={port}",
+        ]
     return [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *where, *rest]
 
 
@@ -140,8 +162,13 @@ def executor(folder: Path, cfg: ClusterConfig):
     import submitit  # optional dependency: pip install strlowrank[cluster]
 
     ex = submitit.AutoExecutor(folder=str(folder), cluster=cfg.cluster)
-    params = {"timeout_min": cfg.timeout_min, "nodes": cfg.nodes, "tasks_per_node": 1,
-              "cpus_per_task": cfg.cpus_per_task, "gpus_per_node": cfg.gpus_per_node}  # fmt: skip
+    params = {
+        "timeout_min": cfg.timeout_min,
+        "nodes": cfg.nodes,
+        "tasks_per_node": 1,
+        "cpus_per_task": cfg.cpus_per_task,
+        "gpus_per_node": cfg.gpus_per_node,
+    }
     if cfg.mem_gb is not None:
         params["mem_gb"] = cfg.mem_gb
     if cfg.cluster == "slurm":
@@ -153,8 +180,9 @@ def executor(folder: Path, cfg: ClusterConfig):
     return ex
 
 
-def run_submitit(launches: Sequence[Launch], folder: Path,
-                 cfg: ClusterConfig) -> Iterator[tuple[str, int]]:  # fmt: skip
+def run_submitit(
+    launches: Sequence[Launch], folder: Path, cfg: ClusterConfig
+) -> Iterator[tuple[str, int]]:
     """Submit one job per launch (job logs under ``folder``); yield (name, exit status) as jobs
     finish. A job that fails outside the command (killed, timed out) counts as status -1 and
     its reason is appended to the run's train.log."""
@@ -162,8 +190,10 @@ def run_submitit(launches: Sequence[Launch], folder: Path,
     jobs = {}
     for item in launches:
         ex.update_parameters(name=item.name[:64])
-        jobs[item.name] = (item, ex.submit(ClusterJob(item.line, item.folder, cfg.nodes,
-                                                      cfg.gpus_per_node)))  # fmt: skip
+        jobs[item.name] = (
+            item,
+            ex.submit(ClusterJob(item.line, item.folder, cfg.nodes, cfg.gpus_per_node)),
+        )
     while jobs:
         for name, (item, job) in list(jobs.items()):
             if not job.done():

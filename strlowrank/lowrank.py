@@ -274,8 +274,11 @@ class MatrixSpec:
     lowrank_init: str = "svd"
 
     def __post_init__(self) -> None:
-        choices = {"kind": KINDS, "threshold_scale": THRESHOLD_SCALES,
-                   "lowrank_init": LOWRANK_INITS}  # fmt: skip
+        choices = {
+            "kind": KINDS,
+            "threshold_scale": THRESHOLD_SCALES,
+            "lowrank_init": LOWRANK_INITS,
+        }
         for field, allowed in choices.items():
             if (value := getattr(self, field)) not in allowed:
                 raise ValueError(f"MatrixSpec.{field}: {value!r}, expected one of {allowed}")
@@ -294,16 +297,26 @@ def make_matrix(
     if spec.kind == "lowrank":
         dense = "randn" if spec.lowrank_init == "randn" else init
         return LowRankMatrix(out_features, in_features, spec.rank, dense)
-    return STRMatrix(out_features, in_features, s_init=spec.s_init, init=init,
-                     threshold_scale=spec.threshold_scale, s_bias=spec.s_bias)  # fmt: skip
+    return STRMatrix(
+        out_features,
+        in_features,
+        s_init=spec.s_init,
+        init=init,
+        threshold_scale=spec.threshold_scale,
+        s_bias=spec.s_bias,
+    )
 
 
 def spec_of(matrix: nn.Module) -> MatrixSpec:
     """The spec that rebuilds ``matrix``'s kind and settings: the rank of a fixed low-rank
     matrix, the current s, threshold unit and bias of an STR matrix (``lowrank_init`` "svd")."""
     if isinstance(matrix, STRMatrix):
-        return MatrixSpec("str", s_init=float(matrix.s.detach()),
-                          threshold_scale=matrix.threshold_scale, s_bias=float(matrix.s_bias))
+        return MatrixSpec(
+            "str",
+            s_init=float(matrix.s.detach()),
+            threshold_scale=matrix.threshold_scale,
+            s_bias=float(matrix.s_bias),
+        )
     if isinstance(matrix, LowRankMatrix):
         return MatrixSpec("lowrank", rank=matrix.rank())
     return MatrixSpec("full")

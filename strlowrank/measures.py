@@ -60,8 +60,11 @@ def sparsity_metric(include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
     return budget_metric("nnz", "numel", None, include, exclude)
 
 
-def macs_metric(example_input: torch.Tensor | tuple, include: Sequence[str] = ("*",),
-                exclude: Sequence[str] = ()) -> Measure:  # fmt: skip
+def macs_metric(
+    example_input: torch.Tensor | tuple,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+) -> Measure:
     """MAC reduction 1 - macs_sparse / macs_dense (one forward of ``example_input`` per call)."""
     return budget_metric("macs_sparse", "macs_dense", example_input, include, exclude)
 
@@ -71,8 +74,9 @@ def rank_metric(include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) ->
     return budget_metric("rank", "full_rank", None, include, exclude, rank_rows=True)
 
 
-def make_measure(metric: str, example_input=None, include: Sequence[str] = ("*",),
-                 exclude: Sequence[str] = ()) -> Measure:  # fmt: skip
+def make_measure(
+    metric: str, example_input=None, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
+) -> Measure:
     """The measure of ``metric`` (one of :data:`METRICS`); params is total sparsity."""
     if metric in ("sparsity", "params"):
         return sparsity_metric(include, exclude)
@@ -85,8 +89,9 @@ def make_measure(metric: str, example_input=None, include: Sequence[str] = ("*",
     raise ValueError(f"unknown budget metric {metric!r} ({', '.join(METRICS)})")
 
 
-def unit_scale(metric: str, model: nn.Module, include: Sequence[str] = ("*",),
-               exclude: Sequence[str] = ()) -> float:  # fmt: skip
+def unit_scale(
+    metric: str, model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
+) -> float:
     """The metric's full size in user units: 1 (sparsity, macs), dense parameters, full ranks."""
     if metric in ("sparsity", "macs"):
         return 1.0
@@ -108,11 +113,13 @@ def to_reduction(metric: str, value: float, scale: float = 1.0) -> float:
     params, rank: 1 - value / scale (scale from :func:`unit_scale`).
     """
     if metric in ("sparsity", "macs") and not 0.0 < value < 1.0:
-        raise ValueError(f"controller.target: a {metric} target is a fraction in (0, 1), "
-                         f"got {value:g}")  # fmt: skip
+        raise ValueError(
+            f"controller.target: a {metric} target is a fraction in (0, 1), got {value:g}"
+        )
     if metric in ("params", "rank") and not 0.0 < value < scale:
-        raise ValueError(f"controller.target: {value:g} {metric} is not below the model's "
-                         f"{scale:g}")  # fmt: skip
+        raise ValueError(
+            f"controller.target: {value:g} {metric} is not below the model's {scale:g}"
+        )
     return value if metric == "sparsity" else 1.0 - value / scale
 
 

@@ -66,8 +66,9 @@ def gru_graph(gru: nn.Module, form: str = "scan", opset: int = OPSET) -> onnx.Mo
     ]
     nodes, inits = _gru_op_nodes(gru) if form == "gru_op" else _scan_nodes(gru)
     graph = helper.make_graph(nodes, f"strlowrank_gru_{form}", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="strlowrank")  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="strlowrank"
+    )
     onnx.checker.check_model(model)
     return model
 
@@ -90,9 +91,14 @@ def _scan_nodes(gru: nn.Module) -> tuple[list[onnx.NodeProto], list[onnx.TensorP
     hid = b_ih.shape[0] // 3
     b_gi = b_ih.clone()
     b_gi[: 2 * hid] += b_hh[: 2 * hid]
-    inits = [_init("w_at", w_at), _init("b_gi", b_gi), _init("b_hn", b_hh[2 * hid :]),
-             _init("u_at", u_at), _init("split_gates", np.array([2 * hid, hid], np.int64)),
-             _init("split_rz", np.array([hid, hid], np.int64))]  # fmt: skip
+    inits = [
+        _init("w_at", w_at),
+        _init("b_gi", b_gi),
+        _init("b_hn", b_hh[2 * hid :]),
+        _init("u_at", u_at),
+        _init("split_gates", np.array([2 * hid, hid], np.int64)),
+        _init("split_rz", np.array([hid, hid], np.int64)),
+    ]
     nodes = [helper.make_node("Transpose", ["x"], ["x_tbi"], perm=[1, 0, 2])]
     x_in = "x_tbi"
     if w_fac:
@@ -127,12 +133,17 @@ def _scan_nodes(gru: nn.Module) -> tuple[list[onnx.NodeProto], list[onnx.TensorP
     ]
     f32 = TensorProto.FLOAT
     body_graph = helper.make_graph(
-        body, "gru_step",
-        [helper.make_tensor_value_info("h_prev", f32, ["batch", hid]),
-         helper.make_tensor_value_info("gi_t", f32, ["batch", 3 * hid])],
-        [helper.make_tensor_value_info("h_next", f32, ["batch", hid]),
-         helper.make_tensor_value_info("y_t", f32, ["batch", hid])],
-    )  # fmt: skip
+        body,
+        "gru_step",
+        [
+            helper.make_tensor_value_info("h_prev", f32, ["batch", hid]),
+            helper.make_tensor_value_info("gi_t", f32, ["batch", 3 * hid]),
+        ],
+        [
+            helper.make_tensor_value_info("h_next", f32, ["batch", hid]),
+            helper.make_tensor_value_info("y_t", f32, ["batch", hid]),
+        ],
+    )
     nodes += [
         helper.make_node("Scan", ["h0", "gi"], ["h", "y_tbh"], num_scan_inputs=1, body=body_graph),
         helper.make_node("Transpose", ["y_tbh"], ["y"], perm=[1, 0, 2]),
@@ -159,12 +170,17 @@ def _gru_op_nodes(gru: nn.Module) -> tuple[list[onnx.NodeProto], list[onnx.Tenso
     nodes = [
         helper.make_node("Transpose", ["x"], ["x_tbi"], perm=[1, 0, 2]),
         helper.make_node("Unsqueeze", ["h0", "axis0"], ["h0_1"]),
-        helper.make_node("GRU", ["x_tbi", "W", "R", "B", "", "h0_1"], ["y_t1bh", "h_1"],
-                         hidden_size=hid, linear_before_reset=1),
+        helper.make_node(
+            "GRU",
+            ["x_tbi", "W", "R", "B", "", "h0_1"],
+            ["y_t1bh", "h_1"],
+            hidden_size=hid,
+            linear_before_reset=1,
+        ),
         helper.make_node("Squeeze", ["y_t1bh", "axis1"], ["y_tbh"]),
         helper.make_node("Transpose", ["y_tbh"], ["y"], perm=[1, 0, 2]),
         helper.make_node("Squeeze", ["h_1", "axis0"], ["h"]),
-    ]  # fmt: skip
+    ]
     return nodes, inits
 
 
@@ -174,10 +190,15 @@ def cnn_graph(model: nn.Module, example: torch.Tensor, opset: int = OPSET) -> on
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated
         torch.onnx.export(
-            model.eval(), (example,), buffer, dynamo=False, opset_version=opset,
-            input_names=["x"], output_names=["y"],
+            model.eval(),
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["x"],
+            output_names=["y"],
             dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-        )  # fmt: skip
+        )
     return onnx.load_model_from_string(buffer.getvalue())
 
 

@@ -22,12 +22,22 @@ from torch.nn.utils.parametrize import ParametrizationList
 # normalization layers whose parameters (any shape) get the norm_bias role: torch's batch and
 # instance norms (eager and lazy), their synchronized variant, group and layer norm
 NORM_TYPES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-    nn.LazyInstanceNorm1d, nn.LazyInstanceNorm2d, nn.LazyInstanceNorm3d,
-    nn.GroupNorm, nn.LayerNorm,
-)  # fmt: skip
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
 
 # every role a parameter can have (the keys of train.role_decay, role_lr, role_optimizer, ...)
 ROLES = ("weight", "norm_bias", "threshold", "spectrum", "factor")
@@ -99,11 +109,24 @@ class RoleOptimizer(torch.optim.Optimizer):
     Adam: torch's Adam; coupled L2 for "adam", decoupled decay p *= 1 - lr lambda for "adamw".
     """
 
-    def __init__(self, groups: list[dict], lr: float, momentum: float = 0.9,
-                 nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:  # fmt: skip
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
-                        weight_decay=0.0, algo="adam")  # fmt: skip
+    def __init__(
+        self,
+        groups: list[dict],
+        lr: float,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            betas=betas,
+            eps=eps,
+            weight_decay=0.0,
+            algo="adam",
+        )
         super().__init__(groups, defaults)
 
     @torch.no_grad()
@@ -151,7 +174,11 @@ class RoleOptimizer(torch.optim.Optimizer):
 
 
 def build_optimizer(
-    groups: list[dict], name: str, lr: float, momentum: float = 0.9, nesterov: bool = False,
+    groups: list[dict],
+    name: str,
+    lr: float,
+    momentum: float = 0.9,
+    nesterov: bool = False,
     role_algorithm: dict[str, str] | None = None,
 ) -> torch.optim.Optimizer:
     """SGD (coupled L2 decay, the paper's choice), Adam (coupled) or AdamW (decoupled).

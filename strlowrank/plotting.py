@@ -35,20 +35,40 @@ from strlowrank import analysis
 from strlowrank.analysis import Run, accuracy_column, layer_order
 
 METHOD_COLORS = {
-    "dense": "#4d4d4d", "full": "#4d4d4d", "str": "#1f77b4", "gmp": "#ff7f0e",
-    "uniform": "#2ca02c", "transfer": "#9467bd", "lowrank": "#d62728",
-}  # fmt: skip
+    "dense": "#4d4d4d",
+    "full": "#4d4d4d",
+    "str": "#1f77b4",
+    "gmp": "#ff7f0e",
+    "uniform": "#2ca02c",
+    "transfer": "#9467bd",
+    "lowrank": "#d62728",
+}
 _EXTRA_COLORS = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f")
-METHOD_MARKERS = {"dense": "s", "full": "*", "str": "o", "gmp": "^", "uniform": "v",
-                  "transfer": "D", "lowrank": "s"}  # fmt: skip
+METHOD_MARKERS = {
+    "dense": "s",
+    "full": "*",
+    "str": "o",
+    "gmp": "^",
+    "uniform": "v",
+    "transfer": "D",
+    "lowrank": "s",
+}
 _HATCHES = ("", "//", "..", "xx", "\\\\", "--")
 _LINESTYLES = ("-", "--", ":", "-.")
 RC = {
-    "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
-    "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.spines.top": False,
-    "axes.spines.right": False, "legend.frameon": False, "lines.linewidth": 1.8,
-    "lines.markersize": 6, "image.cmap": "viridis",
-}  # fmt: skip
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 9,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "legend.frameon": False,
+    "lines.linewidth": 1.8,
+    "lines.markersize": 6,
+    "image.cmap": "viridis",
+}
 DPI = 130
 MAX_LEGEND = 12  # more lines than this get a colorbar (layers) or one entry per method (runs)
 P = ParamSpec("P")
@@ -79,8 +99,9 @@ def method_color(method: str) -> str:
     return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
 
 
-def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.4),
-            **kwargs) -> tuple[Figure, np.ndarray]:  # fmt: skip
+def _figure(
+    nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.4), **kwargs
+) -> tuple[Figure, np.ndarray]:
     """A constrained-layout figure with styled axes (returned as a flat array)."""
     fig = Figure(figsize=size, layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False, **kwargs)).ravel()
@@ -110,12 +131,19 @@ def _run_styles(table: pd.DataFrame) -> dict[str, dict]:
     for run, method in dict(zip(table["run"], table["method"])).items():
         i = seen.get(method, 0)
         seen[method] = i + 1
-        out[run] = {"method": method, "color": method_color(method), "first": i == 0,
-                    "hatch": _HATCHES[i % len(_HATCHES)],
-                    "linestyle": _LINESTYLES[i % len(_LINESTYLES)]}  # fmt: skip
+        out[run] = {
+            "method": method,
+            "color": method_color(method),
+            "first": i == 0,
+            "hatch": _HATCHES[i % len(_HATCHES)],
+            "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+        }
     for run, st in out.items():  # legend label: each run, or each method when there are many
-        st["label"] = f"{run} ({st['method']})" if len(out) <= MAX_LEGEND else (
-            st["method"] if st["first"] else "_nolegend_")
+        st["label"] = (
+            f"{run} ({st['method']})"
+            if len(out) <= MAX_LEGEND
+            else (st["method"] if st["first"] else "_nolegend_")
+        )
     return out
 
 
@@ -143,8 +171,13 @@ def plot_layer_budget(budget: pd.DataFrame, title: str = "Per-layer budget") -> 
         rows = budget[budget["run"] == run].drop_duplicates("name").set_index("name")
         rows = rows.reindex(names)
         y = np.arange(n) + (i - (k - 1) / 2) * bar
-        kw = {"height": bar, "color": st["color"], "hatch": st["hatch"],
-              "edgecolor": "white" if not st["hatch"] else "black", "linewidth": 0.3}  # fmt: skip
+        kw = {
+            "height": bar,
+            "color": st["color"],
+            "hatch": st["hatch"],
+            "edgecolor": "white" if not st["hatch"] else "black",
+            "linewidth": 0.3,
+        }
         axes[0].barh(y, rows["sparsity"], label=st["label"], **kw)
         if has_macs:
             axes[1].barh(y, rows["macs_sparse"] / 1e6, **kw)
@@ -170,17 +203,31 @@ def _tradeoff(summary: pd.DataFrame, x: str, scale: float, ax: Axes) -> dict[str
     group = "group" if "group" in summary else "run"
     points = {}
     for method, rows in summary.groupby("method", sort=False):
-        pts = rows.groupby(group, sort=False).agg(x=(x, "mean"), y=(acc, "mean"),
-                                                  err=(acc, "std"), n=(acc, "size"))
+        pts = rows.groupby(group, sort=False).agg(
+            x=(x, "mean"), y=(acc, "mean"), err=(acc, "std"), n=(acc, "size")
+        )
         pts = pts.dropna(subset=["x", "y"]).sort_values("x")
         if pts.empty:
             continue
         color = method_color(str(method))
-        ax.plot(pts["x"] * scale, pts["y"], marker=METHOD_MARKERS.get(str(method), "o"),
-                color=color, label=str(method), markersize=9 if method == "full" else 6)
+        ax.plot(
+            pts["x"] * scale,
+            pts["y"],
+            marker=METHOD_MARKERS.get(str(method), "o"),
+            color=color,
+            label=str(method),
+            markersize=9 if method == "full" else 6,
+        )
         if (pts["n"] > 1).any():
-            ax.errorbar(pts["x"] * scale, pts["y"], yerr=pts["err"].fillna(0.0), fmt="none",
-                        ecolor=color, capsize=3, linewidth=1)  # fmt: skip
+            ax.errorbar(
+                pts["x"] * scale,
+                pts["y"],
+                yerr=pts["err"].fillna(0.0),
+                fmt="none",
+                ecolor=color,
+                capsize=3,
+                linewidth=1,
+            )
         points[str(method)] = pts
     _percent(ax.yaxis)
     ax.set_ylabel(f"top-1 accuracy ({acc.split('_')[0]}, %)")
@@ -229,14 +276,23 @@ def plot_rank_accuracy(summary: pd.DataFrame, title: str = "Rank vs accuracy") -
     for method, pts in points.items():
         firsts = summary[summary["method"] == method].drop_duplicates(group).set_index(group)
         for key, p in pts.iterrows():
-            ax.annotate(_rank_label(firsts.loc[key]), (p["x"], p["y"]), fontsize=8,
-                        xytext=(5, -11), textcoords="offset points", color=method_color(method))
+            ax.annotate(
+                _rank_label(firsts.loc[key]),
+                (p["x"], p["y"]),
+                fontsize=8,
+                xytext=(5, -11),
+                textcoords="offset points",
+                color=method_color(method),
+            )
         if method == "full":
-            ax.axhline(pts["y"].mean(), color=method_color(method), linestyle="--",
-                       linewidth=1, alpha=0.6)  # fmt: skip
+            ax.axhline(
+                pts["y"].mean(), color=method_color(method), linestyle="--", linewidth=1, alpha=0.6
+            )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("total rank (sum of r over the recurrent matrices W, U)\n"
-                  "point labels: ranks r_W/r_U (per layer), recurrent parameters (K)")
+    ax.set_xlabel(
+        "total rank (sum of r over the recurrent matrices W, U)\n"
+        "point labels: ranks r_W/r_U (per layer), recurrent parameters (K)"
+    )
     ax.set_title(title)
     return fig
 
@@ -250,14 +306,27 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
     for method, rows in points.groupby("method", sort=False):
         rows = rows.sort_values("params")
         color, marker = method_color(str(method)), METHOD_MARKERS.get(str(method), "o")
-        ax.errorbar(rows["params"] / 1e3, rows["mean"], yerr=rows["ci"].fillna(0.0), color=color,
-                    marker=marker, capsize=3, label=str(method),
-                    markersize=9 if method == "full" else 6)  # fmt: skip
+        ax.errorbar(
+            rows["params"] / 1e3,
+            rows["mean"],
+            yerr=rows["ci"].fillna(0.0),
+            color=color,
+            marker=marker,
+            capsize=3,
+            label=str(method),
+            markersize=9 if method == "full" else 6,
+        )
         if method == "full":
             ax.axhline(rows["mean"].mean(), color=color, linestyle="--", linewidth=1, alpha=0.6)
         for _, row in rows[rows["split"].astype(str) != ""].iterrows():
-            ax.annotate(str(row["split"]), (row["params"] / 1e3, row["mean"]), fontsize=8,
-                        xytext=(5, -11), textcoords="offset points", color=color)  # fmt: skip
+            ax.annotate(
+                str(row["split"]),
+                (row["params"] / 1e3, row["mean"]),
+                fontsize=8,
+                xytext=(5, -11),
+                textcoords="offset points",
+                color=color,
+            )
     _percent(ax.yaxis)
     ax.set_xlabel("recurrent parameters (K, mean over seeds)")
     ax.set_ylabel("accuracy (mean, 95% interval over seeds)")
@@ -276,8 +345,14 @@ def plot_sparsity_trajectory(metrics: pd.DataFrame, title: str = "Training") -> 
         kw = {"color": st["color"], "linestyle": st["linestyle"], "marker": "o", "markersize": 3}
         axes[0].plot(rows["epoch"], rows["sparsity"], label=st["label"], **kw)
         if "target_sparsity" in rows and rows["target_sparsity"].notna().any():
-            axes[0].plot(rows["epoch"], rows["target_sparsity"], color=st["color"],
-                         linestyle=":", linewidth=1, label="target" if st["first"] else None)
+            axes[0].plot(
+                rows["epoch"],
+                rows["target_sparsity"],
+                color=st["color"],
+                linestyle=":",
+                linewidth=1,
+                label="target" if st["first"] else None,
+            )
         axes[1].plot(rows["epoch"], rows["val_acc"], **kw)
     for ax, what in zip(axes, ("overall sparsity (% of weights zero)", "validation accuracy (%)")):
         _percent(ax.yaxis)
@@ -291,9 +366,11 @@ def plot_sparsity_trajectory(metrics: pd.DataFrame, title: str = "Training") -> 
 
 
 CONTROLLER_UNITS = {
-    "sparsity": "overall sparsity", "macs": "sparse / dense MACs",
-    "params": "parameters", "rank": "sum of learned ranks",
-}  # fmt: skip
+    "sparsity": "overall sparsity",
+    "macs": "sparse / dense MACs",
+    "params": "parameters",
+    "rank": "sum of learned ranks",
+}
 
 
 def controller_metric(metrics: pd.DataFrame) -> str | None:
@@ -316,10 +393,23 @@ def plot_controller(metrics: pd.DataFrame, title: str = "Budget controller") -> 
     rows = metrics.sort_values("epoch")
     fig, axes = _figure(1, 2, (11, 4.2), sharex=True)
     color = method_color("str")
-    axes[0].plot(rows["epoch"], rows[f"achieved_{metric}"], color=color, marker="o",
-                 markersize=3, label="achieved")  # fmt: skip
-    axes[0].plot(rows["epoch"], rows[f"target_{metric}"], color="black", linestyle=":",
-                 marker="x", markersize=4, label="target (schedule)")  # fmt: skip
+    axes[0].plot(
+        rows["epoch"],
+        rows[f"achieved_{metric}"],
+        color=color,
+        marker="o",
+        markersize=3,
+        label="achieved",
+    )
+    axes[0].plot(
+        rows["epoch"],
+        rows[f"target_{metric}"],
+        color="black",
+        linestyle=":",
+        marker="x",
+        markersize=4,
+        label="target (schedule)",
+    )
     final = rows[f"target_{metric}"].dropna()
     if len(final):
         axes[0].axhline(final.iloc[-1], color="#8c8c8c", linewidth=0.8)
@@ -330,15 +420,28 @@ def plot_controller(metrics: pd.DataFrame, title: str = "Budget controller") -> 
     what = {"threshold": "decay on the thresholds s", "spectrum": "decay on singular values"}
     roles = [r for r in what if f"{r}_decay" in rows]
     for role, marker in zip(roles, "os"):
-        axes[1].plot(rows["epoch"], rows[f"{role}_decay"], color=color, marker=marker,
-                     markersize=3, linestyle="-" if marker == "o" else "--", label=what[role])
+        axes[1].plot(
+            rows["epoch"],
+            rows[f"{role}_decay"],
+            color=color,
+            marker=marker,
+            markersize=3,
+            linestyle="-" if marker == "o" else "--",
+            label=what[role],
+        )
     if roles:
         axes[1].set_yscale("log")
     axes[1].set_ylabel("steered weight decay")
     if "threshold_shift" in rows:
         twin = axes[1].twinx()
-        twin.step(rows["epoch"], rows["threshold_shift"], where="post", color="#d62728",
-                  linewidth=1.2, label="summed shift of s")  # fmt: skip
+        twin.step(
+            rows["epoch"],
+            rows["threshold_shift"],
+            where="post",
+            color="#d62728",
+            linewidth=1.2,
+            label="summed shift of s",
+        )
         twin.set_ylabel("summed shift of s", color="#d62728")
         lines = axes[1].get_lines() + twin.get_lines()
         axes[1].legend(lines, [ln.get_label() for ln in lines], loc="lower right")
@@ -357,8 +460,15 @@ def _per_layer_lines(ax: Axes, history: pd.DataFrame, column: str) -> int:
     cmap = colormaps["viridis"]
     for i, name in enumerate(names):
         rows = history[history["name"] == name].sort_values("epoch")
-        ax.plot(rows["epoch"], rows[column], color=cmap(norm(i)), label=name, linewidth=1.4,
-                marker="o", markersize=2.5)  # fmt: skip
+        ax.plot(
+            rows["epoch"],
+            rows[column],
+            color=cmap(norm(i)),
+            label=name,
+            linewidth=1.4,
+            marker="o",
+            markersize=2.5,
+        )
     if 0 < len(names) <= MAX_LEGEND:
         ax.legend(fontsize=8, loc="best", ncols=2 if len(names) > 6 else 1)
     elif names:
@@ -413,12 +523,24 @@ def plot_spectra(spectra: pd.DataFrame, title: str = "Singular values") -> Figur
             rows = rows.sort_values("index")
             color = colors.get(str(stage), "black")
             sigma = rows["sigma"].where(rows["sigma"] > 0)
-            ax.plot(rows["index"], sigma, color=color, label=str(stage), marker=".",
-                    markersize=3, linewidth=1.2)  # fmt: skip
+            ax.plot(
+                rows["index"],
+                sigma,
+                color=color,
+                label=str(stage),
+                marker=".",
+                markersize=3,
+                linewidth=1.2,
+            )
             thr = rows["threshold"].dropna()
             if len(thr):
-                ax.axhline(thr.iloc[0], color=color, linestyle=":", linewidth=1.2,
-                           label=f"{stage} threshold")  # fmt: skip
+                ax.axhline(
+                    thr.iloc[0],
+                    color=color,
+                    linestyle=":",
+                    linewidth=1.2,
+                    label=f"{stage} threshold",
+                )
             if stage == "final":
                 t = thr.iloc[0] if len(thr) else 0.0
                 kept = f": rank {int((rows['sigma'] > t).sum())} of {len(rows)}"
@@ -427,7 +549,7 @@ def plot_spectra(spectra: pd.DataFrame, title: str = "Singular values") -> Figur
         ax.set_title(f"{layer} {matrix}{kept}", fontsize=10)
         ax.set_xlabel("index i (descending)")
         ax.set_ylabel(r"singular value $\sigma_i$")
-    for ax in axes[len(keys):]:
+    for ax in axes[len(keys) :]:
         ax.set_visible(False)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
@@ -459,5 +581,7 @@ def run_figures(run: Run) -> dict[str, Figure]:
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write the applicable single-run figures of ``run_dir`` as run_dir/plots/*.png."""
     run = analysis.load_run(run_dir)
-    return [save_figure(fig, run.path / "plots" / f"{stem}.png")
-            for stem, fig in run_figures(run).items()]  # fmt: skip
+    return [
+        save_figure(fig, run.path / "plots" / f"{stem}.png")
+        for stem, fig in run_figures(run).items()
+    ]

@@ -107,12 +107,18 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     acc = accuracy_column(summary)
     rank_cols = [c for c in summary.columns if c.startswith("ranks.")]
     cols = [  # (header, column, format, scale)
-        ("run", "run", "", 1), ("track", "track", "", 1), ("method", "method", "", 1),
-        ("epochs", "epochs", "", 1), (f"{acc} %", acc, ".2f", 100),
-        ("sparsity %", "sparsity", ".2f", 100), ("nnz (K)", "nnz", ".1f", 1e-3),
-        ("params (K)", "params", ".1f", 1e-3), ("MACs (M)", "macs_sparse", ".2f", 1e-6),
-        ("ranks", "ranks", "", 1), ("time (s)", "train_time_s", ".0f", 1),
-    ]  # fmt: skip
+        ("run", "run", "", 1),
+        ("track", "track", "", 1),
+        ("method", "method", "", 1),
+        ("epochs", "epochs", "", 1),
+        (f"{acc} %", acc, ".2f", 100),
+        ("sparsity %", "sparsity", ".2f", 100),
+        ("nnz (K)", "nnz", ".1f", 1e-3),
+        ("params (K)", "params", ".1f", 1e-3),
+        ("MACs (M)", "macs_sparse", ".2f", 1e-6),
+        ("ranks", "ranks", "", 1),
+        ("time (s)", "train_time_s", ".0f", 1),
+    ]
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
     for _, row in summary.iterrows():
         cells = []
@@ -131,24 +137,34 @@ def summary_markdown(summary: pd.DataFrame) -> str:
 
 def frontier_markdown(points: pd.DataFrame) -> str:
     """The frontier as a markdown table: accuracy in % as mean +- 95% half width (n seeds)."""
-    lines = ["| method | budget | params (K) | accuracy % (mean +- 95%) | sd | n | split | "
-             "splits tried (mean %) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| method | budget | params (K) | accuracy % (mean +- 95%) | sd | n | split | "
+        "splits tried (mean %) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for _, r in points.iterrows():
         ci = f" +- {100 * r['ci']:.2f}" if pd.notna(r["ci"]) else ""
-        lines.append(f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
-                     f"{100 * r['mean']:.2f}{ci} | {_cell(100 * r['sd'], '.2f')} | {r['n']} | "
-                     f"{r['split']} | {r.get('splits') or ''} |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
+            f"{100 * r['mean']:.2f}{ci} | {_cell(100 * r['sd'], '.2f')} | {r['n']} | "
+            f"{r['split']} | {r.get('splits') or ''} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def gaps_markdown(gaps: pd.DataFrame) -> str:
     """Paired gaps to the best fixed split as a markdown table, in accuracy points."""
-    lines = ["| method | budget | params (K) | minus best fixed split, points (mean +- 95%, "
-             "paired by seed) | n | fixed split |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| method | budget | params (K) | minus best fixed split, points (mean +- 95%, "
+        "paired by seed) | n | fixed split |",
+        "|---|---|---|---|---|---|",
+    ]
     for _, r in gaps.iterrows():
         ci = f" +- {100 * r['ci']:.2f}" if pd.notna(r["ci"]) else ""
-        lines.append(f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
-                     f"{100 * r['mean']:+.2f}{ci} | {r['n']} | {r['baseline_split']} |")
+        lines.append(
+            f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
+            f"{100 * r['mean']:+.2f}{ci} | {r['n']} | {r['baseline_split']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -196,13 +212,21 @@ def write_report(runs: Sequence[Run], out: str | Path, per_run: bool = True) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m strlowrank.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="run folders, or folders searched for run folders")
+    parser = argparse.ArgumentParser(
+        prog="python -m strlowrank.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders, or folders searched for run folders",
+    )
     parser.add_argument("--out", required=True, help="report folder (PNGs, summary.md)")
-    parser.add_argument("--no-per-run", action="store_true",
-                        help="only the comparison figures, not each run's own")  # fmt: skip
+    parser.add_argument(
+        "--no-per-run", action="store_true", help="only the comparison figures, not each run's own"
+    )
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.runs)
@@ -210,8 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not runs:
-        print(f"error: no run folders (with summary.json) under {' '.join(args.runs)}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: no run folders (with summary.json) under {' '.join(args.runs)}",
+            file=sys.stderr,
+        )
         return 2
     written = write_report(runs, args.out, per_run=not args.no_per_run)
     print(f"report: {len(runs)} run(s), {len(written)} figure(s)")

@@ -139,8 +139,9 @@ class RNNLayer(nn.Module):
         return tuple(m.rank() for m in self.matrices().values())
 
     @torch.no_grad()
-    def load_dense_(self, w: torch.Tensor, u: torch.Tensor, bias_ih: torch.Tensor,
-                    bias_hh: torch.Tensor) -> None:  # fmt: skip
+    def load_dense_(
+        self, w: torch.Tensor, u: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor
+    ) -> None:
         """Re-initialize every matrix from stacked dense W [G H, I], U [G H, H] (and copy the
         biases [G H]), keeping each matrix's kind, rank and threshold settings: full = copy,
         lowrank = truncated SVD at its rank, str = SVD (equal to the dense block as s -> -inf)."""
@@ -166,12 +167,22 @@ class RNNLayer(nn.Module):
             out_f, in_f = self._shape(name)
             numel, nnz = out_f * in_f, m.num_params()
             thr = float(m.tau().detach()) if isinstance(m, STRMatrix) else float("nan")
-            rows.append({
-                "name": name, "kind": f"{self.cell}.{name}", "param": spec_of(m).kind,
-                "shape": f"{out_f}x{in_f}", "numel": numel, "nnz": nnz,
-                "sparsity": 1.0 - nnz / numel, "rank": m.rank(), "full_rank": min(out_f, in_f),
-                "threshold": thr, "macs_dense": steps * numel, "macs_sparse": steps * nnz,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "name": name,
+                    "kind": f"{self.cell}.{name}",
+                    "param": spec_of(m).kind,
+                    "shape": f"{out_f}x{in_f}",
+                    "numel": numel,
+                    "nnz": nnz,
+                    "sparsity": 1.0 - nnz / numel,
+                    "rank": m.rank(),
+                    "full_rank": min(out_f, in_f),
+                    "threshold": thr,
+                    "macs_dense": steps * numel,
+                    "macs_sparse": steps * nnz,
+                }
+            )
         return rows
 
     def _shape(self, name: str) -> tuple[int, int]:
@@ -239,6 +250,15 @@ def matrix_spectra(model: nn.Module, stage: str) -> list[dict]:
                     tau = float(m.tau())
                 else:
                     sigma, tau = torch.linalg.svdvals(m().detach().float()), float("nan")
-            rows += [{"layer": name, "matrix": mat_name, "stage": stage, "index": i,
-                      "sigma": float(v), "threshold": tau} for i, v in enumerate(sigma.tolist())]
+            rows += [
+                {
+                    "layer": name,
+                    "matrix": mat_name,
+                    "stage": stage,
+                    "index": i,
+                    "sigma": float(v),
+                    "threshold": tau,
+                }
+                for i, v in enumerate(sigma.tolist())
+            ]
     return rows

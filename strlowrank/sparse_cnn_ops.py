@@ -58,8 +58,8 @@ def _csr(w: torch.Tensor) -> torch.Tensor:
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         c = w.float().contiguous().to_sparse_csr()
         return torch.sparse_csr_tensor(
-            c.crow_indices().to(torch.int32), c.col_indices().to(torch.int32), c.values(),
-            c.shape)  # fmt: skip
+            c.crow_indices().to(torch.int32), c.col_indices().to(torch.int32), c.values(), c.shape
+        )
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
@@ -109,7 +109,11 @@ class SparseConv2d(nn.Module):
 
     def _out_size(self, height: int, width: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
-            self.kernel_size, self.stride, self.padding, self.dilation)  # fmt: skip
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
         return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (
             width + 2 * pw - dw * (kw - 1) - 1
         ) // sw + 1
@@ -203,14 +207,23 @@ class MaxPool2dOneDNN(nn.Module):
         self.ceil_mode = pool.ceil_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
-                or (x.requires_grad and torch.is_grad_enabled())):  # fmt: skip
+        if (
+            x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or x.dim() != 4
+            or (x.requires_grad and torch.is_grad_enabled())
+        ):
             return F.max_pool2d(
                 x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
             )
         y = torch.mkldnn_max_pool2d(
-            x.contiguous().to_mkldnn(), self.kernel_size, self.stride, self.padding,
-            self.dilation, self.ceil_mode)  # fmt: skip
+            x.contiguous().to_mkldnn(),
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.ceil_mode,
+        )
         return y.to_dense()
 
 
@@ -228,19 +241,25 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     except Exception:  # untraceable forward: adjacent pairs in Sequential containers
         return [
             (f"{name}.{a}" if name else a, f"{name}.{b}" if name else b)
-            for name, m in mods.items() if type(m) is nn.Sequential
+            for name, m in mods.items()
+            if type(m) is nn.Sequential
             for (a, ma), (b, mb) in zip(m.named_children(), list(m.named_children())[1:])
             if isinstance(ma, nn.Conv2d) and isinstance(mb, nn.BatchNorm2d)
-        ]  # fmt: skip
+        ]
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
             continue
         src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if (isinstance(src, fx.Node) and src.op == "call_module"
-                and isinstance(mods.get(src.target), nn.Conv2d) and len(src.users) == 1
-                and calls[src.target] == 1 and calls[node.target] == 1):  # fmt: skip
+        if (
+            isinstance(src, fx.Node)
+            and src.op == "call_module"
+            and isinstance(mods.get(src.target), nn.Conv2d)
+            and len(src.users) == 1
+            and calls[src.target] == 1
+            and calls[node.target] == 1
+        ):
             pairs.append((str(src.target), str(node.target)))
     return pairs
 
@@ -276,9 +295,8 @@ def use_onednn_maxpool_(model: nn.Module) -> int:
     if not torch.backends.mkldnn.is_available():
         return 0
     names = [
-        n for n, m in model.named_modules()
-        if type(m) is nn.MaxPool2d and not m.return_indices
-    ]  # fmt: skip
+        n for n, m in model.named_modules() if type(m) is nn.MaxPool2d and not m.return_indices
+    ]
     for name in names:
         _set_submodule(model, name, MaxPool2dOneDNN(model.get_submodule(name)))
     return len(names)

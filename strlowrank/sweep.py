@@ -132,8 +132,10 @@ def expand(spec: dict[str, Any], seeds: Sequence[int] | None = None) -> list[Swe
                     continue  # no seed to resolve it: command_line refuses the run
                 ref = ref.replace("{seed}", str(run.overrides.get("seed")))
                 if ref not in names[:i]:
-                    raise ValueError(f"run {run.name} refers to {{sweep}}/{ref}, which is not "
-                                     "an earlier run of this sweep")  # fmt: skip
+                    raise ValueError(
+                        f"run {run.name} refers to {{sweep}}/{ref}, which is not "
+                        "an earlier run of this sweep"
+                    )
     return runs
 
 
@@ -176,11 +178,18 @@ def _tail(path: Path, n: int = 5) -> str:
     return "\n".join("    " + line for line in lines[-n:])
 
 
-def run_sweep(runs: Sequence[SweepRun], out: str | Path, command: Sequence[str],
-              base: dict[str, Any] | None = None, dry_run: bool = False, progress: bool = True,
-              jobs: int = 1, threads: int | None = None,
-              cluster: ClusterConfig | None = None,
-              only: Sequence[str] = ()) -> pd.DataFrame:  # fmt: skip
+def run_sweep(
+    runs: Sequence[SweepRun],
+    out: str | Path,
+    command: Sequence[str],
+    base: dict[str, Any] | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    jobs: int = 1,
+    threads: int | None = None,
+    cluster: ClusterConfig | None = None,
+    only: Sequence[str] = (),
+) -> pd.DataFrame:
     """Run every missing run (skip those with summary.json); write and return results.csv.
 
     ``only``: regular expressions; a missing run whose name matches none of them is not started
@@ -222,8 +231,9 @@ def run_sweep(runs: Sequence[SweepRun], out: str | Path, command: Sequence[str],
         done = code == 0 and (folder / "summary.json").is_file()
         status = "ok" if done else f"failed ({code})"
         if status != "ok":
-            tqdm.write(f"{name}: {status}, see {folder / 'train.log'}\n"
-                       f"{_tail(folder / 'train.log')}")  # fmt: skip
+            tqdm.write(
+                f"{name}: {status}, see {folder / 'train.log'}\n{_tail(folder / 'train.log')}"
+            )
         rows[name] = result_row(by_name[name], folder, status)
         _write_results(ordered(), out)
         bar.update(1)
@@ -243,10 +253,16 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
         if not sep or not key:
             raise ValueError(f"--slurm-arg {item!r}: expected KEY=VALUE")
         extra[key] = value
-    return ClusterConfig(cluster=args.cluster, partition=args.partition, nodes=args.nodes,
-                         gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
-                         mem_gb=args.mem_gb, timeout_min=args.timeout_min,
-                         slurm_args=extra)  # fmt: skip
+    return ClusterConfig(
+        cluster=args.cluster,
+        partition=args.partition,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb,
+        timeout_min=args.timeout_min,
+        slurm_args=extra,
+    )
 
 
 def write_points(table: pd.DataFrame, out: Path) -> Path | None:
@@ -263,34 +279,62 @@ def write_points(table: pd.DataFrame, out: Path) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m strlowrank.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m strlowrank.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--track", choices=sorted(SCRIPTS), help="which entry script to run")
     parser.add_argument("--grid", required=True, help="grid YAML (base / grid / runs)")
     parser.add_argument("--out", required=True, help="sweep folder: one run folder per run")
     parser.add_argument("--seeds", type=int, nargs="+", help="run every point with these seeds")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--only", action="append", default=[], metavar="REGEX",
-                        help="start only the runs whose folder name matches (repeatable: any "
-                        "of them); results.csv still lists the whole grid")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="start only the runs whose folder name matches (repeatable: any "
+        "of them); results.csv still lists the whole grid",
+    )
     parser.add_argument("--command", help="trainer command instead of the track's entry script")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once on this machine")
-    parser.add_argument("--threads", type=int, help="CPU threads per run (default: the CPUs "
-                        "divided by --jobs, at most $OMP_NUM_THREADS)")  # fmt: skip
-    parser.add_argument("--launcher", choices=("local", "submitit"), default="local",
-                        help="local processes, or one submitit job per run")  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads per run (default: the CPUs divided by --jobs, at most $OMP_NUM_THREADS)",
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=("local", "submitit"),
+        default="local",
+        help="local processes, or one submitit job per run",
+    )
     job = parser.add_argument_group("submitit jobs (--launcher submitit)")
-    job.add_argument("--cluster", choices=CLUSTERS, default="slurm",
-                     help="slurm, or submitit's local / debug executors on this machine")
+    job.add_argument(
+        "--cluster",
+        choices=CLUSTERS,
+        default="slurm",
+        help="slurm, or submitit's local / debug executors on this machine",
+    )
     job.add_argument("--partition", help="Slurm partition")
     job.add_argument("--nodes", type=int, default=1, help="nodes per run (torchrun across them)")
-    job.add_argument("--gpus-per-node", type=int, default=0,
-                     help="GPUs per node; more than one GPU per run starts it under torchrun")
+    job.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=0,
+        help="GPUs per node; more than one GPU per run starts it under torchrun",
+    )
     job.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per node")
     job.add_argument("--mem-gb", type=float, help="memory per node")
     job.add_argument("--timeout-min", type=int, default=60 * 24, help="time limit per run")
-    job.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
-                     help="extra sbatch option, e.g. account=proj (repeatable)")
+    job.add_argument(
+        "--slurm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra sbatch option, e.g. account=proj (repeatable)",
+    )
     args = parser.parse_args(argv)
     if not args.track and not args.command:
         parser.error("give --track speech|vision (or --command)")
@@ -310,13 +354,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         record = {"track": args.track, "command": command, "seeds": args.seeds, **spec}
         write_atomic(Path(args.out) / "sweep.yaml", yaml.safe_dump(record, sort_keys=False))
-    table = run_sweep(runs, args.out, command, spec.get("base"), args.dry_run, jobs=args.jobs,
-                      threads=args.threads, cluster=cluster, only=args.only)  # fmt: skip
+    table = run_sweep(
+        runs,
+        args.out,
+        command,
+        spec.get("base"),
+        args.dry_run,
+        jobs=args.jobs,
+        threads=args.threads,
+        cluster=cluster,
+        only=args.only,
+    )
     failed = table[table["status"].str.startswith("failed")]
     unselected = int((table["status"] == "not selected").sum())
-    print(f"sweep: {len(table)} run(s), {int((table['status'] == 'done').sum())} skipped "
-          f"(done before), {len(failed)} failed"
-          + (f", {unselected} not selected (--only)" if unselected else ""))  # fmt: skip
+    print(
+        f"sweep: {len(table)} run(s), {int((table['status'] == 'done').sum())} skipped "
+        f"(done before), {len(failed)} failed"
+        + (f", {unselected} not selected (--only)" if unselected else "")
+    )
     if not args.dry_run:
         print(f"results: {Path(args.out) / 'results.csv'}")
         write_points(table, Path(args.out))

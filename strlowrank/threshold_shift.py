@@ -53,8 +53,9 @@ def threshold_sites(model: nn.Module) -> list[Site]:
 
 
 @torch.no_grad()
-def compensate_survivors(values: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
-                         magnitude: bool = True) -> None:  # fmt: skip
+def compensate_survivors(
+    values: torch.Tensor, before: torch.Tensor, after: torch.Tensor, magnitude: bool = True
+) -> None:
     """Keep the soft-thresholded value of every entry above both thresholds across a threshold
     change ``before`` -> ``after``: |v| += after - before there (v itself when not
     ``magnitude``). Entries between the two thresholds cross (pruned or revived, with values
@@ -65,8 +66,9 @@ def compensate_survivors(values: torch.Tensor, before: torch.Tensor, after: torc
     values.copy_(torch.where(survives, torch.sign(values) * moved if magnitude else moved, values))
 
 
-def _bisect(f: Callable[[float], float], target: float, low: float,
-            high: float) -> tuple[float, float, bool]:  # fmt: skip
+def _bisect(
+    f: Callable[[float], float], target: float, low: float, high: float
+) -> tuple[float, float, bool]:
     """x in [low, high] with non-decreasing f(x) closest to ``target``, by bracketing from 0
     (steps doubling from 1/8) and bisection; (x, f(x), reached). f is left evaluated at some x."""
     y0 = f(0.0)
@@ -89,8 +91,13 @@ def _bisect(f: Callable[[float], float], target: float, low: float,
 
 
 @torch.no_grad()
-def move_boundary(values: torch.Tensor, base: torch.Tensor, threshold: torch.Tensor, rel: float,
-                  magnitude: bool = True) -> None:  # fmt: skip
+def move_boundary(
+    values: torch.Tensor,
+    base: torch.Tensor,
+    threshold: torch.Tensor,
+    rel: float,
+    magnitude: bool = True,
+) -> None:
     """What a compensated threshold change t -> t (1 + rel) does to the entries, with t kept:
     rel > 0 prunes the survivors whose margin m = |v| - t is below rel t (|v| <- t, value 0);
     rel < 0 revives the entries with rel t < m <= 0 (|v| <- |v| - rel t, value m - rel t)."""
@@ -104,9 +111,13 @@ def move_boundary(values: torch.Tensor, base: torch.Tensor, threshold: torch.Ten
 
 
 @torch.no_grad()
-def shift_thresholds(model: nn.Module, measure: Measure, target: float,
-                     max_shift: float = 64.0,
-                     compensate: bool = True) -> tuple[float, float]:  # fmt: skip
+def shift_thresholds(
+    model: nn.Module,
+    measure: Measure,
+    target: float,
+    max_shift: float = 64.0,
+    compensate: bool = True,
+) -> tuple[float, float]:
     """Shift every threshold parameter by one delta so that ``measure`` is closest to ``target``.
 
     ``measure`` must be non-decreasing in delta. With ``compensate`` the values that survive

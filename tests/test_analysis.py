@@ -28,10 +28,22 @@ def _vision_budget(sparsity: float, method: str) -> list[dict]:
         numel = 1000 * (i + 1)
         s = 0.0 if method == "dense" else min(0.99, sparsity * (0.6 + 0.2 * i))
         thr = 0.01 * (i + 1) if method == "str" else float("nan")
-        rows.append({"name": name, "kind": "conv2d", "param": "str" if method == "str" else "mask",
-                     "shape": "x", "numel": numel, "nnz": round(numel * (1 - s)), "sparsity": s,
-                     "threshold": thr, "rank": np.nan, "full_rank": np.nan,
-                     "macs_dense": 1e5 * numel, "macs_sparse": 1e5 * numel * (1 - s)})
+        rows.append(
+            {
+                "name": name,
+                "kind": "conv2d",
+                "param": "str" if method == "str" else "mask",
+                "shape": "x",
+                "numel": numel,
+                "nnz": round(numel * (1 - s)),
+                "sparsity": s,
+                "threshold": thr,
+                "rank": np.nan,
+                "full_rank": np.nan,
+                "macs_dense": 1e5 * numel,
+                "macs_sparse": 1e5 * numel * (1 - s),
+            }
+        )
     return rows
 
 
@@ -40,23 +52,57 @@ def _speech_budget(ranks: dict[str, int], method: str) -> list[dict]:
     for name, (out_f, in_f) in SPEECH_MATRICES.items():
         r = ranks[name]
         nnz = out_f * in_f if method == "full" else r * (out_f + in_f)
-        rows.append({"name": name, "kind": "gru." + name[-1], "param": method,
-                     "shape": f"{out_f}x{in_f}", "numel": out_f * in_f, "nnz": nnz,
-                     "sparsity": 1 - nnz / (out_f * in_f), "threshold": 0.3 if method == "str"
-                     else np.nan, "rank": r, "full_rank": 32, "macs_dense": 99.0 * out_f * in_f,
-                     "macs_sparse": 99.0 * nnz})  # fmt: skip
-    rows.append({"name": "fc", "kind": "linear", "param": "dense", "shape": "12x32", "numel": 384,
-                 "nnz": 384, "sparsity": 0.0, "threshold": np.nan, "rank": np.nan,
-                 "full_rank": np.nan, "macs_dense": 384.0, "macs_sparse": 384.0})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "kind": "gru." + name[-1],
+                "param": method,
+                "shape": f"{out_f}x{in_f}",
+                "numel": out_f * in_f,
+                "nnz": nnz,
+                "sparsity": 1 - nnz / (out_f * in_f),
+                "threshold": 0.3 if method == "str" else np.nan,
+                "rank": r,
+                "full_rank": 32,
+                "macs_dense": 99.0 * out_f * in_f,
+                "macs_sparse": 99.0 * nnz,
+            }
+        )
+    rows.append(
+        {
+            "name": "fc",
+            "kind": "linear",
+            "param": "dense",
+            "shape": "12x32",
+            "numel": 384,
+            "nnz": 384,
+            "sparsity": 0.0,
+            "threshold": np.nan,
+            "rank": np.nan,
+            "full_rank": np.nan,
+            "macs_dense": 384.0,
+            "macs_sparse": 384.0,
+        }
+    )
     return rows
 
 
 def _total(rows: list[dict]) -> dict:
     numel, nnz = sum(r["numel"] for r in rows), sum(r["nnz"] for r in rows)
-    return {"name": "total", "kind": "total", "param": "", "shape": "", "numel": numel,
-            "nnz": nnz, "sparsity": 1 - nnz / numel, "threshold": np.nan, "rank": np.nan,
-            "full_rank": np.nan, "macs_dense": sum(r["macs_dense"] for r in rows),
-            "macs_sparse": sum(r["macs_sparse"] for r in rows)}  # fmt: skip
+    return {
+        "name": "total",
+        "kind": "total",
+        "param": "",
+        "shape": "",
+        "numel": numel,
+        "nnz": nnz,
+        "sparsity": 1 - nnz / numel,
+        "threshold": np.nan,
+        "rank": np.nan,
+        "full_rank": np.nan,
+        "macs_dense": sum(r["macs_dense"] for r in rows),
+        "macs_sparse": sum(r["macs_sparse"] for r in rows),
+    }
 
 
 def _spectra(ranks: dict[str, int], method: str) -> pd.DataFrame:
@@ -66,18 +112,38 @@ def _spectra(ranks: dict[str, int], method: str) -> pd.DataFrame:
         for stage in ("init", "final"):
             sigma = np.linspace(2.0, 0.05, 32) * (1.0 if stage == "init" else 1.5)
             thr = float(sigma[r]) + 1e-3 if (method == "str" and stage == "final") else np.nan
-            rows += [{"layer": layer, "matrix": matrix, "stage": stage, "index": i, "sigma": s,
-                      "threshold": thr} for i, s in enumerate(sigma)]  # fmt: skip
+            rows += [
+                {
+                    "layer": layer,
+                    "matrix": matrix,
+                    "stage": stage,
+                    "index": i,
+                    "sigma": s,
+                    "threshold": thr,
+                }
+                for i, s in enumerate(sigma)
+            ]
     return pd.DataFrame(rows)
 
 
-def write_run(path: Path, track: str = "vision", method: str = "str", sparsity: float = 0.5,
-              acc: float = 0.8, epochs: int = 3, seed: int = 0, lam: float = 1e-4,
-              ranks: dict[str, int] | None = None) -> Path:  # fmt: skip
+def write_run(
+    path: Path,
+    track: str = "vision",
+    method: str = "str",
+    sparsity: float = 0.5,
+    acc: float = 0.8,
+    epochs: int = 3,
+    seed: int = 0,
+    lam: float = 1e-4,
+    ranks: dict[str, int] | None = None,
+) -> Path:
     """A complete fake run folder (the engine's and entry scripts' files)."""
     path.mkdir(parents=True, exist_ok=True)
-    config = {"out": str(path), "train": {"seed": seed, "threshold_decay": lam},
-              "model": {"method": method, "ranks": ranks, "sparsity": sparsity}}
+    config = {
+        "out": str(path),
+        "train": {"seed": seed, "threshold_decay": lam},
+        "model": {"method": method, "ranks": ranks, "sparsity": sparsity},
+    }
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     if track == "vision":
         rows = _vision_budget(sparsity, method)
@@ -88,19 +154,48 @@ def write_run(path: Path, track: str = "vision", method: str = "str", sparsity: 
     total = _total(rows)
     pd.DataFrame([*rows, total]).to_csv(path / "budget.csv", index=False)
     epoch = np.arange(1, epochs + 1)
-    pd.DataFrame({"epoch": epoch, "step": epoch * 10, "lr": 0.1, "train_loss": 1 / epoch,
-                  "train_acc": acc * epoch / epochs, "val_loss": 1 / epoch,
-                  "val_acc": acc * epoch / epochs, "val_top5": 1.0,
-                  "sparsity": total["sparsity"] * epoch / epochs, "nnz": total["nnz"],
-                  "macs_sparse": total["macs_sparse"]}).to_csv(path / "metrics.csv", index=False)
-    history = [{"epoch": e, "name": r["name"], "nnz": r["nnz"], "sparsity": r["sparsity"] * e
-                / epochs, "threshold": r["threshold"] * e, "rank": r["rank"]}
-               for e in epoch for r in rows]  # fmt: skip
+    pd.DataFrame(
+        {
+            "epoch": epoch,
+            "step": epoch * 10,
+            "lr": 0.1,
+            "train_loss": 1 / epoch,
+            "train_acc": acc * epoch / epochs,
+            "val_loss": 1 / epoch,
+            "val_acc": acc * epoch / epochs,
+            "val_top5": 1.0,
+            "sparsity": total["sparsity"] * epoch / epochs,
+            "nnz": total["nnz"],
+            "macs_sparse": total["macs_sparse"],
+        }
+    ).to_csv(path / "metrics.csv", index=False)
+    history = [
+        {
+            "epoch": e,
+            "name": r["name"],
+            "nnz": r["nnz"],
+            "sparsity": r["sparsity"] * e / epochs,
+            "threshold": r["threshold"] * e,
+            "rank": r["rank"],
+        }
+        for e in epoch
+        for r in rows
+    ]
     pd.DataFrame(history).to_csv(path / "budget_history.csv", index=False)
-    summary = {"epochs": epochs, "numel": total["numel"], "nnz": total["nnz"],
-               "sparsity": total["sparsity"], "macs_dense": total["macs_dense"],
-               "macs_sparse": total["macs_sparse"], "val_acc": acc, "val_top5": 1.0,
-               "val_loss": 0.5, "train_time_s": 1.0, "track": track, "method": method}
+    summary = {
+        "epochs": epochs,
+        "numel": total["numel"],
+        "nnz": total["nnz"],
+        "sparsity": total["sparsity"],
+        "macs_dense": total["macs_dense"],
+        "macs_sparse": total["macs_sparse"],
+        "val_acc": acc,
+        "val_top5": 1.0,
+        "val_loss": 0.5,
+        "train_time_s": 1.0,
+        "track": track,
+        "method": method,
+    }
     if track == "speech":
         summary |= {"params": sum(r["nnz"] for r in rows[:2]), "ranks": ranks}
     (path / "summary.json").write_text(json.dumps(summary))
@@ -123,8 +218,9 @@ def speech_runs(tmp_path: Path) -> list[analysis.Run]:
     tmp_path = tmp_path / "speech"
     write_run(tmp_path / "full", "speech", "full", acc=0.9, ranks={"rnn.0.W": 32, "rnn.0.U": 32})
     write_run(tmp_path / "lr8", "speech", "lowrank", acc=0.8, ranks={"rnn.0.W": 8, "rnn.0.U": 8})
-    write_run(tmp_path / "lr16", "speech", "lowrank", acc=0.85,
-              ranks={"rnn.0.W": 16, "rnn.0.U": 16})  # fmt: skip
+    write_run(
+        tmp_path / "lr16", "speech", "lowrank", acc=0.85, ranks={"rnn.0.W": 16, "rnn.0.U": 16}
+    )
     write_run(tmp_path / "str", "speech", "str", acc=0.86, ranks={"rnn.0.W": 10, "rnn.0.U": 14})
     return analysis.load_runs([tmp_path])
 
@@ -179,8 +275,16 @@ def test_layer_budget_bars_per_run_and_layer(vision_runs):
 
 def test_many_layers_get_sparse_tick_labels():
     names = [f"layer{i}.conv" for i in range(130)]
-    budget = pd.DataFrame({"name": names, "sparsity": 0.5, "macs_sparse": 1e6,
-                           "macs_dense": 2e6, "run": "r", "method": "str"})  # fmt: skip
+    budget = pd.DataFrame(
+        {
+            "name": names,
+            "sparsity": 0.5,
+            "macs_sparse": 1e6,
+            "macs_dense": 2e6,
+            "run": "r",
+            "method": "str",
+        }
+    )
     ax = plotting.plot_layer_budget(budget).axes[0]
     assert 30 <= len(ax.get_yticks()) <= 60
 
@@ -219,17 +323,29 @@ def test_plot_run_writes_applicable_pngs(tmp_path):
     vision = write_run(tmp_path / "v", method="str")
     speech = write_run(tmp_path / "s", track="speech", method="str")
     assert {p.name for p in plotting.plot_run(vision)} == {
-        "budget.png", "training.png", "thresholds.png"}
+        "budget.png",
+        "training.png",
+        "thresholds.png",
+    }
     paths = plotting.plot_run(speech)
-    assert {p.name for p in paths} == {"budget.png", "training.png", "thresholds.png",
-                                       "ranks.png", "spectra.png"}  # fmt: skip
+    assert {p.name for p in paths} == {
+        "budget.png",
+        "training.png",
+        "thresholds.png",
+        "ranks.png",
+        "spectra.png",
+    }
     assert all(p.parent == speech / "plots" and p.stat().st_size > 1000 for p in paths)
 
 
 def test_aggregate_mean_sd_and_t_interval_by_hand():
-    table = pd.DataFrame({"point": ["a", "a", "a", "b", "c", "c"],
-                          "acc": [0.80, 0.84, 0.82, 0.70, 0.5, None],
-                          "params": [10, 10, 13, 5, 1, 1]})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "point": ["a", "a", "a", "b", "c", "c"],
+            "acc": [0.80, 0.84, 0.82, 0.70, 0.5, None],
+            "params": [10, 10, 13, 5, 1, 1],
+        }
+    )
     out = analysis.aggregate(table, ["point"], "acc", extra=["params"]).set_index("point")
     a = out.loc["a"]
     assert a["n"] == 3 and a["mean"] == pytest.approx(0.82) and a["sd"] == pytest.approx(0.02)
@@ -244,20 +360,31 @@ def test_aggregate_mean_sd_and_t_interval_by_hand():
 
 def test_frontier_points_pick_the_best_split_per_budget():
     def row(method, tag, acc, params, ranks=(None, None), init=None, seed=0):
-        return {"method": method, "tag": tag, "test_acc": acc, "params": params, "seed": seed,
-                "ranks.rnns.0.W": ranks[0], "ranks.rnns.0.U": ranks[1], "init_from": init,
-                "status": "ok"}  # fmt: skip
+        return {
+            "method": method,
+            "tag": tag,
+            "test_acc": acc,
+            "params": params,
+            "seed": seed,
+            "ranks.rnns.0.W": ranks[0],
+            "ranks.rnns.0.U": ranks[1],
+            "init_from": init,
+            "status": "ok",
+        }
 
     rows = [row("full", "full", 0.80 + 0.01 * s, 61440, (32, 128), seed=s) for s in range(3)]
     rows += [row("lowrank", "b5k", 0.70 + 0.01 * s, 4928, (2, 8), seed=s) for s in range(3)]
     rows += [row("lowrank", "b5k", 0.74 + 0.01 * s, 5248, (4, 7), seed=s) for s in range(3)]
-    rows += [row("lowrank", "b5k", 0.76, 5248, (4, 7), init="x/ckpt.pt", seed=s)
-             for s in range(2)]  # fmt: skip
+    rows += [row("lowrank", "b5k", 0.76, 5248, (4, 7), init="x/ckpt.pt", seed=s) for s in range(2)]
     rows += [row("str", "b5k", 0.72, 5000, (3, 7), seed=0), row("str", "b5k", 0.0, 0, seed=1)]
     rows[-1]["status"] = "failed (1)"
     table = analysis.frontier_points(pd.DataFrame(rows)).set_index(["method", "budget"])
-    assert list(table.index) == [("full", "full"), ("lowrank", "b5k"), ("str", "b5k"),
-                                 ("svd-lowrank", "b5k")]  # fmt: skip
+    assert list(table.index) == [
+        ("full", "full"),
+        ("lowrank", "b5k"),
+        ("str", "b5k"),
+        ("svd-lowrank", "b5k"),
+    ]
     best = table.loc[("lowrank", "b5k")]
     assert best["split"] == "4/7" and best["n"] == 3 and best["mean"] == pytest.approx(0.75)
     assert best["splits"] == "2/8: 71.00; 4/7: 75.00"
@@ -269,9 +396,17 @@ def test_frontier_points_pick_the_best_split_per_budget():
 
 def test_frontier_split_chosen_by_validation_and_paired_gaps():
     def row(method, acc, val, ranks, seed):
-        return {"method": method, "tag": "b5k", "test_acc": acc, "val_acc": val, "seed": seed,
-                "params": 5000, "ranks.rnns.0.W": ranks[0], "ranks.rnns.0.U": ranks[1],
-                "status": "ok"}  # fmt: skip
+        return {
+            "method": method,
+            "tag": "b5k",
+            "test_acc": acc,
+            "val_acc": val,
+            "seed": seed,
+            "params": 5000,
+            "ranks.rnns.0.W": ranks[0],
+            "ranks.rnns.0.U": ranks[1],
+            "status": "ok",
+        }
 
     seeds = range(3)
     rows = [row("lowrank", 0.70 + 0.02 * s, 0.60, (2, 8), s) for s in seeds]  # best on val
@@ -281,8 +416,10 @@ def test_frontier_split_chosen_by_validation_and_paired_gaps():
     best = analysis.frontier_points(table).set_index("method").loc["lowrank"]
     assert best["split"] == "2/8" and best["select"] == "val_acc"
     assert best["mean"] == pytest.approx(0.72)
-    assert analysis.frontier_points(table, "val_acc").set_index("method").loc["lowrank",
-                                                                              "select"] == "val_acc"
+    assert (
+        analysis.frontier_points(table, "val_acc").set_index("method").loc["lowrank", "select"]
+        == "val_acc"
+    )
     gaps = analysis.frontier_gaps(table).set_index("method")
     assert list(gaps.index) == ["str"] and gaps.loc["str", "baseline_split"] == "2/8"
     d = np.array([0.01, 0.01, 0.02])  # str - lowrank 2/8, seed by seed

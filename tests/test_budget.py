@@ -83,9 +83,20 @@ class Factored(nn.Module):
 
     def budget_entries(self, inputs):
         t = inputs[0].shape[1] if inputs is not None else float("nan")
-        return [{"name": "W", "kind": "lowrank", "param": "str", "numel": 36, "nnz": 24,
-                 "sparsity": 1 - 24 / 36, "rank": 2, "full_rank": 6,
-                 "macs_dense": t * 36, "macs_sparse": t * 24}]
+        return [
+            {
+                "name": "W",
+                "kind": "lowrank",
+                "param": "str",
+                "numel": 36,
+                "nnz": 24,
+                "sparsity": 1 - 24 / 36,
+                "rank": 2,
+                "full_rank": 6,
+                "macs_dense": t * 36,
+                "macs_sparse": t * 24,
+            }
+        ]
 
 
 def test_budget_entries_protocol():

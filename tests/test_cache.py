@@ -21,8 +21,14 @@ from strlowrank.cache import MARKER, build_once, cache_lock, is_built, temp_sibl
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PROCESSES = 3
-TINY_SPEECH = dict(n_speakers=3, keywords_per_speaker=3, others_per_speaker=1, repeat_prob=0.0,
-                   noise_seconds=2.0, workers=1)  # 12 clips, 2 s noise files
+TINY_SPEECH = dict(
+    n_speakers=3,
+    keywords_per_speaker=3,
+    others_per_speaker=1,
+    repeat_prob=0.0,
+    noise_seconds=2.0,
+    workers=1,
+)  # 12 clips, 2 s noise files
 
 DIGEST = """
 import hashlib
@@ -47,8 +53,13 @@ def tree_digest(root: Path) -> str:
 def start(code: str, *args: str) -> subprocess.Popen:
     """python -c code args..., with the repository importable; stdout and stderr piped."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish_all(procs: list[subprocess.Popen], timeout: float = 240) -> list[str]:
@@ -144,7 +155,9 @@ def test_write_atomic_text_bytes_and_writer(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- the real caches
 
-DATA_WORKER = DIGEST + f"""
+DATA_WORKER = (
+    DIGEST
+    + f"""
 import json, sys
 import vision.data
 from speech.features import load_features
@@ -158,17 +171,21 @@ sets = load_features(speech, cache_dir=cache, progress=False)
 features = hashlib.sha256(b"".join(s.x.numpy().tobytes() for s in sets.values())).hexdigest()
 print(json.dumps({{"fashion": digest(fashion), "speech": digest(speech), "features": features}}))
 """
+)
 
 
 def tiny_fashion_asset(path: Path) -> Path:
     """An npz in the shipped subset's format: 10 classes x 3 train and 1 test image."""
     rng = np.random.default_rng(0)
     classes = np.array([f"{c}_class" for c in range(10)])
-    np.savez_compressed(path, classes=classes,
-                        x_train=rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
-                        y_train=np.repeat(np.arange(10, dtype=np.uint8), 3),
-                        x_test=rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
-                        y_test=np.arange(10, dtype=np.uint8))  # fmt: skip
+    np.savez_compressed(
+        path,
+        classes=classes,
+        x_train=rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+        y_train=np.repeat(np.arange(10, dtype=np.uint8), 3),
+        x_test=rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+        y_test=np.arange(10, dtype=np.uint8),
+    )
     return path
 
 

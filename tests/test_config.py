@@ -27,31 +27,44 @@ class Cfg:
 def test_layering(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 0.5\n  epochs: 3\nout: from_yaml\n")
-    cfg, args = parse_config(Cfg, "t", ["--config", str(path), "--epochs", "7",
-                                        "--train.optimizer=adam", "--data-dir", "/d"])
+    cfg, args = parse_config(
+        Cfg,
+        "t",
+        ["--config", str(path), "--epochs", "7", "--train.optimizer=adam", "--data-dir", "/d"],
+    )
     assert cfg.train.lr == 0.5 and cfg.train.epochs == 7 and cfg.train.optimizer == "adam"
     assert cfg.out == "from_yaml" and cfg.data.root == "/d"
     assert to_dict(from_dict(Cfg, to_dict(cfg))) == to_dict(cfg)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"train.lrr": 1}, "unknown config key 'train.lrr'"),
-    ({"train.lr": "fast"}, "train.lr: expected float"),
-    ({"train.epochs": 2.5}, "train.epochs: expected int"),
-    ({"train.epochs": 0}, "train.epochs: must be >= 1"),
-    ({"target": 1.5}, "target: must be <= 1.0"),
-    ({"train.weight_decay": -1e-4}, "train.weight_decay: must be >= 0.0"),
-    ({"train.optimizer": "lbfgs"}, "train.optimizer: must be one of"),
-    ({"train.progress": "yes please"}, "train.progress: expected bool"),
-    # one field per decay; role mappings take known roles, valid values
-    ({"train.role_decay": {"threshold": 0.1}},
-     "train.role_decay.threshold: set train.threshold_decay instead"),
-    ({"train.role_decay": {"weight": 0.1}}, "train.role_decay.weight: set train.weight_decay"),
-    ({"train.role_lr": {"spectrom": 1.0}}, "train.role_lr: unknown key 'spectrom', must be one of"),
-    ({"train.role_lr": {"spectrum": -1.0}}, "train.role_lr.spectrum: must be >= 0.0"),
-    ({"train.role_optimizer": {"threshold": "lbfgs"}},
-     "train.role_optimizer.threshold: must be one of \\['sgd', 'adam', 'adamw'\\]"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"train.lrr": 1}, "unknown config key 'train.lrr'"),
+        ({"train.lr": "fast"}, "train.lr: expected float"),
+        ({"train.epochs": 2.5}, "train.epochs: expected int"),
+        ({"train.epochs": 0}, "train.epochs: must be >= 1"),
+        ({"target": 1.5}, "target: must be <= 1.0"),
+        ({"train.weight_decay": -1e-4}, "train.weight_decay: must be >= 0.0"),
+        ({"train.optimizer": "lbfgs"}, "train.optimizer: must be one of"),
+        ({"train.progress": "yes please"}, "train.progress: expected bool"),
+        # one field per decay; role mappings take known roles, valid values
+        (
+            {"train.role_decay": {"threshold": 0.1}},
+            "train.role_decay.threshold: set train.threshold_decay instead",
+        ),
+        ({"train.role_decay": {"weight": 0.1}}, "train.role_decay.weight: set train.weight_decay"),
+        (
+            {"train.role_lr": {"spectrom": 1.0}},
+            "train.role_lr: unknown key 'spectrom', must be one of",
+        ),
+        ({"train.role_lr": {"spectrum": -1.0}}, "train.role_lr.spectrum: must be >= 0.0"),
+        (
+            {"train.role_optimizer": {"threshold": "lbfgs"}},
+            "train.role_optimizer.threshold: must be one of \\['sgd', 'adam', 'adamw'\\]",
+        ),
+    ],
+)
 def test_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(Cfg, None, overrides)
@@ -72,7 +85,10 @@ def test_yaml_errors(tmp_path):
 
 def test_override_parsing():
     assert parse_overrides(["--a.b", "1e-3", "--c.d=[x, y]", "--e.f=true"]) == {
-        "a.b": 1e-3, "c.d": ["x", "y"], "e.f": True}
+        "a.b": 1e-3,
+        "c.d": ["x", "y"],
+        "e.f": True,
+    }
     with pytest.raises(ConfigError, match="unrecognized argument: --bogus"):
         parse_overrides(["--bogus", "1"])
     with pytest.raises(ConfigError, match="missing value"):

@@ -37,11 +37,16 @@ def make_task(seed: int = 0) -> Task:
     x = torch.randn(320, 16, generator=g)
     y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
     seed_everything(seed)
-    model = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
-                          nn.Linear(48, 4))  # fmt: skip
+    model = nn.Sequential(
+        nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4)
+    )
     apply_soft_threshold(model, s_init=-5.0)
-    return Task(model=model, train_set=TensorDataset(x[:256], y[:256]),
-                val_set=TensorDataset(x[256:], y[256:]), example_input=x[:2])  # fmt: skip
+    return Task(
+        model=model,
+        train_set=TensorDataset(x[:256], y[:256]),
+        val_set=TensorDataset(x[256:], y[256:]),
+        example_input=x[:2],
+    )
 
 
 TRAIN = dict(epochs=12, batch_size=32, lr=0.1, weight_decay=1e-4, progress=False)  # 96 steps
@@ -170,9 +175,17 @@ def test_target_units_and_flags():
         unit_scale("rank", model)
     argv = ["--out", "r", "--target-sparsity", "0.9", "--target-params=5000"]
     assert expand_target_flags(argv) == [
-        "--out", "r", "--controller.metric", "sparsity", "--controller.target", "0.9",
-        "--controller.metric", "params", "--controller.target", "5000",
-    ]  # fmt: skip
+        "--out",
+        "r",
+        "--controller.metric",
+        "sparsity",
+        "--controller.target",
+        "0.9",
+        "--controller.metric",
+        "params",
+        "--controller.target",
+        "5000",
+    ]
     assert build_controller(ControllerConfig(), model) is None
 
 
@@ -257,8 +270,9 @@ def test_plain_str_until_start_then_ramp_from_there(tmp_path):
     assert before["measured"].iloc[-1] > before["measured"].iloc[0]  # STR prunes on its own
     first = after.iloc[0]  # the ramp starts from the total measured at the start
     assert first["measured"] == pytest.approx(ctl.y0)
-    assert first["target"] == pytest.approx(schedule_value(first["step"] / 96, ctl.y0, 0.8, 0.4,
-                                                           0.75))  # fmt: skip
+    assert first["target"] == pytest.approx(
+        schedule_value(first["step"] / 96, ctl.y0, 0.8, 0.4, 0.75)
+    )
     assert after["decay"].iloc[1:].ne(1e-4).all()
     assert abs(totals(trainer.budget())["sparsity"] - 0.8) < 0.005
     metrics = pd.read_csv(trainer.out / "metrics.csv")
@@ -284,8 +298,7 @@ def test_resume_keeps_controller_state(tmp_path, run_80):
     resumed.fit(resume=tmp_path / "half" / "checkpoint.pt")
     assert resumed_ctl.trace == full_ctl.trace
     assert resumed_ctl.state_dict() == full_ctl.state_dict()
-    assert (full.out / "metrics.csv").read_text() == (
-        tmp_path / "half" / "metrics.csv").read_text()
+    assert (full.out / "metrics.csv").read_text() == (tmp_path / "half" / "metrics.csv").read_text()
     assert not math.isnan(resumed_ctl.decay)
 
 
@@ -362,15 +375,24 @@ def test_spectrum_role_steers_the_singular_value_decay(tmp_path, role):
         def forward(self, x):
             return self.fc(self.rnn(x)[0][:, -1])
 
-    task = Task(model=Net(), train_set=TensorDataset(x[:64], y[:64]),
-                val_set=TensorDataset(x[64:], y[64:]))  # fmt: skip
+    task = Task(
+        model=Net(), train_set=TensorDataset(x[:64], y[:64]), val_set=TensorDataset(x[64:], y[64:])
+    )
     full = unit_scale("params", task.model)
     cfg = ControllerConfig(target=0.4 * full, metric="params", role=role, every=2, start=0.0)
     ctl = build_controller(cfg, task.model)
     task.callbacks.append(ctl)
-    train = TrainConfig(epochs=4, batch_size=16, lr=0.01, optimizer="adam", weight_decay=0.0,
-                        spectrum_decay=1e-3, threshold_decay=1e-2 if "+" in role else 0.0,
-                        role_optimizer={"spectrum": "sgd"}, progress=False)  # fmt: skip
+    train = TrainConfig(
+        epochs=4,
+        batch_size=16,
+        lr=0.01,
+        optimizer="adam",
+        weight_decay=0.0,
+        spectrum_decay=1e-3,
+        threshold_decay=1e-2 if "+" in role else 0.0,
+        role_optimizer={"spectrum": "sgd"},
+        progress=False,
+    )
     trainer = Trainer(task, train, tmp_path, DistInfo())
     ctl.bind(trainer.optimizer)
     trainer.fit()

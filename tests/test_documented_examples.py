@@ -73,8 +73,11 @@ def cli_examples(source: str, text: str) -> list[tuple[str, str | None, dict]]:
     """(source, track, overrides) per command line; an upper-case value is a placeholder (VALUE)."""
     out = []
     for line in command_lines(text):
-        found = {key: parse_value(value.strip("'\"")) for key, value in CLI.findall(line)
-                 if not re.fullmatch(r"[A-Z_]+", value)}  # fmt: skip
+        found = {
+            key: parse_value(value.strip("'\""))
+            for key, value in CLI.findall(line)
+            if not re.fullmatch(r"[A-Z_]+", value)
+        }
         if found:
             out.append((source, track_of(source, line), found))
     return out
@@ -99,7 +102,7 @@ def check(overrides: dict, track: str | None) -> str | None:
             return None
         except ConfigError as e:
             if len(overrides) == 1 and isinstance(next(iter(overrides.values())), list):
-                (key, values), = overrides.items()
+                ((key, values),) = overrides.items()
                 if all(check({key: v}, name) is None for v in values):
                     return None
             errors.append(f"{name}: {e}")
@@ -107,19 +110,29 @@ def check(overrides: dict, track: str | None) -> str | None:
 
 
 def all_examples() -> list[tuple[str, str | None, dict]]:
-    return [ex for source, text in documents()
-            for ex in cli_examples(source, text) + pair_examples(source, text)]  # fmt: skip
+    return [
+        ex
+        for source, text in documents()
+        for ex in cli_examples(source, text) + pair_examples(source, text)
+    ]
 
 
 def test_examples_are_found():
     examples = all_examples()
     sources = {source for source, _, _ in examples}
     assert len(examples) > 40
-    assert {"README.md", "docs/ANALYSIS.md", "strlowrank/sweep.py",
-            "speech/train_gru.py"} <= sources  # fmt: skip
+    assert {
+        "README.md",
+        "docs/ANALYSIS.md",
+        "strlowrank/sweep.py",
+        "speech/train_gru.py",
+    } <= sources
     # the extractor sees quoted YAML values, grid lists and continued command lines
-    assert ("docs/LEARNED_RANK.md", "speech",
-            {"model.param": "lowrank", "model.rank_w": 7, "model.rank_u": 14}) in examples
+    assert (
+        "docs/LEARNED_RANK.md",
+        "speech",
+        {"model.param": "lowrank", "model.rank_w": 7, "model.rank_u": 14},
+    ) in examples
     assert ("docs/METHOD.md", None, {"train.role_lr_per_run": {"threshold": None}}) in examples
     assert ("strlowrank/sweep.py", None, {"train.threshold_decay": ["1e-4", "3e-4"]}) in examples
     # and it would catch a stale one
@@ -191,9 +204,20 @@ def test_shipped_configs_load():
 
 # configs/... or docs/... as cited in text (a glob such as configs/vision_*.yaml must match)
 CITED = re.compile(r"(?<![\w./-])((?:configs|docs)/[\w.*/-]*[\w*])")
-TEXT_FILES = ("README.md", "Makefile", "pyproject.toml", "configs/*.yaml", "docs/**/*.md",
-              "docs/**/*.py", "strlowrank/*.py", "vision/*.py", "speech/*.py", "bench/*.py",
-              "tests/*.py", "notebooks/*.ipynb")  # fmt: skip
+TEXT_FILES = (
+    "README.md",
+    "Makefile",
+    "pyproject.toml",
+    "configs/*.yaml",
+    "docs/**/*.md",
+    "docs/**/*.py",
+    "strlowrank/*.py",
+    "vision/*.py",
+    "speech/*.py",
+    "bench/*.py",
+    "tests/*.py",
+    "notebooks/*.ipynb",
+)
 
 
 def test_every_cited_path_exists():

@@ -30,14 +30,27 @@ def make_task(seed: int = 0) -> Task:
     seed_everything(seed)
     model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
     apply_soft_threshold(model, s_init=-4.0)
-    return Task(model=model, train_set=TensorDataset(x[:64], y[:64]),
-                val_set=TensorDataset(x[64:], y[64:]), test_set=TensorDataset(x[64:], y[64:]),
-                example_input=x[:2])
+    return Task(
+        model=model,
+        train_set=TensorDataset(x[:64], y[:64]),
+        val_set=TensorDataset(x[64:], y[64:]),
+        test_set=TensorDataset(x[64:], y[64:]),
+        example_input=x[:2],
+    )
 
 
 def make_cfg(**kw) -> TrainConfig:
-    base = dict(epochs=4, batch_size=16, lr=0.2, weight_decay=1e-3, threshold_decay=0.1,
-                warmup_epochs=1, label_smoothing=0.1, clip_grad=5.0, progress=False)
+    base = dict(
+        epochs=4,
+        batch_size=16,
+        lr=0.2,
+        weight_decay=1e-3,
+        threshold_decay=0.1,
+        warmup_epochs=1,
+        label_smoothing=0.1,
+        clip_grad=5.0,
+        progress=False,
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -82,7 +95,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert (tmp_path / "full" / "metrics.csv").read_text() == (
-        tmp_path / "half" / "metrics.csv").read_text()
+        tmp_path / "half" / "metrics.csv"
+    ).read_text()
 
 
 def test_same_seed_same_metrics(tmp_path):
@@ -115,25 +129,35 @@ def test_checkpoint_of_another_model(tmp_path):
         trainer.load(tmp_path / "a" / "checkpoint.pt")
 
 
-@pytest.mark.parametrize("choice,device,dim,expected", [
-    ("auto", "cuda", 4, True),  # image batches on a GPU: NHWC convolutions
-    ("auto", "cuda:1", 4, True),
-    ("auto", "cpu", 4, False),
-    ("auto", "cuda", 3, False),  # sequences
-    ("auto", "cuda", None, False),
-    ("on", "cpu", 3, True),
-    ("off", "cuda", 4, False),
-    (True, "cpu", 4, True),
-    (False, "cuda", 4, False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "choice,device,dim,expected",
+    [
+        ("auto", "cuda", 4, True),  # image batches on a GPU: NHWC convolutions
+        ("auto", "cuda:1", 4, True),
+        ("auto", "cpu", 4, False),
+        ("auto", "cuda", 3, False),  # sequences
+        ("auto", "cuda", None, False),
+        ("on", "cpu", 3, True),
+        ("off", "cuda", 4, False),
+        (True, "cpu", 4, True),
+        (False, "cuda", 4, False),
+    ],
+)
 def test_use_channels_last(choice, device, dim, expected):
     assert use_channels_last(choice, torch.device(device), dim) is expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("auto", "auto"), ("on", "on"), ("off", "off"), ("true", "on"), ("false", "off"),
-    ("'on'", "on"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("auto", "auto"),
+        ("on", "on"),
+        ("off", "off"),
+        ("true", "on"),
+        ("false", "off"),
+        ("'on'", "on"),
+    ],
+)
 def test_channels_last_config_values(tmp_path, text, expected):
     """YAML reads on/off/true/false as booleans: all four map to "on" / "off"."""
     path = tmp_path / "c.yaml"
@@ -146,7 +170,7 @@ def test_channels_last_config_values(tmp_path, text, expected):
 
 
 def test_trainer_channels_last_on_cpu(tmp_path):
-    """"auto" keeps a CPU run contiguous; "on" converts the model's 4-d weights."""
+    """ "auto" keeps a CPU run contiguous; "on" converts the model's 4-d weights."""
     conv = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 3))
     x, y = torch.randn(8, 2, 8, 8), torch.randint(0, 3, (8,))
     for choice, expected in (("auto", False), ("on", True)):

@@ -29,11 +29,17 @@ from strlowrank.threshold import soft_threshold
 
 def _tiny_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 1, stride=2, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
 
 
 @pytest.mark.parametrize("shape", [(), (8, 1, 1, 1)])
@@ -83,9 +89,17 @@ def test_export_sparse_cnn_equal_outputs_and_smaller_file() -> None:
 
 @pytest.mark.parametrize(
     "kernel,stride,padding,dilation",
-    [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 0, 1), (3, 2, 0, 1), (7, 2, 3, 1), (3, 1, 2, 2),
-     (1, 1, 1, 1), ((1, 3), (2, 1), (0, 1), 1)],
-)  # fmt: skip
+    [
+        (3, 1, 1, 1),
+        (3, 2, 1, 1),
+        (3, 1, 0, 1),
+        (3, 2, 0, 1),
+        (7, 2, 3, 1),
+        (3, 1, 2, 2),
+        (1, 1, 1, 1),
+        ((1, 3), (2, 1), (0, 1), 1),
+    ],
+)
 @pytest.mark.parametrize("mode", ["shift", "cols"])
 def test_sparse_conv_shift_and_cols_equal_conv2d(kernel, stride, padding, dilation, mode) -> None:
     torch.manual_seed(0)

@@ -141,6 +141,7 @@ def test_source_ships_as_package_data() -> None:
     tomllib = pytest.importorskip("tomllib")
     package = ROOT / "strlowrank"
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["strlowrank"]  # fmt: skip
+        "package-data"
+    ]["strlowrank"]
     relative = gru_cpp._SOURCE.relative_to(package).as_posix()
     assert any(fnmatch.fnmatch(relative, g) for g in globs), (relative, globs)

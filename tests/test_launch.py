@@ -26,17 +26,38 @@ def comparable(results: Path) -> pd.DataFrame:
 
 def test_jobs_2_equals_jobs_1_with_the_real_trainer(tmp_path: Path) -> None:
     toy = write_toy_tree(tmp_path / "toy", classes=3, train_per_class=8, val_per_class=4, size=12)
-    spec = {"base": {"epochs": 1, "data.name": "imagefolder", "data.root": str(toy),
-                     "data.image_size": 12, "model.name": "resnet20", "train.batch_size": 8,
-                     "train.device": "cpu", "train.progress": False},
-            "grid": {"method.name": ["dense", "str"]}}  # fmt: skip
+    spec = {
+        "base": {
+            "epochs": 1,
+            "data.name": "imagefolder",
+            "data.root": str(toy),
+            "data.image_size": 12,
+            "model.name": "resnet20",
+            "train.batch_size": 8,
+            "train.device": "cpu",
+            "train.progress": False,
+        },
+        "grid": {"method.name": ["dense", "str"]},
+    }
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(spec))
     tables = []
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
-        args = ["--track", "vision", "--grid", str(grid), "--out", str(out), "--seeds", "0",
-                "--jobs", str(jobs), "--threads", "1"]  # fmt: skip
+        args = [
+            "--track",
+            "vision",
+            "--grid",
+            str(grid),
+            "--out",
+            str(out),
+            "--seeds",
+            "0",
+            "--jobs",
+            str(jobs),
+            "--threads",
+            "1",
+        ]
         assert sweep.main(args) == 0, (out / "method.name=dense__seed=0" / "train.log").read_text()
         tables.append(comparable(out / "results.csv"))
     assert list(tables[0]["status"]) == ["ok", "ok"] and "val_acc" in tables[0]
@@ -55,14 +76,28 @@ def test_submitit_executors_write_the_same_run_folders(tmp_path: Path) -> None:
     grid, command = _grid(tmp_path, spec)
     common = ["--grid", grid, "--command", command, "--seeds", "0", "1"]
     assert sweep.main([*common, "--out", str(tmp_path / "local"), "--jobs", "2"]) == 0
-    assert sweep.main([*common, "--out", str(tmp_path / "debug"), "--launcher", "submitit",
-                       "--cluster", "debug"]) == 0  # fmt: skip
+    assert (
+        sweep.main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "debug"),
+                "--launcher",
+                "submitit",
+                "--cluster",
+                "debug",
+            ]
+        )
+        == 0
+    )
     runs = sweep.expand(yaml.safe_load(Path(grid).read_text()), [0, 1])
     cmd = [sys.executable, str(tmp_path / "fake_trainer.py")]
-    cluster = launch.ClusterConfig(cluster="local", cpus_per_task=1, timeout_min=5,
-                                   poll_seconds=0.2)  # fmt: skip
-    sweep.run_sweep(runs, tmp_path / "slurm_like", cmd, spec["base"], progress=False,
-                    cluster=cluster)  # fmt: skip
+    cluster = launch.ClusterConfig(
+        cluster="local", cpus_per_task=1, timeout_min=5, poll_seconds=0.2
+    )
+    sweep.run_sweep(
+        runs, tmp_path / "slurm_like", cmd, spec["base"], progress=False, cluster=cluster
+    )
     expected = comparable(tmp_path / "local" / "results.csv")
     assert list(expected["status"]) == ["ok"] * 4
     for name in ("debug", "slurm_like"):
@@ -95,8 +130,16 @@ def test_threads_and_torchrun_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert launch.threads_per_run(2) == 4
     line = launch.torchrun_line(["python", "vision/train.py", "--epochs", "1"], 8)
-    assert line == ["python", "-m", "torch.distributed.run", "--nproc_per_node=8",
-                    "--standalone", "vision/train.py", "--epochs", "1"]  # fmt: skip
+    assert line == [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=8",
+        "--standalone",
+        "vision/train.py",
+        "--epochs",
+        "1",
+    ]
     multi = launch.torchrun_line(["python", "t.py"], 4, nodes=2, node_rank=1, master="n0")
     assert multi[4:7] == ["--nnodes=2", "--node_rank=1", "--master_addr=n0"]
     with pytest.raises(ValueError, match="cluster"):

@@ -20,8 +20,17 @@ TRACKS = ("vision", "speech")
 # Every module of the core in exactly one group (docs/ARCHITECTURE.md has the same list).
 LAYERS = {
     "method": {"threshold", "pruning", "lowrank", "rnn", "budget", "cache"},
-    "training": {"engine", "optim", "config", "cli", "checkpoint", "distributed", "controller",
-                 "measures", "threshold_shift"},
+    "training": {
+        "engine",
+        "optim",
+        "config",
+        "cli",
+        "checkpoint",
+        "distributed",
+        "controller",
+        "measures",
+        "threshold_shift",
+    },
     "export": {"export", "gru_cpp", "sparse_cnn_ops", "timing", "onnx_export"},
     "analysis": {"analysis", "plotting", "report", "sweep", "launch"},
 }
@@ -148,17 +157,33 @@ def test_checks_can_fail():
         "    from strlowrank import engine, budget_table\n"
         "    import vision.models\n"
     )
-    known = {"strlowrank", "strlowrank.budget", "strlowrank.cache", "strlowrank.rnn",
-             "strlowrank.engine"}  # fmt: skip
+    known = {
+        "strlowrank",
+        "strlowrank.budget",
+        "strlowrank.cache",
+        "strlowrank.rnn",
+        "strlowrank.engine",
+    }
     found = imports(ast.parse(source), "strlowrank.lowrank", False, known)
-    assert found == ["strlowrank.budget", "strlowrank.cache", "strlowrank.rnn",
-                     "strlowrank.engine", "strlowrank", "vision.models"]  # fmt: skip
+    assert found == [
+        "strlowrank.budget",
+        "strlowrank.cache",
+        "strlowrank.rnn",
+        "strlowrank.engine",
+        "strlowrank",
+        "vision.models",
+    ]
     assert imports(ast.parse("from . import engine"), "strlowrank", True, known) == [
         "strlowrank.engine"
     ]
-    toy = {"strlowrank.lowrank": found, "strlowrank.rnn": ["strlowrank.lowrank"],
-           "strlowrank.budget": [], "strlowrank.cache": [], "strlowrank.engine": [],
-           "strlowrank": []}  # fmt: skip
+    toy = {
+        "strlowrank.lowrank": found,
+        "strlowrank.rnn": ["strlowrank.lowrank"],
+        "strlowrank.budget": [],
+        "strlowrank.cache": [],
+        "strlowrank.engine": [],
+        "strlowrank": [],
+    }
     assert layer_violations(toy) == [
         "strlowrank.lowrank (method) imports strlowrank.engine (training)",
         "strlowrank.lowrank (method) imports strlowrank (package)",

@@ -35,12 +35,19 @@ def _net() -> nn.Module:
     """Convs (3x3, strided 1x1, depthwise) and a classifier: every weight layout STR meets."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 1, stride=2, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,10 +123,15 @@ def test_masks_channels_last_equal_contiguous() -> None:
     ref = _net()
     names = apply_masks(ref)
     model = copy.deepcopy(ref).to(memory_format=CL)
-    assert all(p.mask.is_contiguous(memory_format=CL) for _, m, p in masked_modules(model)
-               if p.mask.dim() == 4)  # fmt: skip
-    for prune in (lambda m: set_layer_densities(m, uniform_densities(names, 0.3)),
-                  lambda m: set_global_density(m, 0.1)):  # fmt: skip
+    assert all(
+        p.mask.is_contiguous(memory_format=CL)
+        for _, m, p in masked_modules(model)
+        if p.mask.dim() == 4
+    )
+    for prune in (
+        lambda m: set_layer_densities(m, uniform_densities(names, 0.3)),
+        lambda m: set_global_density(m, 0.1),
+    ):
         assert prune(model) == prune(ref)
         for (n, m, p), (_, m_ref, p_ref) in zip(masked_modules(model), masked_modules(ref)):
             assert torch.equal(p.mask, p_ref.mask), n
@@ -136,8 +148,9 @@ def test_export_channels_last_model(method: str) -> None:
         set_layer_densities(model, uniform_densities(apply_masks(model), 0.1))
     model = model.to(memory_format=CL).eval()
     x = torch.randn(2, 3, 16, 16).contiguous(memory_format=CL)
-    exported, choices = export_sparse_cnn(model, x, min_sparsity=0.0, repeats=1,
-                                          margin=float("inf"))  # fmt: skip
+    exported, choices = export_sparse_cnn(
+        model, x, min_sparsity=0.0, repeats=1, margin=float("inf")
+    )
     assert choices and all(c.sparse for c in choices)  # every CSR path is taken
     with torch.no_grad():
         torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
@@ -148,9 +161,12 @@ def test_compile_equals_eager() -> None:
     and gradients of W and s within 1e-5."""
     torch.manual_seed(0)
     eager = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-        nn.Flatten(), nn.Linear(8 * 64, 4),
-    )  # fmt: skip
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 64, 4),
+    )
     apply_soft_threshold(eager, s_init=-4.0)  # g(s) 0.018: some of every layer pruned, not all
     eager = eager.to(memory_format=CL)
     twin = copy.deepcopy(eager)

@@ -81,10 +81,16 @@ def _check_cnn(model: nn.Module, x: torch.Tensor, tmp_path) -> None:
 def test_str_cnn_onnx_equals_model(tmp_path, random_bn_stats) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
     apply_soft_threshold(model, s_init=-1.0)  # g(-1) = 0.27: a real share of zeros
     random_bn_stats(model)
     assert float((model[3].weight == 0).float().mean()) > 0.3

@@ -70,12 +70,15 @@ def test_warmup_cosine_values():
     assert warmup_cosine_factor(35, 10, 110, 0.0) == pytest.approx(quarter)
 
 
-@pytest.mark.parametrize("algo,reference", [
-    ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01)),
-    ("sgd_nesterov", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)),
-    ("adam", lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.01)),
-    ("adamw", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)),
-])
+@pytest.mark.parametrize(
+    "algo,reference",
+    [
+        ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01)),
+        ("sgd_nesterov", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)),
+        ("adam", lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.01)),
+        ("adamw", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)),
+    ],
+)
 def test_role_optimizer_matches_torch(algo, reference):
     """Each rule of the mixed optimizer reproduces torch's optimizer step for step."""
     torch.manual_seed(0)
@@ -84,8 +87,13 @@ def test_role_optimizer_matches_torch(algo, reference):
     model.load_state_dict(ref_model.state_dict())
     ref_opt = reference(list(ref_model.parameters()))
     hyper = ref_opt.param_groups[0]
-    group = {"params": list(model.parameters()), "algo": algo.split("_")[0], "lr": hyper["lr"],
-             "weight_decay": hyper["weight_decay"], "nesterov": hyper.get("nesterov", False)}
+    group = {
+        "params": list(model.parameters()),
+        "algo": algo.split("_")[0],
+        "lr": hyper["lr"],
+        "weight_decay": hyper["weight_decay"],
+        "nesterov": hyper.get("nesterov", False),
+    }
     from strlowrank.optim import RoleOptimizer
 
     opt = RoleOptimizer([group], lr=hyper["lr"], momentum=hyper.get("momentum", 0.9))
@@ -117,8 +125,13 @@ def test_norm_types_cover_every_torch_norm_layer():
     assert len(subclasses) >= 13 and all(issubclass(c, NORM_TYPES) for c in subclasses)
     assert all(issubclass(c, base) or c in (nn.GroupNorm, nn.LayerNorm) for c in NORM_TYPES)
     # parameters of a norm layer are norm_bias whatever their shape (a 2-D LayerNorm weight)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4),
-                          nn.InstanceNorm2d(4, affine=True), nn.LayerNorm([4, 4]))  # fmt: skip
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.GroupNorm(2, 4),
+        nn.InstanceNorm2d(4, affine=True),
+        nn.LayerNorm([4, 4]),
+    )
     roles = {name: role for name, _, role in parameter_roles(model)}
     assert roles.pop("0.weight") == "weight"
     assert set(roles.values()) == {"norm_bias"} and len(roles) == 9
@@ -128,6 +141,10 @@ def test_every_declared_role_is_a_known_role():
     from strlowrank import lowrank, pruning, rnn, threshold
     from strlowrank.optim import ROLES
 
-    declared = [set(c.param_roles.values()) for m in (lowrank, pruning, rnn, threshold)
-                for c in vars(m).values() if isinstance(c, type) and hasattr(c, "param_roles")]
+    declared = [
+        set(c.param_roles.values())
+        for m in (lowrank, pruning, rnn, threshold)
+        for c in vars(m).values()
+        if isinstance(c, type) and hasattr(c, "param_roles")
+    ]
     assert len(declared) >= 4 and set().union(*declared) <= set(ROLES)

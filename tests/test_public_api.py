@@ -41,8 +41,11 @@ def documented_imports(path: Path) -> list[tuple[str, str, list[str]]]:
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == PACKAGE:
                 found.append((ast.unparse(node), node.module, [a.name for a in node.names]))
             elif isinstance(node, ast.Import):
-                found += [(ast.unparse(node), a.name, []) for a in node.names
-                          if a.name.split(".")[0] == PACKAGE]  # fmt: skip
+                found += [
+                    (ast.unparse(node), a.name, [])
+                    for a in node.names
+                    if a.name.split(".")[0] == PACKAGE
+                ]
     return found
 
 

@@ -35,8 +35,16 @@ from vision.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # 3 epochs of 10 steps (38 training images, batch 4): long enough to stop a run mid-epoch
-FAST = ["--train.progress=false", "--train.batch_size=4", "--data.image_size=16",
-        "--data.name=imagefolder", "--data.augment=false", "--device=cpu", "--epochs", "3"]
+FAST = [
+    "--train.progress=false",
+    "--train.batch_size=4",
+    "--data.image_size=16",
+    "--data.name=imagefolder",
+    "--data.augment=false",
+    "--device=cpu",
+    "--epochs",
+    "3",
+]
 DEADLINE_S = 120.0
 
 
@@ -109,11 +117,19 @@ class Run:
 
     def __init__(self, log_dir: Path, name: str, args: list[str]) -> None:
         self.stdout, self.stderr = log_dir / f"{name}.out", log_dir / f"{name}.err"
-        env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                            "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        env = os.environ | {
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
-            self.proc = subprocess.Popen([sys.executable, "vision/train.py", *args], cwd=ROOT,
-                                         env=env, stdout=out, stderr=err)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, "vision/train.py", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=err,
+            )
         self.pid = self.proc.pid
 
     def text(self) -> str:
@@ -126,8 +142,9 @@ class Run:
         deadline = time.monotonic() + DEADLINE_S
         while not cond():
             if self.poll() is not None:
-                raise AssertionError(f"run ended (status {self.poll()}) before {what}:\n"
-                                     f"{self.text()[-2000:]}")  # fmt: skip
+                raise AssertionError(
+                    f"run ended (status {self.poll()}) before {what}:\n{self.text()[-2000:]}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {what} within {DEADLINE_S} s:\n{self.text()[-2000:]}")
             time.sleep(0.01)
@@ -308,10 +325,19 @@ def _unsafe_loads(tree: ast.AST) -> list[str]:
         kw = {k.arg: k.value for k in node.keywords}
         safe_torch = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value
         pickles_np = isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value
-        if ((call == "torch.load" and not safe_torch)
-                or call in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "pickle.load",
-                            "pickle.loads", "torch.jit.load")
-                or (call == "np.load" and pickles_np)):  # fmt: skip
+        if (
+            (call == "torch.load" and not safe_torch)
+            or call
+            in (
+                "yaml.load",
+                "yaml.unsafe_load",
+                "yaml.full_load",
+                "pickle.load",
+                "pickle.loads",
+                "torch.jit.load",
+            )
+            or (call == "np.load" and pickles_np)
+        ):
             found.append(f"{call} at line {node.lineno}")
     return found
 
@@ -319,8 +345,11 @@ def _unsafe_loads(tree: ast.AST) -> list[str]:
 def test_every_load_in_the_code_is_safe():
     files = [p for d in ("strlowrank", "vision", "speech") for p in (ROOT / d).rglob("*.py")]
     assert len(files) > 10
-    bad = {str(p.relative_to(ROOT)): hits for p in files
-           if (hits := _unsafe_loads(ast.parse(p.read_text())))}  # fmt: skip
+    bad = {
+        str(p.relative_to(ROOT)): hits
+        for p in files
+        if (hits := _unsafe_loads(ast.parse(p.read_text())))
+    }
     assert not bad, bad
     assert _unsafe_loads(ast.parse("torch.load(p)\nyaml.load(t)\nnp.load(p, allow_pickle=True)"))
 
@@ -382,8 +411,10 @@ def test_bad_image_files(tmp_path, capsys):
     good = (root / "train" / "class0" / "0.png").read_bytes()
     (root / "train" / "class0" / "truncated.png").write_bytes(good[: len(good) // 2])
     (root / "train" / "class2" / "empty.png").write_bytes(b"")
-    bad = (str(root / "train" / "class0" / "truncated.png"), str(root / "train" / "class2" /
-                                                               "empty.png"))  # fmt: skip
+    bad = (
+        str(root / "train" / "class0" / "truncated.png"),
+        str(root / "train" / "class2" / "empty.png"),
+    )
     base = ["--out", str(tmp_path / "run"), "--data-dir", str(root), *FAST, "--epochs", "1"]
     for workers in (0, 1):  # a worker re-raises with the worker's traceback in the message
         rc, _, err = cli(capsys, *base, f"--train.workers={workers}")
@@ -395,11 +426,14 @@ def test_bad_image_files(tmp_path, capsys):
     assert "epoch 1/1" in out  # grayscale and RGBA files trained along
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda r: (r / "train" / "empty").mkdir(), "empty holds no image files"),
-    (lambda r: (r / "val" / "class2").rename(r / "val" / "class9"), "class folders differ"),
-    (lambda r: shutil.rmtree(r / "val"), "missing split folder"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda r: (r / "train" / "empty").mkdir(), "empty holds no image files"),
+        (lambda r: (r / "val" / "class2").rename(r / "val" / "class9"), "class folders differ"),
+        (lambda r: shutil.rmtree(r / "val"), "missing split folder"),
+    ],
+)
 def test_bad_image_trees(tmp_path, capsys, damage, message):
     root = write_tree(tmp_path / "tree")
     damage(root)
@@ -425,15 +459,18 @@ def test_checkpoint_of_another_model_shape_or_format(tmp_path, capsys, reference
     assert_one_line(rc, err, 2, str(foreign), "not a strlowrank checkpoint")
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--train.weight_decay=-0.1"], "train.weight_decay: must be >= 0.0"),
-    (["--train.threshold_decay=-1"], "train.threshold_decay: must be >= 0.0"),
-    (["--target-sparsity", "-0.5"], "controller.target: must be >= 0.0"),
-    (["--train.batch_size=0"], "train.batch_size: must be >= 1"),
-    (["--data.image_size=4"], "data.image_size: must be >= 8"),
-    (["--train.momentum=fast"], "train.momentum: expected float"),
-    (["--method.colour=red"], "unknown config key 'method.colour'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--train.weight_decay=-0.1"], "train.weight_decay: must be >= 0.0"),
+        (["--train.threshold_decay=-1"], "train.threshold_decay: must be >= 0.0"),
+        (["--target-sparsity", "-0.5"], "controller.target: must be >= 0.0"),
+        (["--train.batch_size=0"], "train.batch_size: must be >= 1"),
+        (["--data.image_size=4"], "data.image_size: must be >= 8"),
+        (["--train.momentum=fast"], "train.momentum: expected float"),
+        (["--method.colour=red"], "unknown config key 'method.colour'"),
+    ],
+)
 def test_bad_config_values(tmp_path, capsys, flags, message):
     rc, _, err = cli(capsys, "--out", str(tmp_path / "run"), *FAST, *flags)
     assert_one_line(rc, err, 2, message)
@@ -441,8 +478,18 @@ def test_bad_config_values(tmp_path, capsys, flags, message):
 
 @pytest.mark.parametrize("flags", [["--target-sparsity", "150"], ["--target-params", "1e12"]])
 def test_impossible_budget_targets(tmp_path, capsys, tree, flags):
-    rc, _, err = cli(capsys, "--out", str(tmp_path / "run"), "--data-dir", str(tree), *FAST,
-                     "--epochs", "1", "--train.batch_size=16", *flags)  # fmt: skip
+    rc, _, err = cli(
+        capsys,
+        "--out",
+        str(tmp_path / "run"),
+        "--data-dir",
+        str(tree),
+        *FAST,
+        "--epochs",
+        "1",
+        "--train.batch_size=16",
+        *flags,
+    )
     assert_one_line(rc, err, 2, "controller.target")
 
 
@@ -451,16 +498,25 @@ def test_impossible_budget_targets(tmp_path, capsys, tree, flags):
 
 def test_non_finite_loss_from_the_command_line(tmp_path, capsys, tree):
     out = tmp_path / "run"
-    rc, _, err = cli(capsys, "--out", str(out), "--data-dir", str(tree), *FAST,
-                     "--train.lr=1e12")  # fmt: skip
+    rc, _, err = cli(capsys, "--out", str(out), "--data-dir", str(tree), *FAST, "--train.lr=1e12")
     assert_one_line(rc, err, 1, "non-finite loss", "at epoch 1, step ")
 
 
 def test_dead_layers_are_reported(tmp_path, capsys, tree):
     out = tmp_path / "run"
-    rc, stdout, err = cli(capsys, "--out", str(out), "--data-dir", str(tree), *FAST,
-                          "--epochs", "1", "--train.batch_size=16",
-                          "--method.s_init=10", "--train.threshold_decay=0")  # fmt: skip
+    rc, stdout, err = cli(
+        capsys,
+        "--out",
+        str(out),
+        "--data-dir",
+        str(tree),
+        *FAST,
+        "--epochs",
+        "1",
+        "--train.batch_size=16",
+        "--method.s_init=10",
+        "--train.threshold_decay=0",
+    )
     assert rc == 0, err
     budget = pd.read_csv(out / "budget.csv").set_index("name").drop("total")
     assert (budget["nnz"] == 0).all() and (budget["sparsity"] == 1.0).all()
@@ -476,8 +532,14 @@ def test_thresholds_that_remove_every_singular_value_are_dead_layers():
     table = budget_table(layer, torch.randn(1, 5, 4))
     assert dead_layers(table) == ["W", "U"]
     assert list(table.set_index("name").loc[["W", "U"], "rank"]) == [0, 0]
-    assert dead_layers(budget_table(RNNLayer("gru", 4, 3, MatrixSpec("str", s_init=-20.0)),
-                                    torch.randn(1, 5, 4))) == []  # fmt: skip
+    assert (
+        dead_layers(
+            budget_table(
+                RNNLayer("gru", 4, 3, MatrixSpec("str", s_init=-20.0)), torch.randn(1, 5, 4)
+            )
+        )
+        == []
+    )
 
 
 # ------------------------------------------------------------------------- speech track
@@ -504,16 +566,31 @@ def speech_tree(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("flags,field", [
-    (["--model.hidden=0"], "model.hidden"),  # today: ZeroDivisionError traceback
-    (["--model.layers=0"], "model.layers"),  # today: RuntimeError traceback in the forward
-    (["--model.param=lowrank", "--model.rank_w=100"], "model.rank_w"),  # "rank 100 outside"
-    (["--target-rank", "1000"], "controller.target"),  # today: accepted, trains full rank
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags,field",
+    [
+        (["--model.hidden=0"], "model.hidden"),  # today: ZeroDivisionError traceback
+        (["--model.layers=0"], "model.layers"),  # today: RuntimeError traceback in the forward
+        (["--model.param=lowrank", "--model.rank_w=100"], "model.rank_w"),  # "rank 100 outside"
+        (["--target-rank", "1000"], "controller.target"),  # today: accepted, trains full rank
+    ],
+)
 def test_bad_speech_model_sizes(tmp_path, capsys, speech_tree, flags, field):
     train_gru = pytest.importorskip("speech.train_gru")
     capsys.readouterr()
-    rc = run_main(train_gru.main, ["--out", str(tmp_path / "run"), "--data-dir", str(speech_tree),
-                                   "--epochs", "1", "--train.progress=false", "--device=cpu",
-                                   "--model.hidden=8", *flags])  # fmt: skip
+    rc = run_main(
+        train_gru.main,
+        [
+            "--out",
+            str(tmp_path / "run"),
+            "--data-dir",
+            str(speech_tree),
+            "--epochs",
+            "1",
+            "--train.progress=false",
+            "--device=cpu",
+            "--model.hidden=8",
+            *flags,
+        ],
+    )
     assert_one_line(rc, capsys.readouterr().err, 2, field)

@@ -46,9 +46,15 @@ def test_report_writes_applicable_figures_and_table(mixed_runs, tmp_path, capsys
     out = tmp_path / "report"
     assert report.main([str(mixed_runs / "v_str"), str(mixed_runs), "--out", str(out)]) == 0
     top = {p.name for p in out.glob("*.png")}
-    assert top == {"vision_budget.png", "vision_training.png", "vision_sparsity_accuracy.png",
-                   "vision_macs_accuracy.png", "speech_budget.png", "speech_training.png",
-                   "speech_rank_accuracy.png"}  # fmt: skip
+    assert top == {
+        "vision_budget.png",
+        "vision_training.png",
+        "vision_sparsity_accuracy.png",
+        "vision_macs_accuracy.png",
+        "speech_budget.png",
+        "speech_training.png",
+        "speech_rank_accuracy.png",
+    }
     assert not list((out / "runs" / "v_str").glob("spectra.png"))  # no spectra for vision
     assert (out / "runs" / "s_str" / "spectra.png").is_file()
     assert (out / "runs" / "s_str" / "ranks.png").is_file()
@@ -72,12 +78,19 @@ def test_report_only_vision_and_errors(mixed_runs, tmp_path, capsys):
 
 
 def test_expand_grid_runs_and_seeds():
-    spec = {"base": {"epochs": 2}, "runs": [{"model.param": "full"}, {"model.param": "str"}],
-            "grid": {"train.threshold_decay": [1e-4, 3e-4], "train.lr": [0.1]}}  # fmt: skip
+    spec = {
+        "base": {"epochs": 2},
+        "runs": [{"model.param": "full"}, {"model.param": "str"}],
+        "grid": {"train.threshold_decay": [1e-4, 3e-4], "train.lr": [0.1]},
+    }
     runs = sweep.expand(spec, seeds=[0, 1])
     assert len(runs) == 2 * 2 * 1 * 2
-    assert runs[0].overrides == {"model.param": "full", "train.threshold_decay": 1e-4,
-                                 "train.lr": 0.1, "seed": 0}  # fmt: skip
+    assert runs[0].overrides == {
+        "model.param": "full",
+        "train.threshold_decay": 1e-4,
+        "train.lr": 0.1,
+        "seed": 0,
+    }
     assert runs[0].name == "param=full__threshold_decay=0.0001__lr=0.1__seed=0"
     assert len({r.name for r in runs}) == len(runs)
     assert [r.name for r in sweep.expand(spec, [0, 1])] == [r.name for r in runs]  # stable
@@ -162,8 +175,10 @@ def test_sweep_placeholders_references_and_points(tmp_path):
     spec = {"runs": [{"tag": "full"}, {"tag": "svd", "model.init_from": ref}]}
     grid, command = _grid(tmp_path, spec)
     out = tmp_path / "sweep"
-    assert sweep.main(["--grid", grid, "--out", str(out), "--command", command,
-                       "--seeds", "0", "1"]) == 0  # fmt: skip
+    assert (
+        sweep.main(["--grid", grid, "--out", str(out), "--command", command, "--seeds", "0", "1"])
+        == 0
+    )
     results = pd.read_csv(out / "results.csv")
     assert list(results["point"]) == ["tag=full"] * 2 + [results["point"][2]] * 2
     log = (out / results["run"][3] / "train.log").read_text()

@@ -30,8 +30,12 @@ def test_full_rank_equals_torch_outputs_and_gradients(cell):
     torch.testing.assert_close(h, h_ref[0], atol=0, rtol=0)
     (out_ref.square().sum()).backward()
     (out.square().sum()).backward()
-    pairs = [(layer.W.weight, ref.weight_ih_l0), (layer.U.weight, ref.weight_hh_l0),
-             (layer.bias_ih, ref.bias_ih_l0), (layer.bias_hh, ref.bias_hh_l0)]  # fmt: skip
+    pairs = [
+        (layer.W.weight, ref.weight_ih_l0),
+        (layer.U.weight, ref.weight_hh_l0),
+        (layer.bias_ih, ref.bias_ih_l0),
+        (layer.bias_hh, ref.bias_hh_l0),
+    ]
     for mine, theirs in pairs:
         torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-6, rtol=1e-5)
 
@@ -41,8 +45,9 @@ def _vf_recurrence(cell, x, weights, state):
     if cell == "gru":
         out, h_n = torch._VF.gru(x, state[None], weights, True, 1, 0.0, True, False, True)
         return out, h_n[0]
-    out, h_n, c_n = torch._VF.lstm(x, (state[0][None], state[1][None]), weights, True, 1, 0.0,
-                                   True, False, True)  # fmt: skip
+    out, h_n, c_n = torch._VF.lstm(
+        x, (state[0][None], state[1][None]), weights, True, 1, 0.0, True, False, True
+    )
     return out, (h_n[0], c_n[0])
 
 
@@ -54,8 +59,12 @@ def test_functional_call_recurrence_equals_vf_outputs_and_gradients(cell):
     state = torch.randn(3, 8) if cell == "gru" else (torch.randn(3, 8), torch.randn(3, 8))
     params = list(layer.parameters())
     results = []
-    for run in (lambda: layer(x, state), lambda: _vf_recurrence(
-            cell, x, [*layer.stacked_weights(), layer.bias_ih, layer.bias_hh], state)):  # fmt: skip
+    for run in (
+        lambda: layer(x, state),
+        lambda: _vf_recurrence(
+            cell, x, [*layer.stacked_weights(), layer.bias_ih, layer.bias_hh], state
+        ),
+    ):
         out, final = run()
         h = final if cell == "gru" else final[0]
         results.append((out, h, torch.autograd.grad(out.square().sum() + h.sum(), params)))
@@ -219,8 +228,16 @@ def test_per_gate_ranks_budget_export_and_spectra():
 @pytest.mark.parametrize("cell,param", [("gru", "lowrank"), ("lstm", "str"), ("gru", "full")])
 def test_per_gate_two_layer_keyword_spotter(cell, param):
     torch.manual_seed(0)
-    cfg = SpeechModelConfig(cell=cell, param=param, hidden=8, layers=2, rank_w=3, rank_u=4,
-                            s_init=-0.8, split="per_gate")  # fmt: skip
+    cfg = SpeechModelConfig(
+        cell=cell,
+        param=param,
+        hidden=8,
+        layers=2,
+        rank_w=3,
+        rank_u=4,
+        s_init=-0.8,
+        split="per_gate",
+    )
     model = build_model(cfg, input_size=5, num_classes=4).eval()
     x = torch.randn(2, 9, 5)
     compact = model.export()
@@ -232,8 +249,9 @@ def test_per_gate_two_layer_keyword_spotter(cell, param):
         assert model.ranks()[0] == (3,) * g + (4,) * g  # U_g [8, 8] at rank 4: 64 either way
         assert recurrent_params(model) == g * (3 * (8 + 5) + 64) + g * (3 * (8 + 8) + 64)
     with pytest.raises(ValueError, match="model.rank_u: 9 is above the full rank 8"):
-        build_model(SpeechModelConfig(param="lowrank", hidden=8, rank_w=3, rank_u=9,
-                                      split="per_gate"), 5, 4)  # fmt: skip
+        build_model(
+            SpeechModelConfig(param="lowrank", hidden=8, rank_w=3, rank_u=9, split="per_gate"), 5, 4
+        )
 
 
 # ------------------------------------------------------------------------------ init from
@@ -259,15 +277,29 @@ def test_init_from_full_and_full_rank_lowrank_equal_the_source(tmp_path, cell):
     source_cfg = SpeechModelConfig(cell=cell, param="full", hidden=6, layers=2)
     source, path = _checkpoint(tmp_path, source_cfg, inputs=6)
     x = torch.randn(2, 9, 6)
-    for param, split in (("full", "stacked"), ("lowrank", "stacked"), ("lowrank", "per_gate"),
-                         ("str", "per_gate")):  # fmt: skip
-        cfg = SpeechModelConfig(cell=cell, param=param, hidden=6, layers=2, rank_w=6, rank_u=6,
-                                s_init=-100.0, split=split, init_from=str(path))  # fmt: skip
+    for param, split in (
+        ("full", "stacked"),
+        ("lowrank", "stacked"),
+        ("lowrank", "per_gate"),
+        ("str", "per_gate"),
+    ):
+        cfg = SpeechModelConfig(
+            cell=cell,
+            param=param,
+            hidden=6,
+            layers=2,
+            rank_w=6,
+            rank_u=6,
+            s_init=-100.0,
+            split=split,
+            init_from=str(path),
+        )
         model = build_model(cfg, input_size=6, num_classes=4).eval()
         init_from_checkpoint(model, path)
         exact = param == "full"
-        torch.testing.assert_close(model(x), source(x), atol=0 if exact else 1e-5,
-                                   rtol=0 if exact else 1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            model(x), source(x), atol=0 if exact else 1e-5, rtol=0 if exact else 1e-4
+        )
 
 
 def test_init_from_lowrank_is_the_truncated_svd(tmp_path):
@@ -321,8 +353,13 @@ def _direct_state(cfg: SpeechModelConfig, inputs: int, classes: int) -> tuple[di
             names = [side] if stacked else [f"{side}_{g}" for g in gates]
             for name, block in zip(names, [dense] if stacked else dense.chunk(len(gates))):
                 if cfg.param == "str":
-                    m = STRMatrix(*block.shape, s_init=cfg.s_init, init=block,
-                                  threshold_scale=cfg.threshold_scale, s_bias=cfg.s_bias)
+                    m = STRMatrix(
+                        *block.shape,
+                        s_init=cfg.s_init,
+                        init=block,
+                        threshold_scale=cfg.threshold_scale,
+                        s_bias=cfg.s_bias,
+                    )
                 elif cfg.param == "lowrank":
                     init = "randn" if cfg.lowrank_init == "randn" else block
                     m = LowRankMatrix(*block.shape, rank, init=init)
@@ -341,12 +378,14 @@ SPEC_CASES = {
     "default": {},
     "per_gate": dict(split="per_gate"),
     "lstm": dict(cell="lstm"),
-    "lowrank_randn_per_gate_2_layers": dict(param="lowrank", lowrank_init="randn", layers=2,
-                                            split="per_gate", rank_w=3, rank_u=5),
+    "lowrank_randn_per_gate_2_layers": dict(
+        param="lowrank", lowrank_init="randn", layers=2, split="per_gate", rank_w=3, rank_u=5
+    ),
     "lowrank_svd": dict(param="lowrank", rank_w=4, rank_u=6),
-    "str_rms_lstm_per_gate": dict(cell="lstm", split="per_gate", threshold_scale="rms",
-                                  s_init=-0.5, s_bias=0.25),
-}  # fmt: skip
+    "str_rms_lstm_per_gate": dict(
+        cell="lstm", split="per_gate", threshold_scale="rms", s_init=-0.5, s_bias=0.25
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(SPEC_CASES))
@@ -371,12 +410,19 @@ def test_keyword_spotter_equals_direct_construction(case):
     h = x
     with torch.no_grad():
         for i in range(cfg.layers):
-            w, u = (torch.cat([m() for n, m in mats.items() if n.startswith(f"rnns.{i}.{side}")])
-                    for side in "WU")  # fmt: skip
+            w, u = (
+                torch.cat([m() for n, m in mats.items() if n.startswith(f"rnns.{i}.{side}")])
+                for side in "WU"
+            )
             rnn = TORCH[cfg.cell](h.shape[2], cfg.hidden, batch_first=True)
-            rnn.load_state_dict({"weight_ih_l0": w, "weight_hh_l0": u,
-                                 "bias_ih_l0": state[f"rnns.{i}.bias_ih"],
-                                 "bias_hh_l0": state[f"rnns.{i}.bias_hh"]})  # fmt: skip
+            rnn.load_state_dict(
+                {
+                    "weight_ih_l0": w,
+                    "weight_hh_l0": u,
+                    "bias_ih_l0": state[f"rnns.{i}.bias_ih"],
+                    "bias_hh_l0": state[f"rnns.{i}.bias_hh"],
+                }
+            )
             h = rnn(h)[0]
         expected = h.mean(dim=1) @ state["classifier.weight"].T + state["classifier.bias"]
         torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)

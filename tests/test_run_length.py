@@ -32,8 +32,15 @@ def final_sparsity(n: int, epochs: int, clock: dict, tmp_path) -> float:
     seed_everything(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
     apply_soft_threshold(model, s_init=-8.0)
-    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=0.5, weight_decay=5e-3,
-                      threshold_decay=0.05, progress=False, **clock)  # fmt: skip
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=32,
+        lr=0.5,
+        weight_decay=5e-3,
+        threshold_decay=0.05,
+        progress=False,
+        **clock,
+    )
     task = Task(model=model, train_set=clusters(n, 0), val_set=clusters(128, 1))
     return Trainer(task, cfg, tmp_path / f"{n}_{epochs}_{len(clock)}", DistInfo()).fit()["sparsity"]
 
@@ -63,15 +70,19 @@ def test_role_lrs_give_eta_over_the_run_length():
     assert role_lrs(per_step, 100) == {"threshold": 1.0}
     # the run's clock does not need train.lr (absolute, not stored as a multiplier)
     assert role_lrs(TrainConfig(lr=0.0, role_lr_per_run={"threshold": 60.0}), 600) == {
-        "threshold": pytest.approx(0.1)}
+        "threshold": pytest.approx(0.1)
+    }
 
 
 def test_the_old_per_step_clock_is_one_override_away():
     from speech.config import SpeechConfig
     from strlowrank.cli import parse_config
 
-    cfg, _ = parse_config(SpeechConfig, "", ["--train.role_lr_per_run", "{threshold: null}",
-                                             "--train.role_lr", "{threshold: 0.1}"])  # fmt: skip
+    cfg, _ = parse_config(
+        SpeechConfig,
+        "",
+        ["--train.role_lr_per_run", "{threshold: null}", "--train.role_lr", "{threshold: 0.1}"],
+    )
     lrs = role_lrs(cfg.train, 1700)
     assert lrs["threshold"] == 0.1 and lrs["spectrum"] == 30.0
 
@@ -79,10 +90,15 @@ def test_the_old_per_step_clock_is_one_override_away():
 def test_trainer_threshold_group_uses_the_run_clock(tmp_path):
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
     apply_soft_threshold(model, s_init=-8.0)
-    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.5, progress=False,
-                      role_lr_per_run={"threshold": 12.0})  # fmt: skip
-    trainer = Trainer(Task(model=model, train_set=clusters(320, 0), val_set=clusters(64, 1)),
-                      cfg, tmp_path, DistInfo())  # fmt: skip
+    cfg = TrainConfig(
+        epochs=3, batch_size=32, lr=0.5, progress=False, role_lr_per_run={"threshold": 12.0}
+    )
+    trainer = Trainer(
+        Task(model=model, train_set=clusters(320, 0), val_set=clusters(64, 1)),
+        cfg,
+        tmp_path,
+        DistInfo(),
+    )
     group = next(g for g in trainer.optimizer.param_groups if g["role"] == "threshold")
     assert trainer.steps_per_epoch == 10
     assert group["initial_lr"] == pytest.approx(12.0 / 30)
@@ -94,10 +110,21 @@ def table(rows: list[dict]) -> pd.DataFrame:
 
 def test_warnings_name_the_failure_and_the_remedy():
     cfg = TrainConfig(threshold_decay=0.008, spectrum_decay=3e-4)
-    conv = {"name": "conv", "param": "str", "numel": 1000, "rank": float("nan"),
-            "full_rank": float("nan")}  # fmt: skip
-    dense = {"name": "conv", "param": "dense", "numel": 1000, "nnz": 1000, "rank": float("nan"),
-             "full_rank": float("nan")}  # fmt: skip
+    conv = {
+        "name": "conv",
+        "param": "str",
+        "numel": 1000,
+        "rank": float("nan"),
+        "full_rank": float("nan"),
+    }
+    dense = {
+        "name": "conv",
+        "param": "dense",
+        "numel": 1000,
+        "nnz": 1000,
+        "rank": float("nan"),
+        "full_rank": float("nan"),
+    }
     nothing = budget_warnings(table([{**conv, "nnz": 965}]), 0.9, 10, cfg, 110)
     assert len(nothing) == 1 and "3.5% sparsity after 110" in nothing[0]
     assert "--target-sparsity" in nothing[0] and "0.008" in nothing[0]
@@ -105,10 +132,24 @@ def test_warnings_name_the_failure_and_the_remedy():
     assert budget_warnings(table([dense]), 0.1, 10, cfg, 110) == []  # no STR: nothing to say
     collapsed = budget_warnings(table([{**conv, "nnz": 5}]), 0.15, 10, cfg, 110)
     assert len(collapsed) == 1 and "below twice chance (20.0%)" in collapsed[0]
-    mats = [{"name": "rnns.0.W", "param": "str", "numel": 4096, "nnz": 4096, "rank": 25,
-             "full_rank": 32},
-            {"name": "rnns.0.U", "param": "str", "numel": 49152, "nnz": 49152, "rank": 114,
-             "full_rank": 128}]  # fmt: skip
+    mats = [
+        {
+            "name": "rnns.0.W",
+            "param": "str",
+            "numel": 4096,
+            "nnz": 4096,
+            "rank": 25,
+            "full_rank": 32,
+        },
+        {
+            "name": "rnns.0.U",
+            "param": "str",
+            "numel": 49152,
+            "nnz": 49152,
+            "rank": 114,
+            "full_rank": 128,
+        },
+    ]
     ranks = budget_warnings(table(mats), 0.9, 12, cfg, 225)
     assert len(ranks) == 1 and "W 25/32, U 114/128" in ranks[0] and "--target-params" in ranks[0]
     mats[1]["rank"] = 60
@@ -120,8 +161,9 @@ def test_bn_recalibration_gives_the_exact_mean_over_the_batches(tmp_path):
     model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
     data = clusters(128, 0)
     cfg = TrainConfig(epochs=1, batch_size=32, progress=False, bn_recalibration=4)
-    trainer = Trainer(Task(model=model, train_set=data, val_set=clusters(64, 1)), cfg, tmp_path,
-                      DistInfo())  # fmt: skip
+    trainer = Trainer(
+        Task(model=model, train_set=data, val_set=clusters(64, 1)), cfg, tmp_path, DistInfo()
+    )
     norm = model[1]
     norm.running_mean.fill_(5.0)  # stale statistics, as after weights moved under them
     assert trainer.recalibrate_norms(cfg.bn_recalibration)
@@ -163,13 +205,20 @@ def lrs_after(trainer: Trainer, steps: int) -> dict[str, float]:
     return {g["role"]: g["lr"] for g in trainer.optimizer.param_groups}
 
 
-@pytest.mark.parametrize("track,peaks,warm,total", [
-    # speech: Adam 3e-3; singular values role_lr 30; thresholds 170 per run / 1,700 steps
-    ("speech", {"norm_bias": 3e-3, "factor": 3e-3, "weight": 3e-3, "spectrum": 30.0,
-                "threshold": 0.1}, 85, 1700),
-    # vision: SGD 0.1; thresholds 60 per run / 600 steps
-    ("vision", {"weight": 0.1, "norm_bias": 0.1, "threshold": 0.1}, 40, 600),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "track,peaks,warm,total",
+    [
+        # speech: Adam 3e-3; singular values role_lr 30; thresholds 170 per run / 1,700 steps
+        (
+            "speech",
+            {"norm_bias": 3e-3, "factor": 3e-3, "weight": 3e-3, "spectrum": 30.0, "threshold": 0.1},
+            85,
+            1700,
+        ),
+        # vision: SGD 0.1; thresholds 60 per run / 600 steps
+        ("vision", {"weight": 0.1, "norm_bias": 0.1, "threshold": 0.1}, 40, 600),
+    ],
+)
 def test_default_role_lrs_are_the_absolute_values(track, peaks, warm, total, tmp_path):
     import math
 
@@ -182,4 +231,5 @@ def test_default_role_lrs_are_the_absolute_values(track, peaks, warm, total, tmp
     moved = default_trainer(track, tmp_path / "moved", {"train.lr": 0.05})
     own = {"spectrum", "threshold"}
     assert {g["role"]: g["initial_lr"] for g in moved.optimizer.param_groups} == {
-        r: (lr if r in own else 0.05) for r, lr in peaks.items()}
+        r: (lr if r in own else 0.05) for r, lr in peaks.items()
+    }

@@ -196,9 +196,13 @@ def test_synth_tiny_tree(tmp_path: Path) -> None:
     from speech.synth import MARKER, SynthConfig, generate_dataset, is_complete
 
     cfg = SynthConfig(
-        n_speakers=3, keywords_per_speaker=3, others_per_speaker=1, repeat_prob=0.0,
-        noise_seconds=2.0, workers=2,
-    )  # fmt: skip
+        n_speakers=3,
+        keywords_per_speaker=3,
+        others_per_speaker=1,
+        repeat_prob=0.0,
+        noise_seconds=2.0,
+        workers=2,
+    )
     root = generate_dataset(tmp_path / "synth", cfg, progress=False)
     clips = sorted(root.glob("*/*_nohash_*.wav"))
     assert len(clips) == 12
@@ -241,8 +245,9 @@ def _file_hashes(root: Path) -> dict[str, str]:
 
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER
-    }  # fmt: skip
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
 
 
 def test_synth_tree_is_byte_reproducible(tmp_path: Path) -> None:
@@ -252,10 +257,17 @@ def test_synth_tree_is_byte_reproducible(tmp_path: Path) -> None:
     from speech.synth import SynthConfig, generate_dataset
 
     cfg = dict(
-        n_speakers=4, keywords_per_speaker=2, others_per_speaker=1, repeat_prob=0.3,
-        noise_mix=(0.2, 0.6, 0.2), noise_prob=0.5, reverb_prob=0.5, bandlimit_prob=0.5,
-        variant_prob=0.5, noise_seconds=1.0,
-    )  # fmt: skip
+        n_speakers=4,
+        keywords_per_speaker=2,
+        others_per_speaker=1,
+        repeat_prob=0.3,
+        noise_mix=(0.2, 0.6, 0.2),
+        noise_prob=0.5,
+        reverb_prob=0.5,
+        bandlimit_prob=0.5,
+        variant_prob=0.5,
+        noise_seconds=1.0,
+    )
     hashes = [
         _file_hashes(generate_dataset(tmp_path / f"t{i}", SynthConfig(**cfg, workers=w), False))
         for i, w in enumerate((2, 1, 1))

@@ -14,8 +14,14 @@ from strlowrank.analysis import frontier_points
 from strlowrank.checkpoint import load_checkpoint
 from strlowrank.config import load_config, to_dict
 
-FAST = ["--epochs", "1", "--train.progress=false", "--model.hidden=16", "--device=cpu",
-        "--data.silence_fraction=0.5"]
+FAST = [
+    "--epochs",
+    "1",
+    "--train.progress=false",
+    "--model.hidden=16",
+    "--device=cpu",
+    "--data.silence_fraction=0.5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +32,18 @@ def tiny_tree(tmp_path_factory):
 @pytest.mark.parametrize("param", ["str", "lowrank", "full"])
 def test_one_epoch_run_folder(tmp_path, tiny_tree, param):
     out = tmp_path / param
-    main(["--out", str(out), "--data-dir", str(tiny_tree), *FAST, f"--model.param={param}",
-          "--model.rank_w=4", "--model.rank_u=4"])
+    main(
+        [
+            "--out",
+            str(out),
+            "--data-dir",
+            str(tiny_tree),
+            *FAST,
+            f"--model.param={param}",
+            "--model.rank_w=4",
+            "--model.rank_u=4",
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["track"] == "speech" and summary["method"] == param
     assert {"test_acc", "val_acc", "params", "ranks"} <= set(summary)
@@ -56,7 +72,8 @@ def test_checkpoint_exports_to_equal_compact_model(tmp_path, tiny_tree):
     with torch.no_grad():
         torch.testing.assert_close(compact(x), model(x), rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in compact.rnns.parameters()) <= sum(
-        p.numel() for p in model.rnns.parameters())
+        p.numel() for p in model.rnns.parameters()
+    )
 
 
 def test_resume_and_test_only(tmp_path, tiny_tree):
@@ -71,8 +88,19 @@ def test_resume_and_test_only(tmp_path, tiny_tree):
 
 def test_target_params_lands_within_five_percent(tmp_path, tiny_tree):
     out = tmp_path / "target"
-    main(["--out", str(out), "--data-dir", str(tiny_tree), *FAST, "--epochs", "2",
-          "--target-params", "1200"])  # fmt: skip
+    main(
+        [
+            "--out",
+            str(out),
+            "--data-dir",
+            str(tiny_tree),
+            *FAST,
+            "--epochs",
+            "2",
+            "--target-params",
+            "1200",
+        ]
+    )
     budget = pd.read_csv(out / "budget.csv").set_index("name")
     assert budget.loc["total", "numel"] > 2 * 1200  # the request is well below the model
     assert abs(budget.loc["total", "nnz"] - 1200) / 1200 < 0.05
@@ -84,8 +112,18 @@ def test_target_params_lands_within_five_percent(tmp_path, tiny_tree):
 
 def test_per_gate_two_layer_lstm_reports_every_rank(tmp_path, tiny_tree):
     out = tmp_path / "lstm"
-    main(["--out", str(out), "--data-dir", str(tiny_tree), *FAST, "--model.cell=lstm",
-          "--model.layers=2", "--model.split=per_gate"])  # fmt: skip
+    main(
+        [
+            "--out",
+            str(out),
+            "--data-dir",
+            str(tiny_tree),
+            *FAST,
+            "--model.cell=lstm",
+            "--model.layers=2",
+            "--model.split=per_gate",
+        ]
+    )
     names = [f"rnns.{layer}.{side}_{gate}" for layer in (0, 1) for side in "WU" for gate in "ifgo"]
     budget = pd.read_csv(out / "budget.csv")
     assert list(budget["name"][budget["rank"].notna()]) == names
@@ -131,17 +169,25 @@ def test_reduced_frontier_protocol(tmp_path, tiny_tree, monkeypatch):
     grid = tmp_path / "frontier.yaml"
     grid.write_text(FRONTIER_GRID.replace("TREE", str(tiny_tree)))
     out = tmp_path / "sweep"
-    assert sweep.main(["--track", "speech", "--grid", str(grid), "--out", str(out),
-                       "--seeds", "0"]) == 0  # fmt: skip
+    assert (
+        sweep.main(["--track", "speech", "--grid", str(grid), "--out", str(out), "--seeds", "0"])
+        == 0
+    )
     results = pd.read_csv(out / "results.csv")
     assert len(results) == 8 and set(results["status"]) == {"ok"}
     full_ckpt = str(out / "tag=full__param=full__seed=0" / "checkpoint.pt")
     assert (results["init_from"] == full_ckpt).sum() == 2
     assert len(pd.read_csv(out / "points.csv")) == 8
     frontier = frontier_points(results).set_index(["method", "budget"])
-    assert sorted(frontier.index) == [("full", "full"), ("lowrank", "b1"), ("lowrank", "b2"),
-                                      ("str", "b1"), ("str", "b2"), ("svd-lowrank", "b1"),
-                                      ("svd-str", "b2")]  # fmt: skip
+    assert sorted(frontier.index) == [
+        ("full", "full"),
+        ("lowrank", "b1"),
+        ("lowrank", "b2"),
+        ("str", "b1"),
+        ("str", "b2"),
+        ("svd-lowrank", "b1"),
+        ("svd-str", "b2"),
+    ]
     assert frontier.loc[("lowrank", "b1"), "split"] in ("3/8", "5/6")
     assert frontier.loc[("lowrank", "b1"), "splits"].count(":") == 2  # both splits reported
     assert frontier.loc[("svd-lowrank", "b1"), "params"] == 5 * (48 + 32) + 6 * (48 + 16)

@@ -15,8 +15,15 @@ from PIL import Image
 from vision.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--epochs", "1", "--train.progress=false", "--train.batch_size=16", "--data.image_size=16",
-        "--data.name=imagefolder", "--data.augment=false"]
+FAST = [
+    "--epochs",
+    "1",
+    "--train.progress=false",
+    "--train.batch_size=16",
+    "--data.image_size=16",
+    "--data.name=imagefolder",
+    "--data.augment=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +60,27 @@ def test_str_run_folder(tmp_path, tiny_tree):
     "method,scope", [("gmp", "global"), ("gmp", "layer"), ("uniform", "layer")]
 )
 def test_magnitude_baselines_hit_final_sparsity(tmp_path, tiny_tree, method, scope):
-    summary = run(tmp_path, tiny_tree, f"--method.name={method}", f"--method.gmp_scope={scope}",
-                  "--method.final_sparsity=0.8", "--method.update_every=1")
+    summary = run(
+        tmp_path,
+        tiny_tree,
+        f"--method.name={method}",
+        f"--method.gmp_scope={scope}",
+        "--method.final_sparsity=0.8",
+        "--method.update_every=1",
+    )
     assert summary["sparsity"] == pytest.approx(0.8, abs=0.005)
 
 
 def test_budget_transfer_reproduces_densities(tmp_path, tiny_tree):
     run(tmp_path / "a", tiny_tree, "--method.s_init=-2.0")
     source = pd.read_csv(tmp_path / "a" / "run" / "budget.csv").set_index("name")
-    run(tmp_path / "b", tiny_tree, "--method.name=transfer", "--method.update_every=1",
-        f"--method.budget={tmp_path / 'a' / 'run' / 'budget.csv'}")
+    run(
+        tmp_path / "b",
+        tiny_tree,
+        "--method.name=transfer",
+        "--method.update_every=1",
+        f"--method.budget={tmp_path / 'a' / 'run' / 'budget.csv'}",
+    )
     target = pd.read_csv(tmp_path / "b" / "run" / "budget.csv").set_index("name")
     for name in source.index.drop("total"):
         assert target.loc[name, "nnz"] == pytest.approx(source.loc[name, "nnz"], abs=1), name
@@ -80,14 +98,29 @@ def test_dense_and_resume_and_test_only(tmp_path, tiny_tree):
 
 def test_bad_inputs_give_one_line(tmp_path, tiny_tree):
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    cases = [(["--data-dir", str(tmp_path / "nope")], "does not exist"),
-             (["--train.lr", "fast"], "train.lr: expected float"),
-             (["--method.final_sparsity", "1.5"], "method.final_sparsity: must be <= 0.999"),
-             (["--method.name", "transfer"], "needs an STR run's budget.csv")]
+    cases = [
+        (["--data-dir", str(tmp_path / "nope")], "does not exist"),
+        (["--train.lr", "fast"], "train.lr: expected float"),
+        (["--method.final_sparsity", "1.5"], "method.final_sparsity: must be <= 0.999"),
+        (["--method.name", "transfer"], "needs an STR run's budget.csv"),
+    ]
     for extra, message in cases:
-        proc = subprocess.run([sys.executable, "vision/train.py", "--out", str(tmp_path / "bad"),
-                               *FAST, "--data-dir", str(tiny_tree), *extra], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "vision/train.py",
+                "--out",
+                str(tmp_path / "bad"),
+                *FAST,
+                "--data-dir",
+                str(tiny_tree),
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -99,10 +132,21 @@ def test_ddp_two_processes_agree(tmp_path, tiny_tree):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={port}",
-           "vision/train.py", "--out", str(out), "--data-dir", str(tiny_tree), *FAST,
-           "--device=cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "vision/train.py",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(tiny_tree),
+        *FAST,
+        "--device=cpu",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -16,11 +16,15 @@ METHODS = ("dense", "str", "gmp", "uniform", "transfer")
 
 @dataclass
 class VisionDataConfig:
-    name: str = option("fashion_mnist", "fashion_mnist | imagenet | cifar10 | imagefolder",
-                       choices=("fashion_mnist", "imagenet", "cifar10", "imagefolder"))  # fmt: skip
+    name: str = option(
+        "fashion_mnist",
+        "fashion_mnist | imagenet | cifar10 | imagefolder",
+        choices=("fashion_mnist", "imagenet", "cifar10", "imagefolder"),
+    )
     root: str | None = option(None, "dataset root (default: the shipped Fashion-MNIST subset)")
     image_size: int | None = option(
-        None, "input side in pixels (default: 28 Fashion-MNIST, 32 CIFAR, 224 others)", min=8)
+        None, "input side in pixels (default: 28 Fashion-MNIST, 32 CIFAR, 224 others)", min=8
+    )
     augment: bool = option(True, "crop + flip training augmentation (small-image datasets)")
     skip_bad_images: bool = option(False, "drop unreadable images (with a count), don't fail")
 
@@ -37,16 +41,19 @@ class MethodConfig:
 
     name: str = option("str", "dense | str | gmp | uniform | transfer", choices=METHODS)
     s_init: float = option(-10.0, "STR: initial threshold parameter; g(s_init) is the threshold")
-    granularity: str = option("layer", "STR threshold: layer | channel | global",
-                              choices=("layer", "channel", "global"))  # fmt: skip
+    granularity: str = option(
+        "layer", "STR threshold: layer | channel | global", choices=("layer", "channel", "global")
+    )
     keep_first_dense: bool = option(False, "leave the stem conv unsparsified")
     keep_last_dense: bool = option(False, "leave the classifier unsparsified")
     final_sparsity: float = option(0.9, "gmp/uniform: final overall sparsity", min=0.0, max=0.999)
-    gmp_scope: str = option("global", "gmp: global | layer magnitude ranking",
-                            choices=("global", "layer"))  # fmt: skip
+    gmp_scope: str = option(
+        "global", "gmp: global | layer magnitude ranking", choices=("global", "layer")
+    )
     start_epoch: float = option(0.0, "gmp/uniform/transfer: epoch where pruning starts", min=0.0)
-    end_epoch: float | None = option(None, "... and where it ends (default 75% of training)",
-                                     min=0.0)  # fmt: skip
+    end_epoch: float | None = option(
+        None, "... and where it ends (default 75% of training)", min=0.0
+    )
     update_every: int = option(20, "gmp/uniform/transfer: steps between mask updates", min=1)
     budget: str | None = option(None, "transfer: budget.csv of an STR run (per-layer densities)")
 
@@ -58,12 +65,22 @@ class VisionConfig:
     model: VisionModelConfig = option(factory=VisionModelConfig)
     method: MethodConfig = option(factory=MethodConfig)
     controller: ControllerConfig = option(factory=ControllerConfig)
-    train: TrainConfig = option(factory=lambda: TrainConfig(
-        epochs=15, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-        threshold_decay=0.008, warmup_epochs=1.0, label_smoothing=0.1,
-        # the thresholds move on the run's clock: 60 = 0.1 per step x the default's 600 steps,
-        # so a run of any length makes the same threshold trajectory (docs/METHOD.md)
-        role_lr_per_run={"threshold": 60.0},
-        # BN statistics re-estimated over 50 batches at the end: on short runs the thresholds
-        # move faster than BN's running averages follow (docs/METHOD.md)
-        bn_recalibration=50))  # fmt: skip
+    train: TrainConfig = option(
+        factory=lambda: TrainConfig(
+            epochs=15,
+            batch_size=128,
+            optimizer="sgd",
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=5e-4,
+            threshold_decay=0.008,
+            warmup_epochs=1.0,
+            label_smoothing=0.1,
+            # the thresholds move on the run's clock: 60 = 0.1 per step x the default's 600 steps,
+            # so a run of any length makes the same threshold trajectory (docs/METHOD.md)
+            role_lr_per_run={"threshold": 60.0},
+            # BN statistics re-estimated over 50 batches at the end: on short runs the thresholds
+            # move faster than BN's running averages follow (docs/METHOD.md)
+            bn_recalibration=50,
+        )
+    )

@@ -335,8 +335,14 @@ def build_datasets(
     return train, val, len(train.classes), 1 if mode == "L" else 3
 
 
-def write_toy_tree(root: str | Path, classes: int = 3, train_per_class: int = 12,
-                   val_per_class: int = 4, size: int = 16, seed: int = 0) -> Path:  # fmt: skip
+def write_toy_tree(
+    root: str | Path,
+    classes: int = 3,
+    train_per_class: int = 12,
+    val_per_class: int = 4,
+    size: int = 16,
+    seed: int = 0,
+) -> Path:
     """A tiny ImageFolder tree of random RGB PNGs whose brightness encodes the class.
 
     For smoke tests and the notebooks' tiny mode (seconds, not minutes). Existing trees are kept;

@@ -22,9 +22,20 @@ from torchvision.models.resnet import BasicBlock
 
 # MobileNetV1 body: (output channels, stride) of the 13 depthwise-separable blocks.
 _MOBILENET_V1_BLOCKS = (
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
-    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
-)  # fmt: skip
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 2),
+    (1024, 1),
+)
 
 
 def init_weights(model: nn.Module) -> nn.Module:

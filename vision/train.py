@@ -46,8 +46,11 @@ def sparsify(model: torch.nn.Module, cfg: VisionConfig) -> list:
         own = {n for n, _, _ in pruning.masked_modules(model)}
         if not own & set(densities):
             raise ValueError(f"{m.budget}: no layer name matches this model ({cfg.model.name})")
-        return [pruning.GMPCallback(densities={k: v for k, v in densities.items() if k in own},
-                                    mode="layer", **common)]  # fmt: skip
+        return [
+            pruning.GMPCallback(
+                densities={k: v for k, v in densities.items() if k in own}, mode="layer", **common
+            )
+        ]
     mode = m.gmp_scope if m.name == "gmp" else "layer"
     return [pruning.GMPCallback(final_density=1.0 - m.final_sparsity, mode=mode, **common)]
 
@@ -69,8 +72,14 @@ def build_task(cfg: VisionConfig, info: DistInfo) -> Task:
     def summarize(table) -> dict:
         return {"track": "vision", "method": cfg.method.name, "model": cfg.model.name}
 
-    return Task(model=model, train_set=train_set, val_set=val_set, example_input=example,
-                callbacks=callbacks, summarize=summarize)  # fmt: skip
+    return Task(
+        model=model,
+        train_set=train_set,
+        val_set=val_set,
+        example_input=example,
+        callbacks=callbacks,
+        summarize=summarize,
+    )
 
 
 def report(model: torch.nn.Module, out, summary: dict) -> None:

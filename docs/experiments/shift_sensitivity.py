@@ -48,8 +48,10 @@ def main(run: str, offsets: tuple[float, ...] = (-0.002, -0.0006, 0.0006, 0.002)
         for compensate in (False, True):
             m = copy.deepcopy(model)
             delta, y = shift_thresholds(m, sparsity_metric(), base + dy, compensate=compensate)
-            print(f"to {base + dy:.4f} compensate={compensate}: delta {delta:+.4f} "
-                  f"sparsity {y:.4f} val acc {accuracy(m):.3f}")  # fmt: skip
+            print(
+                f"to {base + dy:.4f} compensate={compensate}: delta {delta:+.4f} "
+                f"sparsity {y:.4f} val acc {accuracy(m):.3f}"
+            )
 
 
 if __name__ == "__main__":
