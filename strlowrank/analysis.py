@@ -354,7 +354,9 @@ def frontier_gaps(
 ) -> pd.DataFrame:
     """Each method's accuracy minus the baseline's at the same budget, paired by seed.
 
-    The baseline at a budget is the split :func:`frontier_points` keeps. For every other method
+    The baseline at a budget, and any other fixed-rank method there, is the split
+    :func:`frontier_points` keeps (e.g. ``baseline="svd-lowrank"`` compares the fine-tuned
+    methods with the truncated SVD at its chosen split). For every other method
     and budget (and seed s present in both) d_s = acc(method, s) - acc(baseline, s); the rows
     give mean, sd, n and the Student-t interval of d over the seeds (:func:`aggregate`). Pairing
     removes what a seed does to both runs (the same data order), so the interval is usually
@@ -363,10 +365,11 @@ def frontier_gaps(
     """
     t = frontier_runs(table)
     value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
-    chosen = frontier_points(table, value)
-    chosen = chosen[chosen["method"] == baseline].set_index("budget")["split"]
-    base = t[(t["method"] == baseline) & (t["split"] == t["budget"].map(chosen))]
-    base = base.set_index(["budget", "seed"])[value].rename("_base")
+    points = frontier_points(table, value)
+    kept = points.set_index(["method", "budget"])["split"]
+    t = t[[kept.get((m, b)) == s for m, b, s in zip(t["method"], t["budget"], t["split"])]]
+    chosen = points[points["method"] == baseline].set_index("budget")["split"]
+    base = t[t["method"] == baseline].set_index(["budget", "seed"])[value].rename("_base")
     rest = t[(t["method"] != baseline) & t["budget"].isin(chosen.index)]
     rest = rest.join(base, on=["budget", "seed"], how="inner")
     rest["gap"] = pd.to_numeric(rest[value]) - rest["_base"]

@@ -428,3 +428,6 @@ def test_frontier_split_chosen_by_validation_and_paired_gaps():
     assert gaps.loc["str", "ci"] == pytest.approx(half)
     unpaired = analysis.aggregate(table[table["method"] == "str"], ["method"], "test_acc")
     assert gaps.loc["str", "ci"] < unpaired["ci"].iloc[0]  # pairing removes the seed effect
+    reverse = analysis.frontier_gaps(table, baseline="str").set_index("method")
+    assert reverse.loc["lowrank", "n"] == 3  # only the kept split, not all six runs
+    assert reverse.loc["lowrank", "mean"] == pytest.approx(-d.mean())
