@@ -297,7 +297,8 @@ def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
     """The finished runs of a speech frontier sweep labelled with ``method``, ``budget`` and
     ``split``: a run's method is its ``method`` (full | lowrank | str), prefixed ``svd-`` when it
     started from a trained model (``init_from``); its budget is its ``tag``; a fixed-rank run's
-    split is its ranks 'r_1/r_2/...' in matrix order ('' for the other methods)."""
+    split is its ranks 'r_1/r_2/...' in matrix order ('' for the other methods); its ``layout``
+    is the model's matrix split (stacked | per_gate; stacked when not recorded)."""
     t = table
     if "status" in t:
         t = t[t["status"].isin(["ok", "done"])]
@@ -306,6 +307,7 @@ def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
     started = init.notna() & (init.astype(str) != "")
     t["method"] = t["method"].where(~started, "svd-" + t["method"].astype(str))
     t["budget"] = t["tag"].fillna("").astype(str) if "tag" in t else ""
+    t["layout"] = t["split"].fillna("stacked").astype(str) if "split" in t else "stacked"
     rank_cols = [c for c in t.columns if c.startswith("ranks.")]
 
     def split(row: pd.Series) -> str:
@@ -326,8 +328,8 @@ def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFra
     mean recurrent parameters). Per method and budget one split is kept: the one with the best
     mean validation accuracy when ``value`` is the test accuracy and val_acc is known (so the
     reported test mean is not the maximum of several noisy test means), else the best mean of
-    ``value``; ``splits`` lists every split tried with its mean ``value`` (the grid) and
-    ``select`` the column the split was chosen by.
+    ``value``; ``splits`` lists every split tried with its mean ``value`` (the grid),
+    ``select`` the column the split was chosen by and ``layout`` the matrix layout.
     """
     t = frontier_runs(table)
     value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
@@ -346,6 +348,8 @@ def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFra
     best = points.sort_values("_select", ascending=False, kind="stable")
     best = best.drop_duplicates(["method", "budget"]).join(grid, on=["method", "budget"])
     best = best.drop(columns="_select").assign(select=select)
+    layout = t.groupby(["method", "budget"], sort=False)["layout"].first()
+    best["layout"] = [layout.get((m, b), "stacked") for m, b in zip(best["method"], best["budget"])]
     return best.sort_values(["method", "params"], kind="stable").reset_index(drop=True)
 
 

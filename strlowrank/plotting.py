@@ -29,7 +29,7 @@ from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from strlowrank import analysis
 from strlowrank.analysis import Run, accuracy_column, layer_order
@@ -301,11 +301,17 @@ def plot_rank_accuracy(summary: pd.DataFrame, title: str = "Rank vs accuracy") -
 def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -> Figure:
     """Speech frontier: mean accuracy against mean recurrent parameters (K) per method and
     budget, with 95% t-intervals over seeds (``analysis.frontier_points`` rows); the full-rank
-    point as a star and a dashed reference; fixed-rank points labelled with their best split."""
+    point as a star and a dashed reference; fixed-rank points labelled with their best split.
+    Per-gate layouts (``layout`` per_gate) get their own dashed line with open markers. The x
+    axis is logarithmic (small budgets are where methods differ); the y axis starts 4 points
+    below the lowest mean, so a longer interval runs off the bottom."""
     fig, (ax,) = _figure(size=(7.2, 4.8))
-    for method, rows in points.groupby("method", sort=False):
+    if "layout" not in points:
+        points = points.assign(layout="stacked")
+    for (method, layout), rows in points.groupby(["method", "layout"], sort=False):
         rows = rows.sort_values("params")
         color, marker = method_color(str(method)), METHOD_MARKERS.get(str(method), "o")
+        per_gate = layout == "per_gate"
         ax.errorbar(
             rows["params"] / 1e3,
             rows["mean"],
@@ -313,8 +319,10 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
             color=color,
             marker=marker,
             capsize=3,
-            label=str(method),
+            label=f"{method}, per gate" if per_gate else str(method),
             markersize=9 if method == "full" else 6,
+            linestyle="--" if per_gate else "-",
+            markerfacecolor="white" if per_gate else color,
         )
         if method == "full":
             ax.axhline(rows["mean"].mean(), color=color, linestyle="--", linewidth=1, alpha=0.6)
@@ -328,7 +336,12 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
                 color=color,
             )
     _percent(ax.yaxis)
-    ax.set_xlabel("recurrent parameters (K, mean over seeds)")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    low, high = points["mean"].min(), (points["mean"] + points["ci"].fillna(0.0)).max()
+    ax.set_ylim(low - 0.04, min(high + 0.01, 1.0))
+    ax.set_xlabel("recurrent parameters (K, mean over seeds, log scale)")
     ax.set_ylabel("accuracy (mean, 95% interval over seeds)")
     ax.legend(title="method")
     ax.set_title(title)
