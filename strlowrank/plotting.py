@@ -394,6 +394,38 @@ def controller_metric(metrics: pd.DataFrame) -> str | None:
     return None
 
 
+def _decay_panel(ax: Axes, rows: pd.DataFrame, color: str) -> None:
+    """The controller's right panel: the steered decays (log) and the summed shift of s."""
+    what = {"threshold": "decay on the thresholds s", "spectrum": "decay on singular values"}
+    roles = [r for r in what if f"{r}_decay" in rows]
+    for role, marker in zip(roles, "os"):
+        ax.plot(
+            rows["epoch"],
+            rows[f"{role}_decay"],
+            color=color,
+            marker=marker,
+            markersize=3,
+            linestyle="-" if marker == "o" else "--",
+            label=what[role],
+        )
+    if roles:
+        ax.set_yscale("log")
+    ax.set_ylabel("steered weight decay")
+    if "threshold_shift" in rows:
+        twin = ax.twinx()
+        twin.step(
+            rows["epoch"],
+            rows["threshold_shift"],
+            where="post",
+            color="#d62728",
+            linewidth=1.2,
+            label="summed shift of s",
+        )
+        twin.set_ylabel("summed shift of s", color="#d62728")
+        lines = ax.get_lines() + twin.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+
+
 @styled
 def plot_controller(metrics: pd.DataFrame, title: str = "Budget controller") -> Figure:
     """One run's budget controller per epoch (metrics.csv rows): target vs achieved total in the
@@ -430,34 +462,7 @@ def plot_controller(metrics: pd.DataFrame, title: str = "Budget controller") -> 
         _percent(axes[0].yaxis)
     axes[0].set_ylabel(CONTROLLER_UNITS[metric])
     axes[0].legend(loc="best")
-    what = {"threshold": "decay on the thresholds s", "spectrum": "decay on singular values"}
-    roles = [r for r in what if f"{r}_decay" in rows]
-    for role, marker in zip(roles, "os"):
-        axes[1].plot(
-            rows["epoch"],
-            rows[f"{role}_decay"],
-            color=color,
-            marker=marker,
-            markersize=3,
-            linestyle="-" if marker == "o" else "--",
-            label=what[role],
-        )
-    if roles:
-        axes[1].set_yscale("log")
-    axes[1].set_ylabel("steered weight decay")
-    if "threshold_shift" in rows:
-        twin = axes[1].twinx()
-        twin.step(
-            rows["epoch"],
-            rows["threshold_shift"],
-            where="post",
-            color="#d62728",
-            linewidth=1.2,
-            label="summed shift of s",
-        )
-        twin.set_ylabel("summed shift of s", color="#d62728")
-        lines = axes[1].get_lines() + twin.get_lines()
-        axes[1].legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+    _decay_panel(axes[1], rows, color)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

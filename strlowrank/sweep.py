@@ -278,7 +278,8 @@ def write_points(table: pd.DataFrame, out: Path) -> Path | None:
     return out / "points.csv"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m strlowrank.sweep`` (the module docstring is its help)."""
     parser = argparse.ArgumentParser(
         prog="python -m strlowrank.sweep",
         description=__doc__,
@@ -335,6 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra sbatch option, e.g. account=proj (repeatable)",
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.track and not args.command:
         parser.error("give --track speech|vision (or --command)")
