@@ -3,18 +3,16 @@
 Loads the final checkpoint of a vision run folder, shifts every threshold by one delta so that
 the total sparsity lands at a few nearby values (``strlowrank.threshold_shift.shift_thresholds``),
 with and without survivor compensation, and prints the validation accuracy of each.
-Run: python docs/experiments/shift_sensitivity.py RUN_DIR   (docs/CONTROLLER.md)
+Run (with the package installed, e.g. in .venv): python docs/experiments/shift_sensitivity.py
+RUN_DIR   (docs/CONTROLLER.md)
 """
 
 from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from strlowrank.budget import budget_table, totals
 from strlowrank.checkpoint import load_checkpoint
