@@ -135,6 +135,13 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _interval(row: pd.Series, fmt: str) -> str:
+    """'mean +- half width' of an ``analysis.aggregate`` row in percent (points); the half
+    width is left out when it is unknown (one seed)."""
+    ci = f" +- {100 * row['ci']:.2f}" if pd.notna(row["ci"]) else ""
+    return f"{100 * row['mean']:{fmt}}{ci}"
+
+
 def frontier_markdown(points: pd.DataFrame) -> str:
     """The frontier as a markdown table: accuracy in % as mean +- 95% half width (n seeds)."""
     lines = [
@@ -143,10 +150,9 @@ def frontier_markdown(points: pd.DataFrame) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for _, r in points.iterrows():
-        ci = f" +- {100 * r['ci']:.2f}" if pd.notna(r["ci"]) else ""
         lines.append(
             f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
-            f"{100 * r['mean']:.2f}{ci} | {_cell(100 * r['sd'], '.2f')} | {r['n']} | "
+            f"{_interval(r, '.2f')} | {_cell(100 * r['sd'], '.2f')} | {r['n']} | "
             f"{r['split']} | {r.get('splits') or ''} |"
         )
     return "\n".join(lines) + "\n"
@@ -160,10 +166,9 @@ def gaps_markdown(gaps: pd.DataFrame) -> str:
         "|---|---|---|---|---|---|",
     ]
     for _, r in gaps.iterrows():
-        ci = f" +- {100 * r['ci']:.2f}" if pd.notna(r["ci"]) else ""
         lines.append(
             f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
-            f"{100 * r['mean']:+.2f}{ci} | {r['n']} | {r['baseline_split']} |"
+            f"{_interval(r, '+.2f')} | {r['n']} | {r['baseline_split']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -278,6 +278,14 @@ def write_points(table: pd.DataFrame, out: Path) -> Path | None:
     return out / "points.csv"
 
 
+def _check_pattern(pattern: str) -> None:
+    """A bad ``--only`` regular expression as a ValueError that names the flag."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"--only {pattern!r}: not a regular expression ({e})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m strlowrank.sweep`` (the module docstring is its help)."""
     parser = argparse.ArgumentParser(
@@ -350,10 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = load_grid(args.grid)
         runs = expand(spec, args.seeds)
         for pattern in args.only:
-            re.compile(pattern)
+            _check_pattern(pattern)
         command = shlex.split(args.command) if args.command else default_command(args.track)
         cluster = _cluster_config(args) if args.launcher == "submitit" else None
-    except (OSError, ValueError, yaml.YAMLError, re.error) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.dry_run:

@@ -151,7 +151,7 @@ def test_sweep_only_runs_part_of_the_grid_and_lists_all(tmp_path, capsys):
     assert sorted(status) == ["done"] * 3 + ["not selected"] + ["ok"] * 2
     assert len((out / "calls.txt").read_text().split()) == 5
     assert sweep.main(args + ["--only", "("]) == 2  # a bad pattern is a one-line error
-    assert "error:" in capsys.readouterr().err
+    assert "error: --only '(': not a regular expression" in capsys.readouterr().err
 
 
 def test_sweep_failure_dry_run_and_bad_grid(tmp_path, capsys):
