@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from speech.features import FeatureConfig
 from speech.models import SpeechModelConfig
 from strlowrank.config import option
-from strlowrank.controller import ControllerConfig
+from strlowrank.controller_config import ControllerConfig
 from strlowrank.engine import TrainConfig
 
 

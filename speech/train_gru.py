@@ -80,6 +80,7 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
             "cell": cfg.model.cell,
             "hidden": cfg.model.hidden,
             "split": cfg.model.split,
+            "layers": cfg.model.layers,
             "init_from": cfg.model.init_from,
             "tag": cfg.tag,
             "params": recurrent_params(model),

@@ -20,7 +20,8 @@ from strlowrank.checkpoint import (
 )
 from strlowrank.cli import execute, parse_config, run_main
 from strlowrank.config import ConfigError, from_dict, load_config, option, save_config, to_dict
-from strlowrank.controller import BudgetController, ControllerConfig, build_controller
+from strlowrank.controller import BudgetController, build_controller
+from strlowrank.controller_config import ControllerConfig
 from strlowrank.distributed import DistInfo, cleanup, init_distributed
 from strlowrank.engine import (
     Interrupted,

@@ -298,7 +298,8 @@ def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
     ``split``: a run's method is its ``method`` (full | lowrank | str), prefixed ``svd-`` when it
     started from a trained model (``init_from``); its budget is its ``tag``; a fixed-rank run's
     split is its ranks 'r_1/r_2/...' in matrix order ('' for the other methods); its ``layout``
-    is the model's matrix split (stacked | per_gate; stacked when not recorded)."""
+    is the model's matrix split (stacked | per_gate; stacked when not recorded), with
+    `` x<layers>`` for a model of more than one recurrent layer."""
     t = table
     if "status" in t:
         t = t[t["status"].isin(["ok", "done"])]
@@ -307,7 +308,11 @@ def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
     started = init.notna() & (init.astype(str) != "")
     t["method"] = t["method"].where(~started, "svd-" + t["method"].astype(str))
     t["budget"] = t["tag"].fillna("").astype(str) if "tag" in t else ""
-    t["layout"] = t["split"].fillna("stacked").astype(str) if "split" in t else "stacked"
+    layout = t["split"].fillna("stacked").astype(str) if "split" in t else "stacked"
+    if "layers" in t:  # a multi-layer model's layout names its depth: "stacked x2"
+        depth = pd.to_numeric(t["layers"], errors="coerce").fillna(1).astype(int)
+        layout = (layout + " x" + depth.astype(str)).where(depth > 1, layout)
+    t["layout"] = layout
     rank_cols = [c for c in t.columns if c.startswith("ranks.")]
 
     def split(row: pd.Series) -> str:

@@ -1,33 +1,17 @@
 """Budget control: steer the decay on STR thresholds so that a run ends at a requested total.
 
-STR has no sparsity loss; the weight decay lambda_s on the threshold parameters s is the sparsity
-knob (docs/METHOD.md). Here lambda_s is a feedback variable. Every ``every`` optimizer steps
-the controller measures the total y (a fraction that rises with the thresholds: sparsity, MAC
-reduction, parameter reduction, rank reduction) and compares it with a target schedule
-(t = steps done / total steps, y_T = the requested total). Until t_start (default 0.2) plain STR
-runs with the configured decay, since its thresholds take a while to reach the weights' scale
-and a controller acting through that dead time would wind up; y_0 is the total measured at t_start:
+STR has no sparsity loss: the decay lambda_s on the threshold parameters s is its sparsity knob.
+Here lambda_s is a feedback variable (docs/METHOD.md section 4, docs/CONTROLLER.md). Every
+``every`` steps the controller measures the total y (a fraction that rises with the thresholds;
+strlowrank.measures) at training fraction t and compares it with a ramp from y_0 (measured at
+t_start) to the target y_T (``strlowrank.pruning.ramp``, cubic as in Zhu & Gupta 2017):
 
-    p = clip((t - t_start) / (t_end - t_start), 0, 1)
-    r(t) = y_T + (y_0 - y_T) (1 - p)^3            (cubic, Zhu & Gupta 2017; linear: 1 - p)
-
-A PI law in log space sets the decay of every optimizer group whose role is "threshold":
-
-    e_k = r(t_k) - y_k,     I_k = I_{k-1} + e_k (t_k - t_{k-1})
+    e_k = r(t_k) - y_k,   I_k = I_{k-1} + e_k (t_k - t_{k-1})
     lambda_s = clip(lambda_0 exp(k_p e_k + k_i I_k), lambda_min, lambda_max)
 
-(the integral is frozen while the decay is saturated in the direction of the error). Decay acts
-through the optimizer and fades with the learning rate, so once the schedule holds the target
-(t >= t_end, when |e| > tolerance), after an overshoot (y - r > overshoot, which decay cannot
-undo) and at the last step, an exact correction shifts every threshold parameter by one common
-delta, found by bisection (y is non-decreasing in delta):
-
-    s_l <- s_l + delta,     y(s + delta) = r(t)
-
-which multiplies every layer's threshold g(s) ~ exp(s) by about the same factor: the per-layer
-allocation learned by STR is kept. Here: the settings (ControllerConfig), r(t) (schedule_value)
-and the law (BudgetController, an engine callback; build_controller). The measures y are in
-strlowrank.measures, the shift in strlowrank.threshold_shift. docs/CONTROLLER.md.
+with the integral frozen while the decay is saturated in the error's direction. When decay
+cannot do it (hold phase, overshoot, saturated lag, last step) one common shift of every s
+lands y on r(t) exactly and keeps STR's per-layer allocation (strlowrank.threshold_shift).
 """
 
 from __future__ import annotations
@@ -35,98 +19,24 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
-from strlowrank.config import option
+from strlowrank.controller_config import ControllerConfig
 from strlowrank.measures import (
-    METRICS,
     Measure,
     from_reduction,
     make_measure,
     to_reduction,
     unit_scale,
 )
+from strlowrank.pruning import ramp
 from strlowrank.threshold_shift import shift_thresholds
 
 TRACE_COLUMNS = ["step", "target", "measured", "achieved", "decay"]
-
-
-@dataclass
-class ControllerConfig:
-    """Budget controller settings (the ``controller.*`` config section); off unless ``target``."""
-
-    target: float | None = option(
-        None,
-        "requested final total, in the metric's unit: sparsity (a fraction), "
-        "macs (sparse / dense MACs), params (count), rank (sum of learned ranks); None: off",
-        min=0.0,
-    )
-    metric: str = option("sparsity", "what the target counts", choices=METRICS)
-    start: float = option(
-        0.2,
-        "fraction of training where the controller takes over: before it plain STR runs "
-        "with the configured decay; the ramp starts from the total measured then",
-        min=0.0,
-        max=1.0,
-    )
-    end: float = option(
-        0.75, "fraction of training where the ramp reaches the target (then hold)", min=0.0, max=1.0
-    )
-    shape: str = option(
-        "cubic", "ramp shape: cubic (Zhu & Gupta) | linear", choices=("cubic", "linear")
-    )
-    role: str = option(
-        "threshold",
-        "the parameter role(s) whose weight decay is steered: threshold (the decay "
-        "on s, STR's sparsity knob) | spectrum (the decay on singular values, the rank knob of "
-        "STR matrices with a fixed threshold unit) | threshold+spectrum (both, scaled by the "
-        "same factor)",
-        choices=("threshold", "spectrum", "threshold+spectrum"),
-    )
-    every: int = option(10, "update interval in optimizer steps", min=1)
-    kp: float = option(10.0, "proportional gain: log-decay change per unit of error", min=0.0)
-    ki: float = option(
-        100.0, "integral gain: log-decay change per unit error x training fraction", min=0.0
-    )
-    decay_init: float | None = option(
-        None, "initial decay; default: the steered group's configured decay", min=0.0
-    )
-    decay_min: float = option(1e-6, "lower bound of the decay on s", min=0.0)
-    decay_max: float = option(0.1, "upper bound of the decay on s", min=0.0)
-    correction: str = option(
-        "hold",
-        "exact common shift of all s: off | final (last step) | hold (after the ramp, when "
-        "the error exceeds tolerance, and at the last step) | track (hold, and during the ramp "
-        "also when the total lags the schedule by more than overshoot while the decay is at "
-        "decay_max: the decay can do no more)",
-        choices=("off", "final", "hold", "track"),
-    )
-    tolerance: float = option(0.001, "hold-phase error that triggers a correction", min=0.0)
-    compensate: bool = option(
-        True,
-        "a correction keeps the thresholded value of every weight (singular value) that "
-        "survives it: only those that cross the threshold change (no jump of the survivors)",
-    )
-    overshoot: float = option(
-        0.02,
-        "during the ramp, a total above the schedule by more than this is shifted back "
-        "(decay cannot lower thresholds; fully pruned layers get no gradient to recover)",
-        min=0.0,
-    )
-
-
-def schedule_value(
-    t: float, y0: float, target: float, start: float, end: float, shape: str = "cubic"
-) -> float:
-    """r(t): y0 before ``start``, ramp (cubic or linear), ``target`` from ``end`` on."""
-    p = 1.0 if end <= start else min(max((t - start) / (end - start), 0.0), 1.0)
-    remaining = (1.0 - p) ** 3 if shape == "cubic" else 1.0 - p
-    return target + (y0 - target) * remaining
 
 
 class BudgetController:
@@ -136,7 +46,8 @@ class BudgetController:
     (:func:`to_reduction` of ``cfg.target``; ``scale`` from :func:`unit_scale`). Call :meth:`bind`
     with the optimizer before training: the controller writes ``weight_decay`` of the optimizer's
     ``role == cfg.role`` groups. metrics.csv gets ``target_<metric>`` and ``achieved_<metric>``
-    (user units), ``<role>_decay`` and ``threshold_shift`` (the summed corrections of s).
+    (user units), ``<role>_decay``, ``threshold_shift`` (the summed shifts of s) and
+    ``corrections`` (how many so far: also those that moved the boundary, not s).
     """
 
     def __init__(self, cfg: ControllerConfig, measure: Measure, scale: float = 1.0) -> None:
@@ -153,6 +64,7 @@ class BudgetController:
         self.roles = cfg.role.split("+")
         self.ratios: dict[str, float] = {}  # configured decay of each role / the first role's
         self.integral = self.shift = 0.0
+        self.corrections = 0
         self.trace: list[list[float]] = []  # [steps, target, measured, achieved, decay]
 
     def bind(self, optimizer: torch.optim.Optimizer) -> BudgetController:
@@ -174,7 +86,7 @@ class BudgetController:
     def schedule(self, steps_done: int) -> float:
         """r(t); NaN before the ramp has started (``y0`` is measured when it starts)."""
         t = steps_done / max(self.total_steps, 1)
-        return schedule_value(t, self.y0, self.target, self.cfg.start, self.cfg.end, self.cfg.shape)
+        return ramp(t, self.cfg.start, self.cfg.end, self.y0, self.target, self.cfg.shape)
 
     def _ramp_started(self, steps_done: int) -> bool:
         return steps_done >= self.cfg.start * self.total_steps
@@ -220,6 +132,7 @@ class BudgetController:
         if self._corrects(r - y, last):
             delta, y = shift_thresholds(model, self.measure, r, compensate=self.cfg.compensate)
             self.shift += delta
+            self.corrections += 1
             if abs(y - r) > 0.01 and not self.warned:
                 self.warned = True
                 warnings.warn(
@@ -239,6 +152,7 @@ class BudgetController:
             f"achieved_{metric}": from_reduction(metric, self.achieved, scale),
             **{f"{role}_decay": self._role_decay(role) for role in self.roles},
             "threshold_shift": self.shift,
+            "corrections": float(self.corrections),
         }
 
     # ----------------------------------------------------------------------------- control law
@@ -281,19 +195,9 @@ class BudgetController:
 
     # ----------------------------------------------------------------------------- state
     STATE_KEYS = (
-        "target",
-        "total_steps",
-        "done",
-        "last_update",
-        "started",
-        "y0",
-        "log_decay0",
-        "decay",
-        "achieved",
-        "integral",
-        "shift",
-        "ratios",
-    )
+        "target total_steps done last_update started y0 log_decay0 decay achieved integral "
+        "shift corrections ratios"
+    ).split()
 
     def state_dict(self) -> dict[str, Any]:
         state = {k: getattr(self, k) for k in self.STATE_KEYS}

@@ -302,7 +302,8 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
     """Speech frontier: mean accuracy against mean recurrent parameters (K) per method and
     budget, with 95% t-intervals over seeds (``analysis.frontier_points`` rows); the full-rank
     point as a star and a dashed reference; fixed-rank points labelled with their best split.
-    Per-gate layouts (``layout`` per_gate) get their own dashed line with open markers. The x
+    Other layouts get their own line with open markers: per gate dashed, a model of more than
+    one layer (``layout`` "stacked x2") dotted. The x
     axis is logarithmic (small budgets are where methods differ); the y axis starts 4 points
     below the lowest mean, so a longer interval runs off the bottom."""
     fig, (ax,) = _figure(size=(7.2, 4.8))
@@ -311,7 +312,8 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
     for (method, layout), rows in points.groupby(["method", "layout"], sort=False):
         rows = rows.sort_values("params")
         color, marker = method_color(str(method)), METHOD_MARKERS.get(str(method), "o")
-        per_gate = layout == "per_gate"
+        other = layout != "stacked"  # per gate: dashed; more layers: dotted
+        style = ":" if " x" in str(layout) else "--" if other else "-"
         ax.errorbar(
             rows["params"] / 1e3,
             rows["mean"],
@@ -319,10 +321,10 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
             color=color,
             marker=marker,
             capsize=3,
-            label=f"{method}, per gate" if per_gate else str(method),
+            label=f"{method}, {str(layout).replace('_', ' ')}" if other else str(method),
             markersize=9 if method == "full" else 6,
-            linestyle="--" if per_gate else "-",
-            markerfacecolor="white" if per_gate else color,
+            linestyle=style,
+            markerfacecolor="white" if other else color,
         )
         if method == "full":
             ax.axhline(rows["mean"].mean(), color=color, linestyle="--", linewidth=1, alpha=0.6)

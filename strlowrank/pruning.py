@@ -160,20 +160,27 @@ def uniform_densities(
     }
 
 
+def ramp(
+    t: float, start: float, end: float, initial: float, final: float, shape: str = "cubic"
+) -> float:
+    """Zhu and Gupta's schedule: ``initial`` before ``start``, ``final`` from ``end`` on, between
+
+    v_t = v_f + (v_i - v_f) (1 - p)^3,   p = (t - start) / (end - start)   (linear: 1 - p)
+
+    and ``final`` from ``start`` on when ``end <= start``. t, start and end share one unit (steps
+    or a fraction of training); the pruning schedule and the budget controller's target use it.
+    """
+    p = 1.0 if end <= start else min(max((t - start) / (end - start), 0.0), 1.0)
+    remaining = (1.0 - p) ** 3 if shape == "cubic" else 1.0 - p
+    return float(final + (initial - final) * remaining) if t >= start else float(initial)
+
+
 def gmp_density(
     step: int, start_step: int, end_step: int, final_density: float, initial_density: float = 1.0
 ) -> float:
-    """Zhu and Gupta's cubic schedule in density terms.
-
-    d_t = d_f + (d_i - d_f) (1 - (t - t_0) / (t_1 - t_0))^3 for t_0 <= t <= t_1; d_i before t_0
-    and d_f after t_1 (d_f from t_0 on when t_1 <= t_0).
-    """
-    if step < start_step:
-        return float(initial_density)
-    if step >= end_step:
-        return float(final_density)
-    frac = (step - start_step) / (end_step - start_step)
-    return float(final_density + (initial_density - final_density) * (1.0 - frac) ** 3)
+    """Gradual magnitude pruning's density at ``step``: :func:`ramp` (cubic) from
+    ``initial_density`` at ``start_step`` to ``final_density`` at ``end_step``."""
+    return ramp(step, start_step, end_step, initial_density, final_density)
 
 
 def mask_density(model: nn.Module) -> float:

@@ -11,12 +11,7 @@ from torch.utils.data import TensorDataset
 from strlowrank import apply_soft_threshold
 from strlowrank.budget import budget_table, layers, totals
 from strlowrank.cli import expand_target_flags
-from strlowrank.controller import (
-    BudgetController,
-    ControllerConfig,
-    build_controller,
-    schedule_value,
-)
+from strlowrank.controller import BudgetController, ControllerConfig, build_controller
 from strlowrank.distributed import DistInfo
 from strlowrank.engine import Interrupted, Task, TrainConfig, Trainer, seed_everything
 from strlowrank.lowrank import MatrixSpec
@@ -28,6 +23,7 @@ from strlowrank.measures import (
     to_reduction,
     unit_scale,
 )
+from strlowrank.pruning import ramp
 from strlowrank.rnn import RNNLayer
 from strlowrank.threshold_shift import shift_thresholds, threshold_parameters
 
@@ -68,12 +64,13 @@ def group_decay(trainer: Trainer, role: str) -> float:
 
 # ----------------------------------------------------------------------------- pieces
 def test_schedule_shapes():
-    assert schedule_value(0.0, 0.1, 0.9, 0.1, 0.7) == pytest.approx(0.1)
-    assert schedule_value(0.1, 0.1, 0.9, 0.1, 0.7) == pytest.approx(0.1)
-    assert schedule_value(0.4, 0.1, 0.9, 0.1, 0.7) == pytest.approx(0.9 - 0.8 * 0.5**3)
-    assert schedule_value(0.4, 0.1, 0.9, 0.1, 0.7, "linear") == pytest.approx(0.5)
-    assert schedule_value(0.7, 0.1, 0.9, 0.1, 0.7) == pytest.approx(0.9)
-    assert schedule_value(1.0, 0.1, 0.9, 0.1, 0.7) == pytest.approx(0.9)
+    # the controller's target ramp (t, start, end, y0, target)
+    assert ramp(0.0, 0.1, 0.7, 0.1, 0.9) == pytest.approx(0.1)
+    assert ramp(0.1, 0.1, 0.7, 0.1, 0.9) == pytest.approx(0.1)
+    assert ramp(0.4, 0.1, 0.7, 0.1, 0.9) == pytest.approx(0.9 - 0.8 * 0.5**3)
+    assert ramp(0.4, 0.1, 0.7, 0.1, 0.9, "linear") == pytest.approx(0.5)
+    assert ramp(0.7, 0.1, 0.7, 0.1, 0.9) == pytest.approx(0.9)
+    assert ramp(1.0, 0.1, 0.7, 0.1, 0.9) == pytest.approx(0.9)
 
 
 @pytest.mark.parametrize("target", [0.3, 0.9])
@@ -257,6 +254,9 @@ def test_track_follows_the_ramp_when_the_decay_is_saturated(tmp_path, mode):
         assert lag.max() <= ctl.cfg.overshoot + 1e-6
         assert (ramp["measured"] < ramp["achieved"] - 1e-9).any()  # corrections did it
     assert abs(totals(trainer.budget())["sparsity"] - 0.9) < 0.005  # both end on the target
+    corrected = int((trace["measured"] != trace["achieved"]).sum())
+    logged = pd.read_csv(trainer.out / "metrics.csv")["corrections"]
+    assert logged.iloc[-1] == ctl.corrections >= corrected >= (1 if mode == "hold" else 3)
 
 
 def test_plain_str_until_start_then_ramp_from_there(tmp_path):
@@ -270,9 +270,7 @@ def test_plain_str_until_start_then_ramp_from_there(tmp_path):
     assert before["measured"].iloc[-1] > before["measured"].iloc[0]  # STR prunes on its own
     first = after.iloc[0]  # the ramp starts from the total measured at the start
     assert first["measured"] == pytest.approx(ctl.y0)
-    assert first["target"] == pytest.approx(
-        schedule_value(first["step"] / 96, ctl.y0, 0.8, 0.4, 0.75)
-    )
+    assert first["target"] == pytest.approx(ramp(first["step"] / 96, 0.4, 0.75, ctl.y0, 0.8))
     assert after["decay"].iloc[1:].ne(1e-4).all()
     assert abs(totals(trainer.budget())["sparsity"] - 0.8) < 0.005
     metrics = pd.read_csv(trainer.out / "metrics.csv")

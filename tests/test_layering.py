@@ -28,6 +28,7 @@ LAYERS = {
         "checkpoint",
         "distributed",
         "controller",
+        "controller_config",
         "measures",
         "threshold_shift",
     },

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strlowrank.config import option
-from strlowrank.controller import ControllerConfig
+from strlowrank.controller_config import ControllerConfig
 from strlowrank.engine import TrainConfig
 from vision.models import MODELS
 
