@@ -299,7 +299,8 @@ def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
     started from a trained model (``init_from``); its budget is its ``tag``; a fixed-rank run's
     split is its ranks 'r_1/r_2/...' in matrix order ('' for the other methods); its ``layout``
     is the model's matrix split (stacked | per_gate; stacked when not recorded), with
-    `` x<layers>`` for a model of more than one recurrent layer."""
+    `` x<layers>`` for a model of more than one recurrent layer and the cell first when it is
+    not a GRU ("lstm stacked")."""
     t = table
     if "status" in t:
         t = t[t["status"].isin(["ok", "done"])]
@@ -312,6 +313,9 @@ def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
     if "layers" in t:  # a multi-layer model's layout names its depth: "stacked x2"
         depth = pd.to_numeric(t["layers"], errors="coerce").fillna(1).astype(int)
         layout = (layout + " x" + depth.astype(str)).where(depth > 1, layout)
+    if "cell" in t:  # another cell than the GRU names it: "lstm stacked"
+        cell = t["cell"].fillna("gru").astype(str)
+        layout = (cell + " " + layout).where(cell != "gru", layout)
     t["layout"] = layout
     rank_cols = [c for c in t.columns if c.startswith("ranks.")]
 

@@ -303,7 +303,7 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
     budget, with 95% t-intervals over seeds (``analysis.frontier_points`` rows); the full-rank
     point as a star and a dashed reference; fixed-rank points labelled with their best split.
     Other layouts get their own line with open markers: per gate dashed, a model of more than
-    one layer (``layout`` "stacked x2") dotted. The x
+    one layer (``layout`` "stacked x2") dotted, an LSTM ("lstm ...") dash-dotted. The x
     axis is logarithmic (small budgets are where methods differ); the y axis starts 4 points
     below the lowest mean, so a longer interval runs off the bottom."""
     fig, (ax,) = _figure(size=(7.2, 4.8))
@@ -312,8 +312,8 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
     for (method, layout), rows in points.groupby(["method", "layout"], sort=False):
         rows = rows.sort_values("params")
         color, marker = method_color(str(method)), METHOD_MARKERS.get(str(method), "o")
-        other = layout != "stacked"  # per gate: dashed; more layers: dotted
-        style = ":" if " x" in str(layout) else "--" if other else "-"
+        other = layout != "stacked"  # per gate: dashed; more layers: dotted; LSTM: dash-dot
+        style = "-." if "lstm" in str(layout) else ":" if " x" in str(layout) else "--"
         ax.errorbar(
             rows["params"] / 1e3,
             rows["mean"],
@@ -323,7 +323,7 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
             capsize=3,
             label=f"{method}, {str(layout).replace('_', ' ')}" if other else str(method),
             markersize=9 if method == "full" else 6,
-            linestyle=style,
+            linestyle=style if other else "-",
             markerfacecolor="white" if other else color,
         )
         if method == "full":

@@ -379,14 +379,17 @@ def test_frontier_points_pick_the_best_split_per_budget():
     rows += [row("str", "b5k", 0.72, 5000, (3, 7), seed=0), row("str", "b5k", 0.0, 0, seed=1)]
     rows[-1]["status"] = "failed (1)"
     rows += [row("str", "x2b5k", 0.7, 5000, seed=0) | {"layers": 2, "split": "stacked"}]
+    rows += [row("str", "l5k", 0.7, 5000, seed=0) | {"cell": "lstm", "split": "per_gate"}]
     table = analysis.frontier_points(pd.DataFrame(rows)).set_index(["method", "budget"])
     assert list(table.index) == [
         ("full", "full"),
         ("lowrank", "b5k"),
         ("str", "b5k"),
         ("str", "x2b5k"),
+        ("str", "l5k"),
         ("svd-lowrank", "b5k"),
     ]
+    assert table.loc[("str", "l5k"), "layout"] == "lstm per_gate"
     assert table.loc[("str", "x2b5k"), "layout"] == "stacked x2"  # a 2-layer model says so
     assert table.loc[("str", "b5k"), "layout"] == "stacked"  # layers, split not recorded
     best = table.loc[("lowrank", "b5k")]
