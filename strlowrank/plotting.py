@@ -305,15 +305,16 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
     Other layouts get their own line with open markers: per gate dashed, a model of more than
     one layer (``layout`` "stacked x2") dotted, an LSTM ("lstm ...") dash-dotted. The x
     axis is logarithmic (small budgets are where methods differ); the y axis starts 4 points
-    below the lowest mean, so a longer interval runs off the bottom."""
-    fig, (ax,) = _figure(size=(7.2, 4.8))
+    below the lowest mean and ends at most 2 points above the highest, so a longer interval runs off."""
+    fig, (ax,) = _figure(size=(9.0, 4.8))
     if "layout" not in points:
         points = points.assign(layout="stacked")
     for (method, layout), rows in points.groupby(["method", "layout"], sort=False):
         rows = rows.sort_values("params")
         color, marker = method_color(str(method)), METHOD_MARKERS.get(str(method), "o")
-        other = layout != "stacked"  # per gate: dashed; more layers: dotted; LSTM: dash-dot
-        style = "-." if "lstm" in str(layout) else ":" if " x" in str(layout) else "--"
+        layout = str(layout)
+        other = layout != "stacked"
+        style = "-" if not other else "-." if "lstm" in layout else ":" if " x" in layout else "--"
         ax.errorbar(
             rows["params"] / 1e3,
             rows["mean"],
@@ -321,9 +322,9 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
             color=color,
             marker=marker,
             capsize=3,
-            label=f"{method}, {str(layout).replace('_', ' ')}" if other else str(method),
+            label=f"{method}, {layout.replace('_', ' ')}" if other else str(method),
             markersize=9 if method == "full" else 6,
-            linestyle=style if other else "-",
+            linestyle=style,
             markerfacecolor="white" if other else color,
         )
         if method == "full":
@@ -341,11 +342,12 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    low, high = points["mean"].min(), (points["mean"] + points["ci"].fillna(0.0)).max()
-    ax.set_ylim(low - 0.04, min(high + 0.01, 1.0))
+    # the means set the range: one seed-starved point's huge interval must not flatten the rest
+    low, high = points["mean"].min(), (points["mean"] + points["ci"].fillna(0.0).clip(upper=0.01))
+    ax.set_ylim(low - 0.04, min(high.max() + 0.01, 1.0))
     ax.set_xlabel("recurrent parameters (K, mean over seeds, log scale)")
     ax.set_ylabel("accuracy (mean, 95% interval over seeds)")
-    ax.legend(title="method")
+    ax.legend(title="method", loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines
     ax.set_title(title)
     return fig
 
