@@ -305,7 +305,8 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
     Other layouts get their own line with open markers: per gate dashed, a model of more than
     one layer (``layout`` "stacked x2") dotted, an LSTM ("lstm ...") dash-dotted. The x
     axis is logarithmic (small budgets are where methods differ); the y axis starts 4 points
-    below the lowest mean and ends at most 2 points above the highest, so a longer interval runs off."""
+    below the lowest mean and ends at most 2 points above the highest, so a longer interval
+    runs off."""
     fig, (ax,) = _figure(size=(9.0, 4.8))
     if "layout" not in points:
         points = points.assign(layout="stacked")
