@@ -62,7 +62,7 @@ class BudgetController:
         self.started = self.warned = False
         self.y0 = self.log_decay0 = self.decay = self.achieved = math.nan
         self.roles = cfg.role.split("+")
-        self.ratios: dict[str, float] = {}  # configured decay of each role / the first role's
+        self.ratios: dict[str, float] = {}  # configured decay of each role / the start decay
         self.integral = self.shift = 0.0
         self.corrections = 0
         self.trace: list[list[float]] = []  # [steps, target, measured, achieved, decay]
@@ -101,10 +101,10 @@ class BudgetController:
             d0 = float(self.groups()[0]["weight_decay"]) if d0 is None else d0
             d0 = min(max(d0, self.cfg.decay_min, 1e-30), self.cfg.decay_max)
             self.log_decay0, self.decay = math.log(d0), d0
-            for role in self.roles[1:]:  # other roles follow the same factor
+            # other roles start at their own configured decay and follow the factor of s's
+            for role in self.roles[1:]:
                 configured = [float(g["weight_decay"]) for g in self.groups(role)]
-                base = float(self.groups()[0]["weight_decay"]) or d0
-                self.ratios[role] = configured[0] / base if configured else 0.0
+                self.ratios[role] = configured[0] / d0 if configured else 0.0
             self.achieved = self.measure(model)
             if self._ramp_started(0):
                 self.y0 = self.achieved

@@ -407,3 +407,34 @@ def test_spectrum_role_steers_the_singular_value_decay(tmp_path, role):
         assert group_decay(trainer, "spectrum") == pytest.approx(0.1 * ctl.decay)
         ratio = metrics["spectrum_decay"] / metrics["threshold_decay"]
         assert list(ratio) == pytest.approx([0.1] * len(metrics))
+
+
+def test_a_start_decay_of_its_own_keeps_the_other_roles_at_their_configured_decay(tmp_path):
+    """decay_init moves s's decay only; spectrum starts at train.spectrum_decay, then scales with
+    the same factor as s's."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = RNNLayer("gru", 4, 16, MatrixSpec("str", s_init=-4.0))
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    task = Task(model=Net(), train_set=TensorDataset(x, y), val_set=TensorDataset(x, y))
+    cfg = ControllerConfig(
+        target=1000.0, metric="params", role="threshold+spectrum", decay_init=2e-2
+    )
+    ctl = build_controller(cfg, task.model)
+    train = TrainConfig(epochs=1, batch_size=16, threshold_decay=1e-2, spectrum_decay=1e-3)
+    trainer = Trainer(task, train, tmp_path, DistInfo())
+    ctl.bind(trainer.optimizer)
+    ctl.on_train_start(task.model, steps_per_epoch=2, epochs=1)
+    assert group_decay(trainer, "threshold") == pytest.approx(2e-2)
+    assert group_decay(trainer, "spectrum") == pytest.approx(1e-3)
+    ctl.decay = 4e-2  # the controller doubles s's decay: the spectrum's doubles too
+    ctl._apply()
+    assert group_decay(trainer, "spectrum") == pytest.approx(2e-3)
