@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 from scipy.io import wavfile
-from scipy.signal import resample_poly
 
 SAMPLE_RATE = 16000
 CLIP_SAMPLES = 16000
@@ -119,6 +118,8 @@ def read_wav(path: str | Path) -> np.ndarray:
     if x.ndim == 2:
         x = x.mean(axis=1)
     if rate != SAMPLE_RATE:
+        from scipy.signal import resample_poly  # 1 s to import; only other sample rates need it
+
         g = math.gcd(int(rate), SAMPLE_RATE)
         x = resample_poly(x, SAMPLE_RATE // g, int(rate) // g).astype(np.float32)
     return np.ascontiguousarray(x, dtype=np.float32)

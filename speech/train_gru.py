@@ -107,12 +107,8 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
 
 
 def report(model: torch.nn.Module, out: Path, summary: dict) -> None:
-    from strlowrank.plotting import plot_run
-
     ranks = ", ".join(f"{k}={v}" for k, v in summary.get("ranks", {}).items())
     print(f"learned ranks: {ranks}; recurrent parameters: {summary.get('params')}")
-    for path in plot_run(out):
-        print(f"plot: {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -126,6 +126,9 @@ class TrainConfig:
     device: str = option("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     workers: int = option(0, "data loader worker processes", min=0)
     progress: bool = option(True, "show a progress bar")
+    plots: bool = option(
+        True, "write plots/ at the end (a sweep of many short runs can skip them: about 2 s each)"
+    )
     bn_recalibration: int = option(
         0,
         "training batches over which BatchNorm running statistics are re-estimated (exact "

@@ -36,6 +36,7 @@ def test_jobs_2_equals_jobs_1_with_the_real_trainer(tmp_path: Path) -> None:
             "train.batch_size": 8,
             "train.device": "cpu",
             "train.progress": False,
+            "train.plots": False,
         },
         "grid": {"method.name": ["dense", "str"]},
     }

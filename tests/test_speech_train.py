@@ -18,6 +18,7 @@ FAST = [
     "--epochs",
     "1",
     "--train.progress=false",
+    "--train.plots=false",  # plots cost about 2 s a run; the tests that check them turn them on
     "--model.hidden=16",
     "--device=cpu",
     "--data.silence_fraction=0.5",
@@ -42,6 +43,7 @@ def test_one_epoch_run_folder(tmp_path, tiny_tree, param):
             f"--model.param={param}",
             "--model.rank_w=4",
             "--model.rank_u=4",
+            "--train.plots=true",
         ]
     )
     summary = json.loads((out / "summary.json").read_text())
@@ -99,6 +101,7 @@ def test_target_params_lands_within_five_percent(tmp_path, tiny_tree):
             "2",
             "--target-params",
             "1200",
+            "--train.plots=true",
         ]
     )
     budget = pd.read_csv(out / "budget.csv").set_index("name")
@@ -122,6 +125,7 @@ def test_per_gate_two_layer_lstm_reports_every_rank(tmp_path, tiny_tree):
             "--model.cell=lstm",
             "--model.layers=2",
             "--model.split=per_gate",
+            "--train.plots=true",
         ]
     )
     names = [f"rnns.{layer}.{side}_{gate}" for layer in (0, 1) for side in "WU" for gate in "ifgo"]
@@ -136,7 +140,7 @@ def test_per_gate_two_layer_lstm_reports_every_rank(tmp_path, tiny_tree):
 
 
 FRONTIER_GRID = """
-base: {epochs: 1, train.progress: false, model.hidden: 16, device: cpu,
+base: {epochs: 1, train.progress: false, train.plots: false, model.hidden: 16, device: cpu,
        data.silence_fraction: 0.5, data.root: TREE}
 runs:
   - {tag: full, model.param: full}
