@@ -106,9 +106,14 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
     )
 
 
-def report(model: torch.nn.Module, out: Path, summary: dict) -> None:
+def report(model: torch.nn.Module, out: Path, summary: dict, plots: bool = True) -> None:
     ranks = ", ".join(f"{k}={v}" for k, v in summary.get("ranks", {}).items())
     print(f"learned ranks: {ranks}; recurrent parameters: {summary.get('params')}")
+    if plots:
+        from strlowrank.plotting import plot_run
+
+        for path in plot_run(out):
+            print(f"plot: {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -175,9 +175,9 @@ def execute(
 ) -> dict[str, Any]:
     """Compose a run: seed, (DDP), run folder, task, train or --test-only, report.
 
-    ``build_task(cfg, info) -> Task``; ``report(model, out_dir, summary)`` runs on rank 0 at the
-    end, then `strlowrank.plotting.plot_run` draws plots/ unless ``train.plots`` is off. The
-    resolved config is written to ``<out>/config.yaml`` before training.
+    ``build_task(cfg, info) -> Task``; ``report(model, out_dir, summary, plots)`` runs on rank 0
+    at the end (``plots``: ``train.plots``, draw plots/). The resolved config is written to
+    ``<out>/config.yaml`` before training.
     """
     from pathlib import Path
 
@@ -206,12 +206,7 @@ def execute(
             summary = trainer.fit(resume=args.resume)
         if info.is_main:
             if report is not None:
-                report(trainer.model, out, summary)
-            if cfg.train.plots:
-                from strlowrank.plotting import plot_run
-
-                for path in plot_run(out):
-                    print(f"plot: {path}")
+                report(trainer.model, out, summary, cfg.train.plots)
             shown = {k: v for k, v in summary.items() if k.endswith("acc") or k == "sparsity"}
             print("summary: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
             print(f"run folder: {out}")

@@ -82,9 +82,17 @@ def build_task(cfg: VisionConfig, info: DistInfo) -> Task:
     )
 
 
+def report(model: torch.nn.Module, out, summary: dict, plots: bool = True) -> None:
+    if plots:
+        from strlowrank.plotting import plot_run
+
+        for path in plot_run(out):
+            print(f"plot: {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, args = parse_config(VisionConfig, __doc__.split("\n\n")[0], argv, prog="vision/train.py")
-    return execute(cfg, args, build_task)
+    return execute(cfg, args, build_task, report)
 
 
 if __name__ == "__main__":
