@@ -113,6 +113,25 @@ def test_target_params_lands_within_five_percent(tmp_path, tiny_tree):
     assert (out / "plots" / "controller.png").is_file()
 
 
+def test_a_target_run_starts_from_the_controller_decay_not_the_default(tmp_path, tiny_tree):
+    """With a target the controller steers the decay on s from controller.decay_init, so the
+    untargeted default (train.threshold_decay) does not change a targeted run; without a
+    target it does."""
+
+    def metrics(name, *extra):
+        out = tmp_path / name
+        main(["--out", str(out), "--data-dir", str(tiny_tree), *FAST, "--epochs", "2", *extra])
+        return pd.read_csv(out / "metrics.csv")
+
+    target = ["--target-params", "1200"]
+    a = metrics("a", *target)
+    b = metrics("b", *target, "--train.threshold_decay", "0.05")
+    pd.testing.assert_frame_equal(a, b)
+    plain = metrics("plain")
+    other = metrics("other", "--train.threshold_decay", "0.05")
+    assert not plain.equals(other)
+
+
 def test_per_gate_two_layer_lstm_reports_every_rank(tmp_path, tiny_tree):
     out = tmp_path / "lstm"
     main(
