@@ -65,8 +65,19 @@ class SweepRun:
 
 
 def load_grid(path: str | Path) -> dict[str, Any]:
-    """Read and check a grid file: a mapping with base / grid / runs (all optional)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """Read and check a grid file: a mapping with base / grid / runs (all optional). Errors are
+    one-line ValueErrors that name the file (and the line, for YAML syntax)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the grid file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict) or set(data) - {"base", "grid", "runs"}:
         raise ValueError(f"{path}: expected a mapping with keys base, grid, runs")
     if not isinstance(data.get("base") or {}, dict) or not isinstance(data.get("grid") or {}, dict):

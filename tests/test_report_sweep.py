@@ -167,6 +167,13 @@ def test_sweep_failure_dry_run_and_bad_grid(tmp_path, capsys):
     bad.write_text(json.dumps({"grid": {"a": 1}}))
     assert sweep.main(["--grid", str(bad), "--out", str(out), "--track", "speech"]) == 2
     assert "grid.a" in capsys.readouterr().err
+    bad.write_text("runs: [{model.param: full\n")  # unclosed: one line naming file and line
+    assert sweep.main(["--grid", str(bad), "--out", str(out), "--track", "speech"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}: not valid YAML at line 2") and "\n" not in err
+    missing = tmp_path / "missing.yaml"
+    assert sweep.main(["--grid", str(missing), "--out", str(out), "--track", "speech"]) == 2
+    assert f"{missing}: cannot read the grid file" in capsys.readouterr().err
     assert sweep.default_command("vision")[-1].endswith("vision/train.py")
 
 
