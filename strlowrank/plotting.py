@@ -298,6 +298,17 @@ def plot_rank_accuracy(summary: pd.DataFrame, title: str = "Rank vs accuracy") -
 
 
 @styled
+def _split_label(split: str, layout: str) -> str:
+    """A fixed-rank split as r_W/r_U per layer: per gate, the gates of one matrix share a rank
+    (3 gates in a GRU, 4 in an LSTM), so '8/8/8/6/6/6' is drawn as '8/6'."""
+    ranks = split.split("/")
+    gates = 4 if "lstm" in layout else 3
+    groups = [ranks[i : i + gates] for i in range(0, len(ranks), gates)]
+    if "per_gate" not in layout or any(len(set(g)) != 1 for g in groups):
+        return split
+    return "/".join(g[0] for g in groups)
+
+
 def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -> Figure:
     """Speech frontier: mean accuracy against mean recurrent parameters (K) per method and
     budget, with 95% t-intervals over seeds (``analysis.frontier_points`` rows); the full-rank
@@ -332,7 +343,7 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
             ax.axhline(rows["mean"].mean(), color=color, linestyle="--", linewidth=1, alpha=0.6)
         for _, row in rows[rows["split"].astype(str) != ""].iterrows():
             ax.annotate(
-                str(row["split"]),
+                _split_label(str(row["split"]), layout),
                 (row["params"] / 1e3, row["mean"]),
                 fontsize=8,
                 xytext=(5, -11),
@@ -344,8 +355,9 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     # the means set the range: one seed-starved point's huge interval must not flatten the rest
-    low, high = points["mean"].min(), (points["mean"] + points["ci"].fillna(0.0).clip(upper=0.01))
-    ax.set_ylim(low - 0.04, min(high.max() + 0.01, 1.0))
+    low = points["mean"].min()
+    high = (points["mean"] + points["ci"].fillna(0.0).clip(upper=0.01)).max()
+    ax.set_ylim(low - 0.04, min(high + 0.01, 1.0))
     ax.set_xlabel("recurrent parameters (K, mean over seeds, log scale)")
     ax.set_ylabel("accuracy (mean, 95% interval over seeds)")
     ax.legend(title="method", loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines

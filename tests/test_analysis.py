@@ -438,3 +438,12 @@ def test_frontier_split_chosen_by_validation_and_paired_gaps():
     reverse = analysis.frontier_gaps(table, baseline="str").set_index("method")
     assert reverse.loc["lowrank", "n"] == 3  # only the kept split, not all six runs
     assert reverse.loc["lowrank", "mean"] == pytest.approx(-d.mean())
+
+
+def test_frontier_labels_a_per_gate_split_by_matrix():
+    from strlowrank.plotting import _split_label
+
+    assert _split_label("8/8/8/6/6/6/8/8/8/6/6/6", "per_gate x2") == "8/6/8/6"
+    assert _split_label("6/6/6/6/6/6/6/6", "lstm per_gate") == "6/6"
+    assert _split_label("10/10/10/10", "stacked x2") == "10/10/10/10"  # stacked: as it is
+    assert _split_label("1/2/3/4/5/6", "per_gate") == "1/2/3/4/5/6"  # gates differ: as it is
