@@ -41,22 +41,28 @@ def rank_text(table: pd.DataFrame) -> str:
     )
 
 
-def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
-    d = cfg.data
+def load_splits(cfg: SpeechConfig, info: DistInfo) -> dict:
+    """The train / val / test features of ``data.root``, or of the generated default tree."""
+    d, progress = cfg.data, cfg.train.progress and info.is_main
     if d.root is None:
         from speech.synth import ensure_default_data  # espeak-ng only for the default data
 
-        root = ensure_default_data(progress=cfg.train.progress and info.is_main)
+        root = ensure_default_data(progress=progress)
     else:
         root = Path(d.root)
-    sets = load_features(
+    return load_features(
         root,
         d.task,
         cfg.features,
-        progress=cfg.train.progress and info.is_main,
+        progress=progress,
         silence_fraction=d.silence_fraction,
         unknown_fraction=d.unknown_fraction,
     )
+
+
+def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
+    d = cfg.data
+    sets = load_splits(cfg, info)
     train, val, test = sets["train"], sets["val"], sets["test"]
     model = build_model(cfg.model, train.x.shape[2], len(train.class_names))
     if cfg.model.init_from:

@@ -15,8 +15,9 @@ so a GRU layer learns 6 ranks (an LSTM 8) and runs the same kernel. The effectiv
 matrices are reconstructed once per forward and handed with the biases to a stock nn.GRU /
 nn.LSTM through ``torch.func.functional_call`` (torch's fused kernel), so the time loop never
 runs in Python and autograd reaches the factors. GRU and LSTM differ only in the module and the
-number of gates. No parametrization is ever registered on nn.GRU / nn.LSTM (pytorch issue
-65688). ``matrix_spectra`` lists the singular values of every recurrent matrix of a model.
+number of gates. No parametrization is ever registered on nn.GRU / nn.LSTM: their forward reads
+a cached list of weight tensors that a parametrization does not update. ``matrix_spectra``
+lists the singular values of every recurrent matrix of a model.
 """
 
 from __future__ import annotations

@@ -189,6 +189,33 @@ def _tail(path: Path, n: int = 5) -> str:
     return "\n".join("    " + line for line in lines[-n:])
 
 
+def _plan(
+    runs: Sequence[SweepRun],
+    out: Path,
+    command: Sequence[str],
+    base: dict[str, Any],
+    dry_run: bool,
+    only: Sequence[str],
+) -> tuple[dict[str, dict[str, Any]], list[Launch]]:
+    """Result rows of the runs that will not start (done, not selected, dry run: printed) and
+    the launches of the others."""
+    rows: dict[str, dict[str, Any]] = {}
+    todo = []
+    for run in runs:
+        folder = out / run.name
+        line = command_line(command, folder, {**base, **run.overrides})
+        if (folder / "summary.json").is_file():
+            rows[run.name] = result_row(run, folder, "done")
+        elif only and not any(re.search(pattern, run.name) for pattern in only):
+            rows[run.name] = result_row(run, folder, "not selected")
+        elif dry_run:
+            print(shlex.join(line))
+            rows[run.name] = result_row(run, folder, "pending")
+        else:
+            todo.append(Launch(run.name, line, folder))
+    return rows, todo
+
+
 def run_sweep(
     runs: Sequence[SweepRun],
     out: str | Path,
@@ -210,20 +237,7 @@ def run_sweep(
     ``cluster``, one submitit job per run. results.csv (rows in grid order) is rewritten
     atomically by this process as each run finishes."""
     out = Path(out)
-    rows: dict[str, dict[str, Any]] = {}
-    todo = []
-    for run in runs:
-        folder = out / run.name
-        line = command_line(command, folder, {**(base or {}), **run.overrides})
-        if (folder / "summary.json").is_file():
-            rows[run.name] = result_row(run, folder, "done")
-        elif only and not any(re.search(pattern, run.name) for pattern in only):
-            rows[run.name] = result_row(run, folder, "not selected")
-        elif dry_run:
-            print(shlex.join(line))
-            rows[run.name] = result_row(run, folder, "pending")
-        else:
-            todo.append(Launch(run.name, line, folder))
+    rows, todo = _plan(runs, out, command, base or {}, dry_run, only)
     by_name = {run.name: run for run in runs}
 
     def ordered() -> list[dict[str, Any]]:
