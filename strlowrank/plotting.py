@@ -313,11 +313,11 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
     """Speech frontier: mean accuracy against mean recurrent parameters (K) per method and
     budget, with 95% t-intervals over seeds (``analysis.frontier_points`` rows); the full-rank
     point as a star and a dashed reference; fixed-rank points labelled with their best split.
-    Other layouts get their own line with open markers: per gate dashed, a model of more than
-    one layer (``layout`` "stacked x2") dotted, an LSTM ("lstm ...") dash-dotted. The x
-    axis is logarithmic (small budgets are where methods differ); the y axis starts 4 points
-    below the lowest mean and ends at most 2 points above the highest, so a longer interval
-    runs off."""
+    Every layout gets its own line: a per-gate layout dashed (else solid), and a model other
+    than the one-layer GRU (``layout`` "stacked x2", "lstm per_gate", ...) open markers and a
+    thinner line, so two layouts of one method never look alike. The x axis is logarithmic
+    (small budgets are where methods differ); the y axis starts 4 points below the lowest mean
+    and ends at most 2 points above the highest, so a longer interval runs off."""
     fig, (ax,) = _figure(size=(9.0, 4.8))
     if "layout" not in points:
         points = points.assign(layout="stacked")
@@ -325,8 +325,8 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
         rows = rows.sort_values("params")
         color, marker = method_color(str(method)), METHOD_MARKERS.get(str(method), "o")
         layout = str(layout)
-        other = layout != "stacked"
-        style = "-" if not other else "-." if "lstm" in layout else ":" if " x" in layout else "--"
+        other = layout not in ("stacked", "per_gate")  # another model: two layers, an LSTM
+        style = "--" if "per_gate" in layout else "-"
         ax.errorbar(
             rows["params"] / 1e3,
             rows["mean"],
@@ -334,10 +334,11 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
             color=color,
             marker=marker,
             capsize=3,
-            label=f"{method}, {layout.replace('_', ' ')}" if other else str(method),
+            label=f"{method}, {layout.replace('_', ' ')}" if layout != "stacked" else str(method),
             markersize=9 if method == "full" else 6,
             linestyle=style,
-            markerfacecolor="white" if other else color,
+            linewidth=1.0 if other else 1.5,
+            markerfacecolor="white" if other or layout == "per_gate" else color,
         )
         if method == "full":
             ax.axhline(rows["mean"].mean(), color=color, linestyle="--", linewidth=1, alpha=0.6)

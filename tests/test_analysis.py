@@ -447,3 +447,26 @@ def test_frontier_labels_a_per_gate_split_by_matrix():
     assert _split_label("6/6/6/6/6/6/6/6", "lstm per_gate") == "6/6"
     assert _split_label("10/10/10/10", "stacked x2") == "10/10/10/10"  # stacked: as it is
     assert _split_label("1/2/3/4/5/6", "per_gate") == "1/2/3/4/5/6"  # gates differ: as it is
+
+
+def test_frontier_draws_every_layout_of_a_method_differently():
+    from strlowrank.plotting import plot_frontier
+
+    layouts = ["stacked", "per_gate", "stacked x2", "per_gate x2", "lstm stacked", "lstm per_gate"]
+    points = pd.DataFrame(
+        [
+            {"method": "str", "layout": layout, "budget": "b", "params": 1e4, "mean": 0.9}
+            | {"ci": 0.01, "split": ""}
+            for layout in layouts
+        ]
+    )
+    fig = plot_frontier(points)
+    lines = [c.lines[0] for c in fig.axes[0].containers]
+    assert len(lines) == len(layouts)
+    # within a family (one-layer GRU, two-layer GRU, LSTM) stacked is solid and per gate dashed
+    for stacked, per_gate in [(0, 1), (2, 3), (4, 5)]:
+        assert lines[stacked].get_linestyle() == "-"
+        assert lines[per_gate].get_linestyle() == "--"
+    # and the families differ: only the one-layer stacked GRU has filled markers
+    assert [ln.get_markerfacecolor() == "white" for ln in lines] == [False] + [True] * 5
+    assert lines[0].get_linewidth() > lines[2].get_linewidth()
