@@ -297,7 +297,6 @@ def plot_rank_accuracy(summary: pd.DataFrame, title: str = "Rank vs accuracy") -
     return fig
 
 
-@styled
 def _split_label(split: str, layout: str) -> str:
     """A fixed-rank split as r_W/r_U per layer: per gate, the gates of one matrix share a rank
     (3 gates in a GRU, 4 in an LSTM), so '8/8/8/6/6/6' is drawn as '8/6'."""
@@ -309,6 +308,7 @@ def _split_label(split: str, layout: str) -> str:
     return "/".join(g[0] for g in groups)
 
 
+@styled
 def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -> Figure:
     """Speech frontier: mean accuracy against mean recurrent parameters (K) per method and
     budget, with 95% t-intervals over seeds (``analysis.frontier_points`` rows); the full-rank

@@ -470,3 +470,21 @@ def test_frontier_draws_every_layout_of_a_method_differently():
     # and the families differ: only the one-layer stacked GRU has filled markers
     assert [ln.get_markerfacecolor() == "white" for ln in lines] == [False] + [True] * 5
     assert lines[0].get_linewidth() > lines[2].get_linewidth()
+
+
+def test_every_figure_is_drawn_in_the_project_style():
+    """Each public plot_* function (the figures, not plot_run which saves them) runs under
+    plotting.style(), and no helper does."""
+    import inspect
+
+    from strlowrank import plotting
+
+    figures = [
+        f
+        for name, f in inspect.getmembers(plotting, inspect.isfunction)
+        if name.startswith("plot_") and name != "plot_run" and f.__module__ == plotting.__name__
+    ]
+    assert len(figures) >= 10
+    unstyled = [f.__name__ for f in figures if not hasattr(f, "__wrapped__")]
+    assert not unstyled, unstyled
+    assert not hasattr(plotting._split_label, "__wrapped__")
