@@ -14,7 +14,10 @@ process. Targets, judged on the C++ export: >= 1.5x nn.GRU at H=128 B=64 r=H/4, 
 H=512; against ONNX Runtime at H=128 r=32: >= 1.8x at B=1, >= 2x at B=64, and the dense C++ loop
 >= 1x at B=1.
 Stream: latency of one 10 ms frame (T=1, B=1, state carried) at H=128, r=32, per backend.
-Run: python -m bench.bench_rnn [--part p2 p3 stream] [--repeats 5] [--threads 1]
+FastGRNN, training step at HAR-2's shapes (H=80, T=128, B=64, I=9, 2 classes): nn.GRU vs
+the FastGRNN ``RNNLayer`` (hand-written backward, ``strlowrank.fastgrnn``) full, at
+FastGRNN's (r_W, r_U) = (5, 40) and with STR matrices. Target <= 2x nn.GRU.
+Run: python -m bench.bench_rnn [--part p2 p3 stream fastgrnn] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -61,20 +64,7 @@ def p2(args: argparse.Namespace, hidden: int = 128, batch: int = 64) -> list[dic
             RNNLayer("gru", FEATURES, hidden, _lowrank(16), _lowrank(25)), hidden
         ),
     }
-    x = torch.randn(batch, STEPS, FEATURES, device=args.device)
-    y = torch.randint(0, 12, (batch,), device=args.device)
-    steps = {}
-    for name, model in models.items():
-        model.to(args.device).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-        steps[name] = step
-    stats = summarize(interleaved(steps, args.repeats, args.warmup, args.device), "nn.GRU")
+    stats = _train_steps(models, args, batch, STEPS, FEATURES, 12)
     return [
         {
             "H": hidden,
@@ -87,6 +77,62 @@ def p2(args: argparse.Namespace, hidden: int = 128, batch: int = 64) -> list[dic
         }
         for k, v in stats.items()
     ]
+
+
+def fastgrnn(args: argparse.Namespace, hidden: int = 80, batch: int = 64) -> list[dict]:
+    """FastGRNN training steps against nn.GRU at HAR-2's shapes (module docstring)."""
+    torch.manual_seed(0)
+    steps, features = 128, 9
+    models = {
+        "nn.GRU": _Head(nn.GRU(features, hidden, batch_first=True), hidden, 2),
+        "fastgrnn full": _Head(RNNLayer("fastgrnn", features, hidden), hidden, 2),
+        "fastgrnn (5,40)": _Head(
+            RNNLayer("fastgrnn", features, hidden, _lowrank(5), _lowrank(40)), hidden, 2
+        ),
+        "fastgrnn str": _Head(
+            RNNLayer("fastgrnn", features, hidden, MatrixSpec("str", s_init=-5.0)), hidden, 2
+        ),
+    }
+    stats = _train_steps(models, args, batch, steps, features, 2)
+    return [
+        {
+            "H": hidden,
+            "B": batch,
+            "T": steps,
+            "model": k,
+            "ms": v["ms"],
+            "x_nn.GRU": v["ratio"],
+            "target": "<= 2" if k.startswith("fastgrnn") else "",
+            "met": v["ratio"] <= 2.0 if k.startswith("fastgrnn") else "",
+        }
+        for k, v in stats.items()
+    ]
+
+
+def _train_steps(
+    models: dict[str, nn.Module],
+    args: argparse.Namespace,
+    batch: int,
+    steps: int,
+    features: int,
+    classes: int,
+) -> dict[str, dict[str, float]]:
+    """Adam training steps of every model on one random batch, timed interleaved, against the
+    first model."""
+    x = torch.randn(batch, steps, features, device=args.device)
+    y = torch.randint(0, classes, (batch,), device=args.device)
+    steps = {}
+    for name, model in models.items():
+        model.to(args.device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        steps[name] = step
+    return summarize(interleaved(steps, args.repeats, args.warmup, args.device), next(iter(models)))
 
 
 def _ort(layer: nn.Module, form: str):
@@ -199,7 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser, repeats=5)
     parser.add_argument(
-        "--part", nargs="+", default=["p2", "p3", "stream"], choices=["p2", "p3", "stream"]
+        "--part",
+        nargs="+",
+        default=["p2", "p3", "stream", "fastgrnn"],
+        choices=["p2", "p3", "stream", "fastgrnn"],
     )
     parser.add_argument("--hidden", nargs="+", type=int, default=[128, 256, 512])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 64])
@@ -210,6 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
         out["p2"] = p2(args)
         cols = ["H", "B", "T", "model", "ms", "x_nn.GRU", "target"]
         print_table(out["p2"], cols, f"P2 GRU training step ({args.device})")
+    if "fastgrnn" in args.part:
+        out["fastgrnn"] = fastgrnn(args)
+        cols = ["H", "B", "T", "model", "ms", "x_nn.GRU", "target", "met"]
+        print_table(out["fastgrnn"], cols, f"FastGRNN training step, HAR-2 shapes ({args.device})")
     if "p3" in args.part:
         out["p3"] = [
             p3_case(h, b, r, args)

@@ -9,12 +9,22 @@ from speech.features import FeatureConfig
 from speech.models import SpeechModelConfig
 from strlowrank.config import option
 from strlowrank.controller_config import ControllerConfig
-from strlowrank.engine import TrainConfig
+from strlowrank.train_config import TrainConfig
 
 
 @dataclass
 class SpeechDataConfig:
-    root: str | None = option(None, "Speech Commands root (default: the synthetic espeak tree)")
+    name: str = option(
+        "speech_commands",
+        "speech_commands (keyword audio) | har2 | har6 (activity windows from smartphone "
+        "sensors, docs/HAR.md)",
+        choices=("speech_commands", "har2", "har6"),
+    )
+    root: str | None = option(
+        None,
+        "dataset root: a Speech Commands tree (default: the synthetic espeak tree) or a "
+        "'UCI HAR Dataset' folder (default: windows of the HAPT recordings, fetched once)",
+    )
     task: str = option(
         "google12", "google12 (10 words + unknown + silence) | all35", choices=("google12", "all35")
     )

@@ -20,14 +20,16 @@ from torch import nn
 from strlowrank.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from strlowrank.config import ConfigError, from_dict, option
 from strlowrank.lowrank import MatrixSpec
-from strlowrank.rnn import GATES, SPLITS, RNNLayer
+from strlowrank.rnn import CELLS, GATES, SPLITS, RNNLayer
 
 POOLS = ("last", "mean")
 
 
 @dataclass
 class SpeechModelConfig:
-    cell: str = option("gru", "gru | lstm", choices=("gru", "lstm"))
+    cell: str = option(
+        "gru", "gru | lstm | fastgrnn (one W, U shared by gate and update)", choices=CELLS
+    )
     param: str = option(
         "str",
         "recurrent matrices: full | lowrank (fixed ranks) | str (learned)",
@@ -106,7 +108,7 @@ class KeywordSpotter(nn.Module):
             x, final = rnn(x)
         if self.cfg.pool == "mean":
             return x.mean(dim=1)
-        return final if self.cfg.cell == "gru" else final[0]
+        return final[0] if self.cfg.cell == "lstm" else final
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.features(x)))
@@ -192,5 +194,5 @@ def init_from_checkpoint(model: KeywordSpotter, path: str | Path) -> None:
         raise CheckpointError(f"{e} (another input size?)") from None
     with torch.no_grad():
         for mine, src in zip(model.rnns, source.rnns):
-            mine.load_dense_(*src.stacked_weights(), src.bias_ih, src.bias_hh)
+            mine.load_dense_(*src.stacked_weights(), src.bias_ih, src.bias_hh, **src.cell_scalars())
         model.classifier.load_state_dict(source.classifier.state_dict())

@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 
 from speech.config import SpeechConfig
 from speech.features import augment, load_features
+from speech.har import load_har
 from speech.models import build_model, init_from_checkpoint, recurrent_params
 from strlowrank.budget import ranked_layers
 from strlowrank.cli import execute, parse_config, run_main
@@ -42,8 +43,10 @@ def rank_text(table: pd.DataFrame) -> str:
 
 
 def load_splits(cfg: SpeechConfig, info: DistInfo) -> dict:
-    """The train / val / test features of ``data.root``, or of the generated default tree."""
+    """The train / val / test features of ``data.root``, or of the default data of ``data.name``."""
     d, progress = cfg.data, cfg.train.progress and info.is_main
+    if d.name != "speech_commands":
+        return load_har(d.root, d.name, progress=progress)
     if d.root is None:
         from speech.synth import ensure_default_data  # espeak-ng only for the default data
 

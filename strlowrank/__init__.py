@@ -17,20 +17,14 @@ from strlowrank.checkpoint import (
     load_checkpoint,
     load_model_state,
     save_checkpoint,
+    seed_everything,
 )
 from strlowrank.cli import execute, parse_config, run_main
 from strlowrank.config import ConfigError, from_dict, load_config, option, save_config, to_dict
 from strlowrank.controller import BudgetController, build_controller
 from strlowrank.controller_config import ControllerConfig
 from strlowrank.distributed import DistInfo, cleanup, init_distributed
-from strlowrank.engine import (
-    Interrupted,
-    Task,
-    TrainConfig,
-    Trainer,
-    TrainingError,
-    seed_everything,
-)
+from strlowrank.engine import Interrupted, Task, Trainer, TrainingError
 from strlowrank.lowrank import (
     FullMatrix,
     LowRankMatrix,
@@ -74,6 +68,7 @@ from strlowrank.threshold import (
     thresholded_modules,
     weight_parametrizations,
 )
+from strlowrank.train_config import TrainConfig
 
 __all__ = [
     # method: soft thresholds (strlowrank.threshold)
@@ -125,8 +120,10 @@ __all__ = [
     "parameter_roles",
     "warmup_cosine",
     "warmup_cosine_factor",
-    # training: configs and entry points (strlowrank.config, strlowrank.cli)
+    # training: configs and entry points (strlowrank.config, strlowrank.train_config,
+    # strlowrank.cli)
     "ConfigError",
+    "TrainConfig",
     "from_dict",
     "load_config",
     "option",
@@ -138,14 +135,13 @@ __all__ = [
     # training: the loop, checkpoints, processes, controller
     "Interrupted",
     "Task",
-    "TrainConfig",
     "Trainer",
     "TrainingError",
-    "seed_everything",
     "CheckpointError",
     "load_checkpoint",
     "load_model_state",
     "save_checkpoint",
+    "seed_everything",
     "DistInfo",
     "cleanup",
     "init_distributed",

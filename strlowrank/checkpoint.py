@@ -3,7 +3,8 @@
 A checkpoint holds model, optimizer, scheduler, scaler and callback states, the epoch and step
 position, the RNG states and the config as a plain dict. It is written to a temporary file in the
 same folder, flushed to disk and renamed over the old one, so a kill at any moment leaves the last
-complete checkpoint intact. Loading never unpickles arbitrary objects.
+complete checkpoint intact. Loading never unpickles arbitrary objects. The random number
+generators are seeded here (:func:`seed_everything`) and their states saved and restored with it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, path: str | Path)
                 f"vs {tuple(own[k].shape)})"
             )
     model.load_state_dict(state_dict)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; call before building the model."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

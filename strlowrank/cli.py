@@ -181,10 +181,10 @@ def execute(
     """
     from pathlib import Path
 
-    from strlowrank.checkpoint import load_checkpoint, load_model_state
+    from strlowrank.checkpoint import load_checkpoint, load_model_state, seed_everything
     from strlowrank.config import save_config, to_dict
     from strlowrank.distributed import cleanup, init_distributed
-    from strlowrank.engine import Trainer, seed_everything
+    from strlowrank.engine import Trainer
 
     info = init_distributed(cfg.train.device)
     try:

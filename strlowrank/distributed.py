@@ -2,6 +2,8 @@
 
 ``torchrun --nproc_per_node=N script.py`` sets RANK, LOCAL_RANK and WORLD_SIZE; without them the
 run is a single process. The backend is nccl on CUDA and gloo on CPU. Only rank 0 logs and writes.
+Each rank reads its own shard of every epoch (:class:`EpochSampler`); :func:`replicas_in_sync`
+checks at the end that the ranks still hold the same model.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Sampler
 
 
 @dataclass
@@ -60,6 +64,50 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled (or ordered) indices for one epoch, sharded over ranks, from a given position.
+
+    The order depends only on (seed, epoch), so a resumed run sees the same batches. Training
+    shards are padded to equal length (DDP needs equal step counts); evaluation shards are not.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        info: DistInfo,
+        start: int = 0,
+        pad: bool = True,
+    ) -> None:
+        if shuffle:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        if pad and info.world_size > 1:
+            order += order[: (-n) % info.world_size]
+        self.indices = order[info.rank :: info.world_size][start:]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def replicas_in_sync(model: nn.Module, info: DistInfo) -> bool:
+    """True when every DDP rank holds bit-identical parameters (compares float64 checksums)."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        sums = torch.stack([flat.sum(), (flat * weights.remainder(97)).sum()])
+        both = torch.cat([sums, -sums])  # max over ranks of x and of -x: equal iff all ranks agree
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(both[:2], -both[2:]))
 
 
 def cleanup(info: DistInfo) -> None:

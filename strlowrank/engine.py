@@ -1,7 +1,8 @@
 """The one training loop shared by the vision and speech tracks.
 
 A track hands the engine a :class:`Task` (model, datasets, an example input for the budget, optional
-callbacks and augmentation) and a :class:`TrainConfig`; the engine trains with warm-up + cosine,
+callbacks (strlowrank.callbacks) and augmentation) and a
+:class:`~strlowrank.train_config.TrainConfig`; the engine trains with warm-up + cosine,
 label smoothing, SGD/Adam, clipping and autocast, evaluates every epoch, and keeps the run folder:
 
     config.yaml (written by the entry script), metrics.csv (a row per epoch), budget.csv,
@@ -25,14 +26,14 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from strlowrank import budget as budget_mod
 from strlowrank.cache import write_atomic
+from strlowrank.callbacks import Callback, call_hook, check_callbacks
 from strlowrank.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -40,157 +41,16 @@ from strlowrank.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from strlowrank.config import ConfigError, option
-from strlowrank.distributed import DistInfo, all_reduce_sum
+from strlowrank.distributed import DistInfo, EpochSampler, all_reduce_sum, replicas_in_sync
+from strlowrank.measures import budget_warnings
 from strlowrank.optim import (
-    ALGORITHMS,
-    ROLES,
     build_optimizer,
     describe_groups,
     param_groups,
     warmup_cosine,
     warmup_cosine_factor,
 )
-
-
-@dataclass
-class TrainConfig:
-    """Optimization and run settings shared by both tracks (the ``train.*`` config section)."""
-
-    epochs: int = option(10, "number of training epochs", min=1)
-    batch_size: int = option(64, "global batch size (split evenly over DDP processes)", min=1)
-    optimizer: str = option("sgd", "sgd | adam | adamw", choices=ALGORITHMS)
-    lr: float = option(0.1, "peak learning rate (after warm-up)", min=0.0)
-    momentum: float = option(0.9, "SGD momentum", min=0.0, max=1.0)
-    nesterov: bool = option(False, "Nesterov momentum for SGD")
-    weight_decay: float = option(5e-4, "weight decay (lambda) on weights", min=0.0)
-    threshold_decay: float | None = option(
-        None, "weight decay on STR thresholds s (the sparsity knob); default: weight_decay", min=0.0
-    )
-    spectrum_decay: float | None = option(
-        None,
-        "weight decay on singular values of STR low-rank matrices (the rank knob); "
-        "default: weight_decay",
-        min=0.0,
-    )
-    norm_decay: float | None = option(
-        None, "weight decay on norm weights and biases; default: weight_decay", min=0.0
-    )
-    role_decay: dict[str, float] = option(
-        factory=dict,
-        help="weight decay of a role without its own field, e.g. {factor: 0.0} "
-        "(weight, threshold, spectrum, norm_bias: train.weight_decay, threshold_decay, "
-        "spectrum_decay, norm_decay)",
-        min=0.0,
-        keys=ROLES,
-    )
-    role_lr: dict[str, float | None] = option(
-        factory=dict,
-        help="peak per-step lr of a role (absolute, not a multiple of train.lr; the "
-        "same warm-up + cosine shape), e.g. {spectrum: 30.0}; null: train.lr",
-        min=0.0,
-        keys=ROLES,
-    )
-    role_lr_per_run: dict[str, float | None] = option(
-        factory=dict,
-        help="lr of a role in units of the whole run: its peak per-step lr is this "
-        "value / the run's optimizer steps (absolute, not a multiple of train.lr), so the role "
-        "moves the same way over training progress at any data size, epochs or batch "
-        "(docs/METHOD.md, run-length invariance), e.g. {threshold: 60}; null takes a role off "
-        "the run's clock",
-        min=0.0,
-        keys=ROLES,
-    )
-    role_optimizer: dict[str, str] = option(
-        factory=dict,
-        help="another optimizer for some roles, e.g. {threshold: sgd}",
-        choices=ALGORITHMS,
-        keys=ROLES,
-    )
-    warmup_epochs: float = option(0.0, "linear warm-up epochs before the cosine decay", min=0.0)
-    min_lr_ratio: float = option(0.0, "final lr as a fraction of the peak", min=0.0, max=1.0)
-    label_smoothing: float = option(0.0, "label smoothing of the training loss", min=0.0, max=1.0)
-    clip_grad: float = option(0.0, "clip the gradient norm to this value (0: off)", min=0.0)
-    amp: str = option(
-        "auto",
-        "auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off",
-        choices=("auto", "bf16", "fp16", "off"),
-    )
-    channels_last: bool | str = option(
-        "auto",
-        "channels_last memory format: auto (on for image batches on CUDA, off on CPU) | on | off;"
-        " true / false mean on / off",
-        choices=("auto", "on", "off", True, False),
-    )
-    seed: int = option(0, "random seed (model init, data order, augmentation)")
-    device: str = option("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    workers: int = option(0, "data loader worker processes", min=0)
-    progress: bool = option(True, "show a progress bar")
-    plots: bool = option(
-        True, "write plots/ at the end (a sweep of many short runs can skip them: about 2 s each)"
-    )
-    bn_recalibration: int = option(
-        0,
-        "training batches over which BatchNorm running statistics are re-estimated (exact "
-        "average, no gradient) before the final evaluation; pruning moves the weights faster than "
-        "the running averages follow on short runs (0: off)",
-        min=0,
-    )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.channels_last, bool):  # older configs: channels_last: true / false
-            self.channels_last = "on" if self.channels_last else "off"
-        check_one_spelling(self)
-
-
-# roles whose decay has its own train.* field; train.role_decay covers the others
-DECAY_FIELDS = {
-    "weight": "weight_decay",
-    "threshold": "threshold_decay",
-    "spectrum": "spectrum_decay",
-    "norm_bias": "norm_decay",
-}
-
-
-def check_one_spelling(cfg: TrainConfig) -> None:
-    """Each role's decay and lr is set in one place: a role with its own decay field is not in
-    ``role_decay``, and no role is in both ``role_lr`` and ``role_lr_per_run`` (a null in either
-    does not count). Raises ConfigError naming both fields."""
-    for role in cfg.role_decay:
-        if role in DECAY_FIELDS:
-            raise ConfigError(
-                f"train.role_decay.{role}: set train.{DECAY_FIELDS[role]} instead "
-                "(one field per decay)"
-            )
-    per_run = {role for role, eta in cfg.role_lr_per_run.items() if eta is not None}
-    both = sorted(per_run & {role for role, lr in cfg.role_lr.items() if lr is not None})
-    if both:
-        raise ConfigError(
-            f"train.role_lr.{both[0]} and train.role_lr_per_run.{both[0]} both set "
-            "its lr; give one (null in role_lr_per_run takes it off the run's "
-            "clock)"
-        )
-
-
-def role_decays(cfg: TrainConfig) -> dict[str, float]:
-    """Weight decay per role: the named fields (None: ``weight_decay``) and ``role_decay``."""
-    named = {role: getattr(cfg, name) for role, name in DECAY_FIELDS.items()}
-    named = {role: cfg.weight_decay if d is None else d for role, d in named.items()}
-    return {**cfg.role_decay, **named}
-
-
-def use_channels_last(choice: bool | str, device: torch.device, input_dim: int | None) -> bool:
-    """Whether the model and its inputs run in the channels_last memory format.
-
-    ``"on"`` / ``"off"`` (or True / False) as given; ``"auto"``: on for image batches (4-d
-    inputs [N, C, H, W]) on CUDA, where cuDNN's NHWC convolutions (and bf16 tensor cores) are
-    fastest, off on CPU and for other inputs (sequences [N, T, F]).
-    """
-    if isinstance(choice, bool) or choice in ("on", "off"):
-        return choice in (True, "on")
-    if choice != "auto":
-        raise ValueError(f"channels_last must be auto | on | off, got {choice!r}")
-    return torch.device(device).type == "cuda" and input_dim == 4
+from strlowrank.train_config import TrainConfig, role_decays, role_lrs, use_channels_last
 
 
 @dataclass
@@ -204,7 +64,7 @@ class Task:
     example_input: torch.Tensor | None = None  # one small batch for the budget's MACs
     budget_include: tuple[str, ...] = ("*",)
     budget_exclude: tuple[str, ...] = ()
-    callbacks: list[Any] = field(default_factory=list)
+    callbacks: list[Callback] = field(default_factory=list)
     augment: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None  # train batches, on device
     describe: Callable[[pd.DataFrame], str] | None = None  # extra text for the epoch line
     summarize: Callable[[pd.DataFrame], dict] | None = None  # extra summary.json entries
@@ -218,122 +78,12 @@ class Interrupted(Exception):
     """SIGTERM/SIGINT: a checkpoint was saved; resume with --resume."""
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffled (or ordered) indices for one epoch, sharded over ranks, from a given position.
-
-    The order depends only on (seed, epoch), so a resumed run sees the same batches. Training
-    shards are padded to equal length (DDP needs equal step counts); evaluation shards are not.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        seed: int,
-        epoch: int,
-        shuffle: bool,
-        info: DistInfo,
-        start: int = 0,
-        pad: bool = True,
-    ) -> None:
-        if shuffle:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
-        if pad and info.world_size > 1:
-            order += order[: (-n) % info.world_size]
-        self.indices = order[info.rank :: info.world_size][start:]
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def budget_warnings(
-    table: pd.DataFrame, val_acc: float, classes: int, cfg: TrainConfig, steps: int
-) -> list[str]:
-    """One line per way a learned budget failed silently: STR layers that pruned almost nothing
-    (total sparsity of the thresholded layers under 10%, or learned ranks summing to over 80% of
-    the full ranks)
-    or accuracy collapsed (val accuracy under twice chance). Empty for methods without STR."""
-    rows = budget_mod.layers(table)
-    learned = rows[rows["param"] == "str"]
-    if not len(learned):
-        return []
-    ranked = "rank" in learned and learned["rank"].notna().all()
-    notes = []
-    if ranked and learned["rank"].sum() > 0.8 * learned["full_rank"].sum():
-        pairs = zip(learned["name"], learned["rank"], learned["full_rank"])
-        ranks = ", ".join(f"{n.rsplit('.', 1)[-1]} {int(r)}/{int(f)}" for n, r, f in pairs)
-        notes.append(
-            f"warning: no rank was learned (ranks {ranks} after {steps} optimizer steps, "
-            f"together over 80% of full): ask for a budget with --target-params N or "
-            f"--target-rank N, or raise train.spectrum_decay (now {cfg.spectrum_decay})"
-        )
-    sparsity = 1.0 - learned["nnz"].sum() / max(learned["numel"].sum(), 1)
-    if not ranked and sparsity < 0.1:
-        notes.append(
-            f"warning: STR pruned almost nothing ({100 * sparsity:.1f}% sparsity after "
-            f"{steps} optimizer steps): ask for a budget with --target-sparsity 0.9 or "
-            f"--target-macs 0.1, or raise train.threshold_decay (now "
-            f"{cfg.threshold_decay})"
-        )
-    if classes > 1 and val_acc < 2.0 / classes:
-        notes.append(
-            f"warning: val accuracy {100 * val_acc:.1f}% is below twice chance "
-            f"({200 / classes:.1f}%) at {100 * sparsity:.1f}% sparsity of the learned "
-            f"layers: the budget is too small; ask for a larger one (--target-sparsity, "
-            f"--target-params) or lower the decay"
-        )
-    return notes
-
-
-def role_lrs(cfg: TrainConfig, total_steps: int) -> dict[str, float]:
-    """Peak per-step lr of every role that has its own (absolute, independent of ``cfg.lr``):
-    ``role_lr`` as given, and eta / total_steps for every role in ``role_lr_per_run``.
-
-    With eta_r = lr_r T fixed, the update of a role's parameter theta over training progress
-    p = t / T is d theta / dp = -eta_r f(p) (grad + lambda_r theta) (f: the warm-up + cosine
-    factor), which does not contain T: the same trajectory at 150 steps or 500,000.
-    """
-    check_one_spelling(cfg)
-    lrs = {role: lr for role, lr in cfg.role_lr.items() if lr is not None}
-    for role, eta in cfg.role_lr_per_run.items():
-        if eta is not None:
-            lrs[role] = eta / max(total_steps, 1)
-    return lrs
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch; call before building the model."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def accuracy_counts(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """(top-1 correct, top-5 correct) counts of a batch."""
     k = min(5, logits.shape[1])
     top = logits.topk(k, dim=1).indices
     hit = top.eq(y[:, None])
     return float(hit[:, 0].sum()), float(hit.any(dim=1).sum())
-
-
-def replicas_in_sync(model: nn.Module, info: DistInfo) -> bool:
-    """True when every DDP rank holds bit-identical parameters (compares float64 checksums)."""
-    with torch.no_grad():
-        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-        sums = torch.stack([flat.sum(), (flat * weights.remainder(97)).sum()])
-        both = torch.cat([sums, -sums])  # max over ranks of x and of -x: equal iff all ranks agree
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    return bool(torch.equal(both[:2], -both[2:]))
 
 
 def _input_dim(task: Task) -> int | None:
@@ -389,9 +139,9 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.groups, cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.role_optimizer
         )
+        check_callbacks(task.callbacks)
         for cb in task.callbacks:  # callbacks that steer the optimizer (budget controller)
-            if hasattr(cb, "bind"):
-                cb.bind(self.optimizer)
+            call_hook(cb, "bind", self.optimizer)
         self.warmup_steps, self.total_steps = round(cfg.warmup_epochs * self.steps_per_epoch), total
         self.scheduler = warmup_cosine(self.optimizer, self.warmup_steps, total, cfg.min_lr_ratio)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -475,8 +225,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         for cb in self.task.callbacks:
-            if hasattr(cb, "on_step_end"):
-                cb.on_step_end(self.model, self.step)
+            call_hook(cb, "on_step_end", self.model, self.step)
         self.step += 1
         return value * len(y), float((logits.argmax(1) == y).sum())
 
@@ -557,9 +306,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "callbacks": [
-                cb.state_dict() if hasattr(cb, "state_dict") else {} for cb in self.task.callbacks
-            ],
+            "callbacks": [call_hook(cb, "state_dict") or {} for cb in self.task.callbacks],
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "step": self.step,
@@ -582,8 +329,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         for cb, cb_state in zip(self.task.callbacks, state["callbacks"]):
-            if hasattr(cb, "load_state_dict"):
-                cb.load_state_dict(cb_state)
+            call_hook(cb, "load_state_dict", cb_state)
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.step, self.partial = state["step"], list(state["partial"])
         self.history, self.budget_history = state["history"], state["budget_history"]
@@ -618,8 +364,7 @@ class Trainer:
             "macs_sparse": tot["macs_sparse"],
         }
         for cb in self.task.callbacks:
-            extra = cb.on_epoch_end(self.model, self.epoch) if hasattr(cb, "on_epoch_end") else None
-            row.update(extra or {})
+            row.update(call_hook(cb, "on_epoch_end", self.model, self.epoch) or {})
         self.history.append(row)
         keep = ["name", "nnz", "sparsity", "threshold", "rank"]
         for r in budget_mod.layers(table)[keep].to_dict("records"):
@@ -662,8 +407,7 @@ class Trainer:
             self.load(resume)
         self.log(describe_groups(self.groups))
         for cb in self.task.callbacks:
-            if hasattr(cb, "on_train_start"):
-                cb.on_train_start(self.model, self.steps_per_epoch, self.cfg.epochs)
+            call_hook(cb, "on_train_start", self.model, self.steps_per_epoch, self.cfg.epochs)
         start = time.perf_counter()
         with self._signals():
             while self.epoch < self.cfg.epochs:

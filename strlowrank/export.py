@@ -312,7 +312,7 @@ def export_onnx(
     path: str | Path | None = None,
     form: str = "scan",
 ) -> onnx.ModelProto:
-    """An ONNX graph of a GRU layer or of a pruned CNN (written to ``path`` if given).
+    """An ONNX graph of a GRU or FastGRNN layer or of a pruned CNN (written to ``path`` if given).
 
     GRU (``RNNLayer``, batch-first ``nn.GRU``, ``LowRankGRU`` or ``CompiledLowRankGRU``):
     inputs x [B, T, I], h0 [B, H]; outputs y [B, T, H], h_T [B, H]; ``form`` "scan" (the
@@ -323,6 +323,11 @@ def export_onnx(
     """
     from strlowrank import onnx_export
 
+    if isinstance(model, RNNLayer) and model.cell == "fastgrnn":
+        proto = onnx_export.fastgrnn_graph(model)
+        if path is not None:
+            Path(path).write_bytes(proto.SerializeToString())
+        return proto
     if isinstance(model, (RNNLayer, nn.GRU)):
         model = export_gru(model, script=False)
     if hasattr(model, "w_at") and hasattr(model, "u_factored"):  # LowRankGRU and its forms

@@ -11,17 +11,20 @@ A measure maps a model to y = 1 - sum(kept) / sum(full) over the per-layer rows 
 y is non-decreasing in every threshold, which the budget controller (strlowrank.controller) and
 the exact threshold shift (strlowrank.threshold_shift) rely on. A target in user units (a
 fraction, a parameter count, a sum of ranks) is converted to y by :func:`to_reduction`, with the
-model's full size from :func:`unit_scale`. docs/CONTROLLER.md.
+model's full size from :func:`unit_scale`. docs/CONTROLLER.md. :func:`budget_warnings` reads the
+same rows at the end of a run and names a budget that was not learned.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import pandas as pd
 import torch
 from torch import nn
 
 from strlowrank.budget import budget_table, layers, ranked_layers
+from strlowrank.train_config import TrainConfig
 
 METRICS = ("sparsity", "macs", "params", "rank")
 Measure = Callable[[nn.Module], float]
@@ -126,3 +129,50 @@ def to_reduction(metric: str, value: float, scale: float = 1.0) -> float:
 def from_reduction(metric: str, reduction: float, scale: float = 1.0) -> float:
     """The inverse of :func:`to_reduction` (for logging in user units)."""
     return reduction if metric == "sparsity" else scale * (1.0 - reduction)
+
+
+def collapse_accuracy(classes: int) -> float:
+    """The accuracy under which a model counts as collapsed: twice chance, 2 / C, or halfway
+    from chance to perfect, (1 + 1 / C) / 2, whichever is lower (75% for two classes, where
+    twice chance would be 100%)."""
+    return min(2.0 / classes, (1.0 + 1.0 / classes) / 2.0)
+
+
+def budget_warnings(
+    table: pd.DataFrame, val_acc: float, classes: int, cfg: TrainConfig, steps: int
+) -> list[str]:
+    """One line per way a learned budget failed silently: STR layers that pruned almost nothing
+    (total sparsity of the thresholded layers under 10%, or learned ranks summing to over 80% of
+    the full ranks) or accuracy collapsed (val accuracy under `collapse_accuracy`). Empty for
+    methods without STR."""
+    rows = layers(table)
+    learned = rows[rows["param"] == "str"]
+    if not len(learned):
+        return []
+    ranked = "rank" in learned and learned["rank"].notna().all()
+    notes = []
+    if ranked and learned["rank"].sum() > 0.8 * learned["full_rank"].sum():
+        pairs = zip(learned["name"], learned["rank"], learned["full_rank"])
+        ranks = ", ".join(f"{n.rsplit('.', 1)[-1]} {int(r)}/{int(f)}" for n, r, f in pairs)
+        notes.append(
+            f"warning: no rank was learned (ranks {ranks} after {steps} optimizer steps, "
+            f"together over 80% of full): ask for a budget with --target-params N or "
+            f"--target-rank N, or raise train.spectrum_decay (now {cfg.spectrum_decay})"
+        )
+    sparsity = 1.0 - learned["nnz"].sum() / max(learned["numel"].sum(), 1)
+    if not ranked and sparsity < 0.1:
+        notes.append(
+            f"warning: STR pruned almost nothing ({100 * sparsity:.1f}% sparsity after "
+            f"{steps} optimizer steps): ask for a budget with --target-sparsity 0.9 or "
+            f"--target-macs 0.1, or raise train.threshold_decay (now "
+            f"{cfg.threshold_decay})"
+        )
+    floor = collapse_accuracy(classes)
+    if classes > 1 and val_acc < floor:
+        notes.append(
+            f"warning: val accuracy {100 * val_acc:.1f}% is below {100 * floor:.1f}% "
+            f"(a collapsed model) at {100 * sparsity:.1f}% sparsity of the learned "
+            f"layers: the budget is too small; ask for a larger one (--target-sparsity, "
+            f"--target-params) or lower the decay"
+        )
+    return notes

@@ -21,6 +21,9 @@ CNN (``cnn_graph``): an unparametrized eval-mode CNN (thresholds baked, BN folde
 (``dynamo=False``, which needs no onnxscript). Sparse weights are stored dense with their zeros:
 ONNX Runtime's CPU convolutions have no sparse kernels.
 
+FastGRNN (``fastgrnn_graph``): the same ``Scan`` form for a FastGRNN layer, its one W and one U
+kept as factors where that is smaller.
+
 ``ort_session`` opens a graph in ONNX Runtime at a fixed thread count. onnx and onnxruntime
 are imported only here.
 """
@@ -35,6 +38,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
+
+from strlowrank.lowrank import factored_is_cheaper
 
 OPSET = 17
 FORMS = ("scan", "gru_op")
@@ -220,3 +225,93 @@ def run_ort(session, *inputs: torch.Tensor) -> list[torch.Tensor]:
     """Run ``session`` on torch tensors (in the graph's input order); outputs as tensors."""
     feed = {i.name: _array(t) for i, t in zip(session.get_inputs(), inputs)}
     return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+
+def fastgrnn_graph(layer: nn.Module, opset: int = OPSET) -> onnx.ModelProto:
+    """The ONNX graph of a FastGRNN ``RNNLayer`` (``strlowrank.fastgrnn``), at its exported
+    ranks: inputs x [B, T, I], h0 [B, H]; outputs y [B, T, H], h_T [B, H]. Outside the loop
+    wx = (x B_W^T) A_W^T (one MatMul when W is dense) plus b_z and b_h; an ONNX ``Scan`` step is
+
+        u = (h B_U^T) A_U^T,  z = sigmoid(wx_z + u),  c = tanh(wx_h + u),
+        h' = (zeta + nu) c + z (h - zeta c)
+    """
+    compact = layer.export()
+    hid, in_f, f32 = int(compact.hidden_size), int(compact.input_size), TensorProto.FLOAT
+    zeta = torch.sigmoid(compact.zeta.detach().float())
+    keep = zeta + torch.sigmoid(compact.nu.detach().float())
+    inits = [
+        _init("b_z", compact.bias_ih),
+        _init("b_h", compact.bias_hh),
+        _init("zeta", zeta.reshape(1)),
+        _init("keep", keep.reshape(1)),
+    ]
+    nodes = [helper.make_node("Transpose", ["x"], ["x_tbi"], perm=[1, 0, 2])]
+    nodes += _factor_matmuls("x_tbi", "w", compact.W, inits, "wx")
+    nodes += [
+        helper.make_node("Add", ["wx", "b_z"], ["gz"]),
+        helper.make_node("Add", ["wx", "b_h"], ["gc"]),
+        helper.make_node(
+            "Scan",
+            ["h0", "gz", "gc"],
+            ["h", "y_tbh"],
+            num_scan_inputs=2,
+            body=_fastgrnn_step(compact.U, inits, hid),
+        ),
+        helper.make_node("Transpose", ["y_tbh"], ["y"], perm=[1, 0, 2]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", f32, ["batch", "time", in_f]),
+        helper.make_tensor_value_info("h0", f32, ["batch", hid]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("y", f32, ["batch", "time", hid]),
+        helper.make_tensor_value_info("h", f32, ["batch", hid]),
+    ]
+    graph = helper.make_graph(nodes, "strlowrank_fastgrnn", inputs, outputs, inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="strlowrank"
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
+def _fastgrnn_step(u: nn.Module, inits: list, hid: int) -> onnx.GraphProto:
+    """The Scan body of `fastgrnn_graph`: (h_prev, gz_t, gc_t) -> (h_next, y_t)."""
+    body = _factor_matmuls("h_prev", "u", u, inits, "uh")
+    body += [
+        helper.make_node("Add", ["gz_t", "uh"], ["a_z"]),
+        helper.make_node("Sigmoid", ["a_z"], ["z"]),
+        helper.make_node("Add", ["gc_t", "uh"], ["a_c"]),
+        helper.make_node("Tanh", ["a_c"], ["c"]),
+        helper.make_node("Mul", ["c", "zeta"], ["zeta_c"]),
+        helper.make_node("Sub", ["h_prev", "zeta_c"], ["h_minus"]),
+        helper.make_node("Mul", ["z", "h_minus"], ["z_h"]),
+        helper.make_node("Mul", ["c", "keep"], ["keep_c"]),
+        helper.make_node("Add", ["keep_c", "z_h"], ["h_next"]),
+        helper.make_node("Identity", ["h_next"], ["y_t"]),
+    ]
+    f32 = TensorProto.FLOAT
+    names_in, names_out = ("h_prev", "gz_t", "gc_t"), ("h_next", "y_t")
+    return helper.make_graph(
+        body,
+        "fastgrnn_step",
+        [helper.make_tensor_value_info(n, f32, ["batch", hid]) for n in names_in],
+        [helper.make_tensor_value_info(n, f32, ["batch", hid]) for n in names_out],
+    )
+
+
+def _factor_matmuls(
+    source: str, name: str, matrix: nn.Module, inits: list, out: str
+) -> list[onnx.NodeProto]:
+    """``out = source @ M^T`` for an exported matrix M: two MatMuls through its factors A B when
+    they are stored (a ``LowRankMatrix``), else one MatMul with the dense M (initializers are
+    appended to ``inits``)."""
+    a, b = matrix.factors()
+    if factored_is_cheaper(a.shape[1], a.shape[0], b.shape[1]):
+        inits += [_init(f"{name}_bt", b.t()), _init(f"{name}_at", a.t())]
+        return [
+            helper.make_node("MatMul", [source, f"{name}_bt"], [f"{out}_r"]),
+            helper.make_node("MatMul", [f"{out}_r", f"{name}_at"], [out]),
+        ]
+    inits.append(_init(f"{name}_t", (a @ b).t()))
+    return [helper.make_node("MatMul", [source, f"{name}_t"], [out])]

@@ -74,9 +74,9 @@ def param_groups(
     """One optimizer group per role present in ``model``.
 
     ``role_decay`` overrides the decay of a role (default: ``weight_decay`` for every role, as in
-    the paper's released configs); ``role_lr`` gives a role its own peak lr (absolute; other
-    roles get the optimizer's ``lr``, see :func:`build_optimizer`). Each group carries ``role``,
-    ``role_lr`` (None: the base lr) and ``names`` keys.
+    the paper's released configs); ``role_lr`` gives a role its own peak lr, the group's ``lr``
+    (absolute; a group without one takes the optimizer's ``lr``, torch's rule for group
+    defaults). Each group carries ``role`` and ``names`` keys.
     """
     role_decay = role_decay or {}
     role_lr = role_lr or {}
@@ -89,9 +89,10 @@ def param_groups(
                 "params": [],
                 "names": [],
                 "weight_decay": float(role_decay.get(role, weight_decay)),
-                "role_lr": float(role_lr[role]) if role in role_lr else None,
             },
         )
+        if role in role_lr:
+            g["lr"] = float(role_lr[role])
         g["params"].append(p)
         g["names"].append(name)
     return list(groups.values())
@@ -183,14 +184,13 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """SGD (coupled L2 decay, the paper's choice), Adam (coupled) or AdamW (decoupled).
 
-    Every group's lr is ``lr``, or its ``role_lr`` when :func:`param_groups` gave it one. A
-    scheduler then multiplies each group's own lr by the same factor (one schedule shape).
+    ``lr`` is the lr of every group without its own (:func:`param_groups` gives a role's group
+    its ``lr``). A scheduler then multiplies each group's lr by the same factor (one shape).
     ``role_algorithm`` ({"threshold": "sgd"}) gives some roles another rule than ``name``;
     then a :class:`RoleOptimizer` runs every group with its own rule.
     """
     role_algorithm = role_algorithm or {}
     for g in groups:
-        g["lr"] = lr if g.get("role_lr") is None else g["role_lr"]
         g["algo"] = role_algorithm.get(g["role"], name)
         if g["algo"] not in ALGORITHMS:
             raise ValueError(f"unknown optimizer {g['algo']!r} for role {g['role']} {ALGORITHMS}")
@@ -214,7 +214,7 @@ def describe_groups(groups: Iterable[dict]) -> str:
     lines = []
     for g in groups:
         n = sum(p.numel() for p in g["params"])
-        lr = g.get("initial_lr", g.get("lr", g.get("role_lr")))
+        lr = g.get("initial_lr", g.get("lr"))
         lines.append(
             f"  {g['role']:<10} {len(g['params']):>4} tensors {n:>11,d} params  "
             f"{g.get('algo', ''):<5} decay {g['weight_decay']:.3g}  "

@@ -1,8 +1,12 @@
-"""GRU and LSTM layers over factorized matrices, run through torch's fused recurrence.
+"""GRU, LSTM and FastGRNN layers over factorized matrices.
 
 Each layer holds two stacked matrices (gates in torch's order; GRU r, z, n; LSTM i, f, g, o):
 
-    W [G H, I] (input to hidden),   U [G H, H] (hidden to hidden),   G = 3 (GRU) or 4 (LSTM)
+    W [G H, I] (input to hidden),   U [G H, H] (hidden to hidden),   G = 3 (GRU), 4 (LSTM), 1
+
+where FastGRNN (G = 1) shares its one W and one U between the gate z and the update h~
+(`strlowrank.fastgrnn`), with biases b_z, b_h (stored as ``bias_ih``, ``bias_hh``) and two
+learned scalars ``zeta``, ``nu``;
 
 each a ``FullMatrix``, ``LowRankMatrix`` (W = W1 W2) or ``STRMatrix``
 (W = P_n diag(relu(sigma - g(s) max sigma)) Q_n^T), see ``strlowrank.lowrank``. With
@@ -11,12 +15,13 @@ each a ``FullMatrix``, ``LowRankMatrix`` (W = W1 W2) or ``STRMatrix``
 
     W = [W_r; W_z; W_n],     U = [U_r; U_z; U_n]
 
-so a GRU layer learns 6 ranks (an LSTM 8) and runs the same kernel. The effective
-matrices are reconstructed once per forward and handed with the biases to a stock nn.GRU /
-nn.LSTM through ``torch.func.functional_call`` (torch's fused kernel), so the time loop never
-runs in Python and autograd reaches the factors. GRU and LSTM differ only in the module and the
-number of gates. No parametrization is ever registered on nn.GRU / nn.LSTM: their forward reads
-a cached list of weight tensors that a parametrization does not update. ``matrix_spectra``
+so a GRU layer learns 6 ranks (an LSTM 8) and runs the same kernel (FastGRNN has one pair and
+no per-gate split). The effective matrices are reconstructed once per forward and handed with
+the biases to a stock nn.GRU / nn.LSTM through ``torch.func.functional_call`` (torch's fused
+kernel), so the time loop never runs in Python and autograd reaches the factors; FastGRNN runs
+`fastgrnn_recurrence`. GRU and LSTM differ only in the module and the number of gates. No
+parametrization is ever registered on nn.GRU / nn.LSTM: their forward reads a cached list of
+weight tensors that a parametrization does not update. ``matrix_spectra``
 lists the singular values of every recurrent matrix of a model.
 """
 
@@ -27,6 +32,7 @@ import math
 import torch
 from torch import nn
 
+from strlowrank.fastgrnn import fastgrnn_recurrence
 from strlowrank.lowrank import (
     FullMatrix,
     LowRankMatrix,
@@ -37,11 +43,14 @@ from strlowrank.lowrank import (
     spec_of,
 )
 
-GATE_NAMES = {"gru": ("r", "z", "n"), "lstm": ("i", "f", "g", "o")}  # torch's row order
+# torch's row order; FastGRNN's one W and one U serve both its gate and its update
+GATE_NAMES = {"gru": ("r", "z", "n"), "lstm": ("i", "f", "g", "o"), "fastgrnn": ("zh",)}
 GATES = {cell: len(names) for cell, names in GATE_NAMES.items()}
 SPLITS = ("stacked", "per_gate")
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+CELLS = tuple(GATES)
 TORCH_RNNS = {"gru": nn.GRU, "lstm": nn.LSTM}
+FASTGRNN_INIT = {"zeta": 1.0, "nu": -4.0, "bias": 1.0}  # EdgeML's FastGRNN initialization
 WEIGHT_NAMES = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")  # nn.GRU's names
 
 
@@ -70,20 +79,26 @@ def fused_recurrence(
 
 
 class RNNLayer(nn.Module):
-    """One batch-first GRU/LSTM layer whose W and U are full, fixed low rank or STR matrices.
+    """One batch-first GRU/LSTM/FastGRNN layer whose W and U are full, fixed low rank or STR.
 
     Args:
-        cell: ``"gru"`` or ``"lstm"``.
+        cell: ``"gru"``, ``"lstm"`` or ``"fastgrnn"``.
         spec: the ``MatrixSpec`` of W (kind, fixed rank, STR threshold settings); default full.
         spec_u: the ``MatrixSpec`` of U (default: ``spec``).
         split: ``"stacked"`` (one W [G H, I] and one U [G H, H]) or ``"per_gate"`` (W_g [H, I]
             and U_g [H, H] per gate g, named ``W_r``, ``U_r``, ...; every gate of a side is built
             from that side's spec, so fixed ranks are the same for every gate).
     Initial dense matrices and biases follow torch: U(-1/sqrt(H), 1/sqrt(H)) (the same
-    stacked draw for both splits: a per-gate layer starts as the row blocks of the stacked one).
+    stacked draw for both splits: a per-gate layer starts as the row blocks of the stacked one);
+    FastGRNN's biases and scalars follow EdgeML (`FASTGRNN_INIT`).
     """
 
-    param_roles = {"bias_ih": "norm_bias", "bias_hh": "norm_bias"}
+    param_roles = {
+        "bias_ih": "norm_bias",
+        "bias_hh": "norm_bias",
+        "zeta": "norm_bias",
+        "nu": "norm_bias",
+    }
 
     def __init__(
         self,
@@ -99,6 +114,8 @@ class RNNLayer(nn.Module):
             raise ValueError(f"cell must be one of {tuple(GATES)}, got {cell!r}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if cell == "fastgrnn" and split != "stacked":
+            raise ValueError("split: FastGRNN shares one W and one U between its gates (stacked)")
         self.cell, self.input_size, self.hidden_size = cell, input_size, hidden_size
         self.split = split
         spec = MatrixSpec() if spec is None else spec
@@ -109,6 +126,12 @@ class RNNLayer(nn.Module):
                 self.add_module(name, make_matrix(side_spec, *block.shape, block))
         self.bias_ih = nn.Parameter(torch.empty(rows).uniform_(-bound, bound))
         self.bias_hh = nn.Parameter(torch.empty(rows).uniform_(-bound, bound))
+        if cell == "fastgrnn":
+            with torch.no_grad():
+                self.bias_ih.fill_(FASTGRNN_INIT["bias"])
+                self.bias_hh.fill_(FASTGRNN_INIT["bias"])
+            self.zeta = nn.Parameter(torch.tensor(FASTGRNN_INIT["zeta"]))
+            self.nu = nn.Parameter(torch.tensor(FASTGRNN_INIT["nu"]))
 
     def _names(self, side: str) -> list[str]:
         """Matrix names of one side ("W" or "U"): [side] or [side_r, side_z, ...] per gate."""
@@ -131,8 +154,17 @@ class RNNLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """x [B, T, I] -> (outputs [B, T, H], final state h [B, H] or (h, c))."""
+        if self.cell == "fastgrnn":
+            w, u = self.stacked_weights()
+            return fastgrnn_recurrence(
+                x, w, u, self.bias_ih, self.bias_hh, self.zeta, self.nu, state
+            )
         weights = [*self.stacked_weights(), self.bias_ih, self.bias_hh]
         return fused_recurrence(self.cell, x, weights, state, self.training)
+
+    def cell_scalars(self) -> dict[str, torch.Tensor]:
+        """The cell's learned scalars beyond matrices and biases: FastGRNN's raw zeta and nu."""
+        return {"zeta": self.zeta, "nu": self.nu} if self.cell == "fastgrnn" else {}
 
     def ranks(self) -> tuple[int, ...]:
         """Rank of every matrix in ``matrices()`` order: (r_W, r_U) as the paper reports them, or
@@ -141,11 +173,17 @@ class RNNLayer(nn.Module):
 
     @torch.no_grad()
     def load_dense_(
-        self, w: torch.Tensor, u: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor
+        self,
+        w: torch.Tensor,
+        u: torch.Tensor,
+        bias_ih: torch.Tensor,
+        bias_hh: torch.Tensor,
+        **scalars: torch.Tensor,
     ) -> None:
         """Re-initialize every matrix from stacked dense W [G H, I], U [G H, H] (and copy the
-        biases [G H]), keeping each matrix's kind, rank and threshold settings: full = copy,
-        lowrank = truncated SVD at its rank, str = SVD (equal to the dense block as s -> -inf)."""
+        biases [G H] and the ``cell_scalars``), keeping each matrix's kind, rank and threshold
+        settings: full = copy, lowrank = truncated SVD at its rank, str = SVD (equal to the
+        dense block as s -> -inf)."""
         rows = GATES[self.cell] * self.hidden_size
         expected = {"W": (rows, self.input_size), "U": (rows, self.hidden_size)}
         for side, dense in (("W", w), ("U", u)):
@@ -156,6 +194,12 @@ class RNNLayer(nn.Module):
                 setattr(self, name, new.to(self.bias_ih.device))
         self.bias_ih.copy_(bias_ih)
         self.bias_hh.copy_(bias_hh)
+        if set(scalars) != set(self.cell_scalars()):
+            raise ValueError(
+                f"{self.cell}: scalars {sorted(scalars)}, expected {sorted(self.cell_scalars())}"
+            )
+        for name, value in scalars.items():
+            getattr(self, name).copy_(value)
 
     def budget_entries(self, inputs: tuple | None) -> list[dict]:
         """One row per matrix: shape, numel, nnz (compact params), rank, threshold, MACs.
@@ -204,9 +248,8 @@ class RNNLayer(nn.Module):
             else:
                 new = FullMatrix(a.shape[0], b.shape[1], (a @ b).detach())
             setattr(compact, name, new)
-        compact.load_state_dict(
-            {"bias_ih": self.bias_ih.detach(), "bias_hh": self.bias_hh.detach()}, strict=False
-        )
+        params = {"bias_ih": self.bias_ih, "bias_hh": self.bias_hh, **self.cell_scalars()}
+        compact.load_state_dict({k: v.detach() for k, v in params.items()}, strict=False)
         return compact.to(self.bias_ih.device)
 
     @classmethod

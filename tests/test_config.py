@@ -8,7 +8,7 @@ import pytest
 
 from strlowrank.cli import parse_config, parse_overrides
 from strlowrank.config import ConfigError, from_dict, load_config, option, to_dict
-from strlowrank.engine import TrainConfig
+from strlowrank.train_config import TrainConfig
 
 
 @dataclass

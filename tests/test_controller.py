@@ -5,15 +5,15 @@ import math
 import pandas as pd
 import pytest
 import torch
+from helpers import make_task
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from strlowrank import apply_soft_threshold
 from strlowrank.budget import budget_table, layers, totals
 from strlowrank.cli import expand_target_flags
 from strlowrank.controller import BudgetController, ControllerConfig, build_controller
 from strlowrank.distributed import DistInfo
-from strlowrank.engine import Interrupted, Task, TrainConfig, Trainer, seed_everything
+from strlowrank.engine import Interrupted, Task, Trainer
 from strlowrank.lowrank import MatrixSpec
 from strlowrank.measures import (
     from_reduction,
@@ -26,30 +26,17 @@ from strlowrank.measures import (
 from strlowrank.pruning import ramp
 from strlowrank.rnn import RNNLayer
 from strlowrank.threshold_shift import shift_thresholds, threshold_parameters
+from strlowrank.train_config import TrainConfig
 
-
-def make_task(seed: int = 0) -> Task:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(320, 16, generator=g)
-    y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
-    seed_everything(seed)
-    model = nn.Sequential(
-        nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4)
-    )
-    apply_soft_threshold(model, s_init=-5.0)
-    return Task(
-        model=model,
-        train_set=TensorDataset(x[:256], y[:256]),
-        val_set=TensorDataset(x[256:], y[256:]),
-        example_input=x[:2],
-    )
+# the task of these tests: 16 features, 4 classes, a 48-48 MLP, 256 + 64 examples
+TASK = dict(sizes=(16, 48, 48, 4), batchnorm=False, samples=(256, 64), data_seed=1, s_init=-5.0)
 
 
 TRAIN = dict(epochs=12, batch_size=32, lr=0.1, weight_decay=1e-4, progress=False)  # 96 steps
 
 
 def make_trainer(out, target: float, seed: int = 0, **ctl) -> tuple[Trainer, BudgetController]:
-    task = make_task(seed)
+    task = make_task(seed, **TASK)
     cfg = ControllerConfig(target=target, every=4, **({"start": 0.0} | ctl))
     controller = build_controller(cfg, task.model)
     task.callbacks.append(controller)
@@ -75,7 +62,7 @@ def test_schedule_shapes():
 
 @pytest.mark.parametrize("target", [0.3, 0.9])
 def test_shift_hits_target_and_keeps_relative_thresholds(target):
-    model = make_task().model
+    model = make_task(**TASK).model
     with torch.no_grad():  # different thresholds per layer
         for p, v in zip(threshold_parameters(model), (-4.0, -5.0, -3.5)):
             p.fill_(v)
@@ -94,7 +81,7 @@ def _thresholded_weights(model: nn.Module) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("target", [0.2, 0.8])  # lower, raise the thresholds (start: ~0.5)
 def test_compensated_shift_keeps_survivors_and_changes_only_crossers(target):
-    model = make_task().model
+    model = make_task(**TASK).model
     shift_thresholds(model, sparsity_metric(), 0.5, compensate=False)
     before = _thresholded_weights(model)
     delta, y = shift_thresholds(model, sparsity_metric(), target)
@@ -114,7 +101,7 @@ def test_compensated_shift_keeps_survivors_and_changes_only_crossers(target):
 
 
 def test_plain_shift_moves_every_survivor():
-    model = make_task().model
+    model = make_task(**TASK).model
     shift_thresholds(model, sparsity_metric(), 0.5, compensate=False)
     before = _thresholded_weights(model)
     shift_thresholds(model, sparsity_metric(), 0.3, compensate=False)
@@ -137,7 +124,7 @@ def test_compensated_rank_shift_keeps_kept_singular_values():
 
 
 def test_metrics_are_the_budget_table():
-    task = make_task()
+    task = make_task(**TASK)
     table = budget_table(task.model, task.example_input)
     tot = totals(table)
     assert sparsity_metric()(task.model) == pytest.approx(tot["sparsity"])
@@ -158,7 +145,7 @@ def test_rank_metric_on_str_matrices_and_shift():
 
 
 def test_target_units_and_flags():
-    model = make_task().model
+    model = make_task(**TASK).model
     assert to_reduction("sparsity", 0.9) == pytest.approx(0.9)
     with pytest.raises(ValueError, match="controller.target: a sparsity target is a fraction"):
         to_reduction("sparsity", 90)
@@ -315,7 +302,7 @@ def test_controller_plot_shows_target_and_achieved(run_80):
 
 
 def test_unreachable_target_leaves_thresholds_alone():
-    model = make_task().model
+    model = make_task(**TASK).model
     with torch.no_grad():
         for m in model:
             if isinstance(m, nn.Linear):  # |W| >= 2 > sigmoid(s) for every s: nothing prunable

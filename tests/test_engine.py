@@ -5,38 +5,15 @@ import json
 import pandas as pd
 import pytest
 import torch
+from helpers import make_task
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from strlowrank import apply_soft_threshold
 from strlowrank.checkpoint import CheckpointError, load_checkpoint
 from strlowrank.config import ConfigError, load_config
 from strlowrank.distributed import DistInfo
-from strlowrank.engine import (
-    Interrupted,
-    Task,
-    TrainConfig,
-    Trainer,
-    TrainingError,
-    seed_everything,
-    use_channels_last,
-)
-
-
-def make_task(seed: int = 0) -> Task:
-    g = torch.Generator().manual_seed(123)
-    x = torch.randn(96, 10, generator=g)
-    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
-    seed_everything(seed)
-    model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
-    apply_soft_threshold(model, s_init=-4.0)
-    return Task(
-        model=model,
-        train_set=TensorDataset(x[:64], y[:64]),
-        val_set=TensorDataset(x[64:], y[64:]),
-        test_set=TensorDataset(x[64:], y[64:]),
-        example_input=x[:2],
-    )
+from strlowrank.engine import Interrupted, Task, Trainer, TrainingError
+from strlowrank.train_config import TrainConfig, use_channels_last
 
 
 def make_cfg(**kw) -> TrainConfig:

@@ -51,9 +51,13 @@ def test_declared_roles_and_absolute_role_lr():
             self.sigma = nn.Parameter(torch.ones(3))
             self.head = nn.Linear(3, 2, bias=False)
 
-    groups = param_groups(Spectral(), 0.1, {"spectrum": 0.0}, {"spectrum": 10.0})
+    model = Spectral()
+    groups = param_groups(model, 0.1, {"spectrum": 0.0}, {"spectrum": 10.0})
     assert [g["role"] for g in groups] == ["spectrum", "weight"]
+    assert [g.get("lr") for g in groups] == [10.0, None]  # the group's own lr, under its name
+    assert "lr 10" in describe_groups(groups) and "lr base" in describe_groups(groups)
     for base in (1e-3, 0.5):  # the role's lr is its own; the base lr moves only the others
+        groups = param_groups(model, 0.1, {"spectrum": 0.0}, {"spectrum": 10.0})
         opt = build_optimizer(groups, "adam", lr=base)
         assert [g["lr"] for g in opt.param_groups] == [10.0, base]
         assert opt.param_groups[0]["weight_decay"] == 0.0
@@ -114,6 +118,7 @@ def test_role_algorithm_mix():
     opt = build_optimizer(groups, "adam", 1e-3, role_algorithm={"threshold": "sgd"})
     algos = {g["role"]: g["algo"] for g in opt.param_groups}
     assert algos == {"weight": "adam", "threshold": "sgd", "norm_bias": "adam"}
+    assert [g["lr"] for g in opt.param_groups] == [1e-3] * 3  # the base lr fills every group
     with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
         build_optimizer(param_groups(model, 1e-4), "adam", 1e-3, role_algorithm={"weight": "lbfgs"})
 

@@ -29,6 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
+from speech import train_gru
 from strlowrank.checkpoint import load_checkpoint
 from strlowrank.cli import run_main
 from vision.train import main
@@ -576,7 +577,6 @@ def speech_tree(tmp_path_factory) -> Path:
     ],
 )
 def test_bad_speech_model_sizes(tmp_path, capsys, speech_tree, flags, field):
-    train_gru = pytest.importorskip("speech.train_gru")
     capsys.readouterr()
     rc = run_main(
         train_gru.main,

@@ -8,16 +8,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from strlowrank import apply_soft_threshold
+from strlowrank.checkpoint import seed_everything
 from strlowrank.config import ConfigError
 from strlowrank.distributed import DistInfo
-from strlowrank.engine import (
-    Task,
-    TrainConfig,
-    Trainer,
-    budget_warnings,
-    role_lrs,
-    seed_everything,
-)
+from strlowrank.engine import Task, Trainer
+from strlowrank.measures import budget_warnings
+from strlowrank.train_config import TrainConfig, role_lrs
 
 
 def clusters(n: int, seed: int) -> TensorDataset:
@@ -131,7 +127,10 @@ def test_warnings_name_the_failure_and_the_remedy():
     assert budget_warnings(table([{**conv, "nnz": 100}]), 0.9, 10, cfg, 110) == []
     assert budget_warnings(table([dense]), 0.1, 10, cfg, 110) == []  # no STR: nothing to say
     collapsed = budget_warnings(table([{**conv, "nnz": 5}]), 0.15, 10, cfg, 110)
-    assert len(collapsed) == 1 and "below twice chance (20.0%)" in collapsed[0]
+    assert len(collapsed) == 1 and "below 20.0% (a collapsed model)" in collapsed[0]
+    binary = table([{**conv, "nnz": 5}])  # two classes: twice chance would be 100%
+    assert budget_warnings(binary, 0.93, 2, cfg, 110) == []
+    assert "below 75.0%" in budget_warnings(binary, 0.6, 2, cfg, 110)[0]
     mats = [
         {
             "name": "rnns.0.W",
@@ -174,9 +173,16 @@ def test_bn_recalibration_gives_the_exact_mean_over_the_batches(tmp_path):
     assert not trainer.recalibrate_norms(0)
 
 
-def default_trainer(track: str, tmp_path, overrides: dict | None = None) -> Trainer:
-    """A Trainer with the track's default train config, real default model and the default data
-    size in optimizer steps (speech 85 x 64 clips per epoch, vision 40 x 128 images); no data is
+# optimizer steps per epoch at each track's default data size (speech 85 x 64 clips, vision
+# 40 x 128 images)
+DEFAULT_STEPS = {"speech": 85, "vision": 40}
+
+
+def default_trainer(
+    track: str, tmp_path, overrides: dict | None = None, scale: float = 1.0
+) -> Trainer:
+    """A Trainer with the track's default train config, real default model and ``scale`` times
+    the default data size in optimizer steps per epoch (:data:`DEFAULT_STEPS`); no data is
     read."""
     from speech.config import SpeechConfig
     from speech.models import build_model as speech_model
@@ -186,12 +192,12 @@ def default_trainer(track: str, tmp_path, overrides: dict | None = None) -> Trai
 
     if track == "speech":
         cfg = load_config(SpeechConfig, None, overrides)
-        model, steps = speech_model(cfg.model, 32, 12), 85
+        model = speech_model(cfg.model, 32, 12)
     else:
         cfg = load_config(VisionConfig, None, overrides)
-        model, steps = vision_model(cfg.model.name, 10, 1), 40
+        model = vision_model(cfg.model.name, 10, 1)
         apply_soft_threshold(model, s_init=cfg.method.s_init)
-    n = steps * cfg.train.batch_size
+    n = round(DEFAULT_STEPS[track] * scale) * cfg.train.batch_size
     data = TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long))
     cfg.train.progress = False
     return Trainer(Task(model=model, train_set=data, val_set=data), cfg.train, tmp_path, DistInfo())
@@ -205,31 +211,29 @@ def lrs_after(trainer: Trainer, steps: int) -> dict[str, float]:
     return {g["role"]: g["lr"] for g in trainer.optimizer.param_groups}
 
 
-@pytest.mark.parametrize(
-    "track,peaks,warm,total",
-    [
-        # speech: Adam 3e-3; singular values role_lr 30; thresholds 170 per run / 1,700 steps
-        (
-            "speech",
-            {"norm_bias": 3e-3, "factor": 3e-3, "weight": 3e-3, "spectrum": 30.0, "threshold": 0.1},
-            85,
-            1700,
-        ),
-        # vision: SGD 0.1; thresholds 60 per run / 600 steps
-        ("vision", {"weight": 0.1, "norm_bias": 0.1, "threshold": 0.1}, 40, 600),
-    ],
-)
-def test_default_role_lrs_are_the_absolute_values(track, peaks, warm, total, tmp_path):
+@pytest.mark.parametrize("scale", [0.25, 1.0, 4.0])
+@pytest.mark.parametrize("track", ["speech", "vision"])
+def test_default_lrs_are_eta_over_the_run_length(track, scale, tmp_path):
+    """At the track's defaults and 1/4, 1 and 4 times its data: a role on the run's clock
+    (train.role_lr_per_run: eta) peaks at eta / T, T the run's optimizer steps; a role with its
+    own train.role_lr at that lr, whatever T; every other role at train.lr. Warm-up and cosine
+    shape them all alike."""
     import math
 
-    trainer = default_trainer(track, tmp_path)
+    trainer = default_trainer(track, tmp_path, scale=scale)
+    train, per_epoch = trainer.cfg, round(DEFAULT_STEPS[track] * scale)
+    total, warm = train.epochs * per_epoch, round(train.warmup_epochs * per_epoch)
     assert trainer.total_steps == total and trainer.warmup_steps == warm
+    eta = {r: v for r, v in train.role_lr_per_run.items() if v is not None}
+    own = {r: v for r, v in train.role_lr.items() if v is not None}
+    assert eta and set(eta).isdisjoint(own)
+    roles = [g["role"] for g in trainer.optimizer.param_groups]
+    peaks = {r: eta[r] / total if r in eta else own.get(r, train.lr) for r in roles}
     assert lrs_after(trainer, 0) == pytest.approx({r: lr / warm for r, lr in peaks.items()})
     mid = 0.5 * (1 + math.cos(math.pi * (total // 2 - warm) / (total - warm)))  # cosine part
     assert lrs_after(trainer, total // 2) == pytest.approx({r: lr * mid for r, lr in peaks.items()})
     # another train.lr moves the groups without their own lr, and only those
-    moved = default_trainer(track, tmp_path / "moved", {"train.lr": 0.05})
-    own = {"spectrum", "threshold"}
-    assert {g["role"]: g["initial_lr"] for g in moved.optimizer.param_groups} == {
-        r: (lr if r in own else 0.05) for r, lr in peaks.items()
-    }
+    moved = default_trainer(track, tmp_path / "moved", {"train.lr": 0.5 * train.lr}, scale)
+    assert {g["role"]: g["initial_lr"] for g in moved.optimizer.param_groups} == pytest.approx(
+        {r: (lr if r in eta or r in own else 0.5 * train.lr) for r, lr in peaks.items()}
+    )

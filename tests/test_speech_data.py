@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
+from speech import synth
 from speech.data import (
     BACKGROUND_DIR,
     SILENCE,
@@ -187,7 +188,6 @@ def test_formats_and_length(tmp_path: Path) -> None:
 def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("STRLOWRANK_CACHE", str(tmp_path))
     assert cache_root() == tmp_path
-    synth = pytest.importorskip("speech.synth")
     assert synth.default_data_dir() == tmp_path / synth.DATA_VERSION
 
 

@@ -82,10 +82,13 @@ def test_resume_and_test_only(tmp_path, tiny_tree):
     out = tmp_path / "run"
     args = ["--out", str(out), "--data-dir", str(tiny_tree), *FAST]
     main(args)
-    main([*args, "--epochs", "2", "--resume", str(out / "checkpoint.pt")])
+    trained = main([*args, "--epochs", "2", "--resume", str(out / "checkpoint.pt")])
     assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2]
-    main([*args, "--resume", str(out / "checkpoint.pt"), "--test-only"])
-    assert "test_acc" in json.loads((out / "summary.json").read_text())
+    tested = main([*args, "--resume", str(out / "checkpoint.pt"), "--test-only"])
+    # the checkpoint evaluates to the accuracies at the end of training, to the digit
+    for key in ("test_acc", "test_loss", "val_acc"):
+        assert tested[key] == trained[key], key
+    assert json.loads((out / "summary.json").read_text())["test_acc"] == trained["test_acc"]
 
 
 def test_target_params_lands_within_five_percent(tmp_path, tiny_tree):

@@ -91,11 +91,14 @@ def test_dense_and_resume_and_test_only(tmp_path, tiny_tree):
     out = tmp_path / "dense"
     args = ["--out", str(out), "--data-dir", str(tiny_tree), *FAST, "--method.name=dense"]
     main(args)
-    main([*args, "--epochs", "2", "--resume", str(out / "checkpoint.pt")])
+    trained = main([*args, "--epochs", "2", "--resume", str(out / "checkpoint.pt")])
     assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2]
     assert json.loads((out / "summary.json").read_text())["sparsity"] == 0.0
     assert not (out / "plots").exists()  # --train.plots=false
-    main([*args, "--resume", str(out / "checkpoint.pt"), "--test-only"])
+    tested = main([*args, "--resume", str(out / "checkpoint.pt"), "--test-only"])
+    # the checkpoint evaluates to the accuracy at the end of training (vision's held-out set is val)
+    assert tested["val_acc"] == trained["val_acc"] and tested["val_loss"] == trained["val_loss"]
+    assert json.loads((out / "summary.json").read_text())["val_acc"] == trained["val_acc"]
 
 
 def test_bad_inputs_give_one_line(tmp_path, tiny_tree):

@@ -2,5 +2,6 @@
 
 ``vision.data`` builds datasets (the shipped Fashion-MNIST subset, ImageNet / any ImageFolder tree,
 CIFAR-10), ``vision.models`` is the model registry (torchvision ResNets, a local MobileNetV1 and
-small-image variants). Importing the package does nothing beyond imports.
+small-image variants), ``vision.method`` applies the configured method (dense, STR, magnitude
+pruning) to a model. Importing the package does nothing beyond imports.
 """

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from strlowrank.config import option
 from strlowrank.controller_config import ControllerConfig
-from strlowrank.engine import TrainConfig
+from strlowrank.train_config import TrainConfig
 from vision.models import MODELS
 
 METHODS = ("dense", "str", "gmp", "uniform", "transfer")

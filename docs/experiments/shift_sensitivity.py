@@ -21,8 +21,8 @@ from strlowrank.measures import sparsity_metric
 from strlowrank.threshold_shift import shift_thresholds
 from vision.config import VisionConfig
 from vision.data import build_datasets
+from vision.method import sparsify
 from vision.models import build_model
-from vision.train import sparsify
 
 
 def main(run: str, offsets: tuple[float, ...] = (-0.002, -0.0006, 0.0006, 0.002)) -> None:
