@@ -2,8 +2,8 @@
 
 import pandas as pd
 import pytest
-from helpers import make_task
 
+from helpers import make_task
 from strlowrank.callbacks import (
     HOOKS,
     Bind,

@@ -5,10 +5,10 @@ import math
 import pandas as pd
 import pytest
 import torch
-from helpers import make_task
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from helpers import make_task
 from strlowrank.budget import budget_table, layers, totals
 from strlowrank.cli import expand_target_flags
 from strlowrank.controller import BudgetController, ControllerConfig, build_controller

@@ -5,10 +5,10 @@ import json
 import pandas as pd
 import pytest
 import torch
-from helpers import make_task
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from helpers import make_task
 from strlowrank.checkpoint import CheckpointError, load_checkpoint
 from strlowrank.config import ConfigError, load_config
 from strlowrank.distributed import DistInfo
