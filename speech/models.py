@@ -11,18 +11,22 @@ singular value, learned rank), see
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from strlowrank.allocation import energy_ranks, greedy_ranks
+from strlowrank.budget import budget_table, layers
 from strlowrank.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from strlowrank.config import ConfigError, from_dict, option
 from strlowrank.lowrank import MatrixSpec
 from strlowrank.rnn import CELLS, GATES, SPLITS, RNNLayer
 
 POOLS = ("last", "mean")
+ALLOCATIONS = ("fixed", "energy", "greedy")
 
 
 @dataclass
@@ -66,6 +70,13 @@ class SpeechModelConfig:
         "rank; lowrank: rank_w / rank_u for every gate)",
         choices=SPLITS,
     )
+    allocation: str = option(
+        "fixed",
+        "param=lowrank ranks: fixed (rank_w / rank_u) | energy (one spectral energy fraction "
+        "for every matrix) | greedy (singular directions by sigma per parameter), chosen per "
+        "matrix from the init_from model's spectra to meet --target-params",
+        choices=ALLOCATIONS,
+    )
     init_from: str | None = option(
         None,
         "checkpoint.pt of a trained model with the same cell, hidden, layers and classes: "
@@ -83,7 +94,7 @@ class KeywordSpotter(nn.Module):
             raise ValueError(f"pool must be one of {POOLS}, got {cfg.pool!r}")
         self.cfg = cfg
         sizes = [input_size] + [cfg.hidden] * cfg.layers
-        if cfg.param == "lowrank":
+        if cfg.param == "lowrank" and cfg.allocation == "fixed":
             rows = cfg.hidden * (GATES[cfg.cell] if cfg.split == "stacked" else 1)
             for name, rank, cols in (
                 ("rank_w", cfg.rank_w, min(sizes[:-1])),
@@ -117,6 +128,12 @@ class KeywordSpotter(nn.Module):
         """(r_W, r_U) of every recurrent layer (per gate: r_W_r, r_W_z, ..., r_U_r, ...)."""
         return [rnn.ranks() for rnn in self.rnns]
 
+    def set_ranks_(self, ranks: dict[str, int]) -> None:
+        """New fixed ranks by full matrix name ({"rnns.0.W": 5, ...}, `RNNLayer.set_ranks_`)."""
+        for i, rnn in enumerate(self.rnns):
+            mine = {k.rsplit(".", 1)[1]: r for k, r in ranks.items() if k.startswith(f"rnns.{i}.")}
+            rnn.set_ranks_(mine)
+
     def export(self) -> KeywordSpotter:
         """A compact copy: recurrent matrices as factors at their learned ranks (equal outputs)."""
         compact = copy.deepcopy(self)
@@ -125,7 +142,8 @@ class KeywordSpotter(nn.Module):
 
 
 def matrix_specs(cfg: SpeechModelConfig) -> tuple[MatrixSpec, MatrixSpec]:
-    """The ``MatrixSpec`` of every W and of every U of the model (they differ in the fixed rank)."""
+    """The ``MatrixSpec`` of every W and of every U of the model (they differ in the fixed rank;
+    an allocated model starts at rank 0 until `KeywordSpotter.set_ranks_`)."""
     common = dict(
         kind=cfg.param,
         s_init=cfg.s_init,
@@ -133,6 +151,8 @@ def matrix_specs(cfg: SpeechModelConfig) -> tuple[MatrixSpec, MatrixSpec]:
         s_bias=cfg.s_bias,
         lowrank_init=cfg.lowrank_init,
     )
+    if cfg.allocation != "fixed":
+        return MatrixSpec(rank=0, **common), MatrixSpec(rank=0, **common)
     return MatrixSpec(rank=cfg.rank_w, **common), MatrixSpec(rank=cfg.rank_u, **common)
 
 
@@ -196,3 +216,45 @@ def init_from_checkpoint(model: KeywordSpotter, path: str | Path) -> None:
         for mine, src in zip(model.rnns, source.rnns):
             mine.load_dense_(*src.stacked_weights(), src.bias_ih, src.bias_hh, **src.cell_scalars())
         model.classifier.load_state_dict(source.classifier.state_dict())
+
+
+def allocate_ranks(model: KeywordSpotter, path: str | Path, target: float) -> dict[str, int]:
+    """Ranks per matrix ({"rnns.0.W": r, ...}) by ``model.cfg.allocation`` (energy | greedy,
+    `strlowrank.allocation`) from the singular values of the trained model in checkpoint
+    ``path``, in ``model``'s matrix layout, for ``target`` parameters counted as
+    ``--target-params`` counts them (the budget table: recurrent matrices and the classifier)."""
+    rule = {"energy": energy_ranks, "greedy": greedy_ranks}[model.cfg.allocation]
+    twin_cfg = copy.deepcopy(model.cfg)
+    twin_cfg.param, twin_cfg.init_from = "full", None
+    twin = build_model(twin_cfg, model.rnns[0].input_size, model.classifier.out_features)
+    init_from_checkpoint(twin, path)
+    table = layers(budget_table(twin, None))
+    matrices = {
+        f"rnns.{i}.{name}": m()
+        for i, rnn in enumerate(twin.rnns)
+        for name, m in rnn.matrices().items()
+    }
+    others = int(table.loc[~table["name"].isin(list(matrices)), "numel"].sum())
+    if target <= others:
+        raise ValueError(
+            f"controller.target: {target:g} parameters leave nothing for the recurrent matrices "
+            f"(the rest of the model counts {others})"
+        )
+    with torch.no_grad():
+        spectra = {name: torch.linalg.svdvals(w.float()) for name, w in matrices.items()}
+    shapes = {name: tuple(w.shape) for name, w in matrices.items()}
+    return rule(spectra, shapes, int(target - others))
+
+
+def training_cost(epochs: int, init_from: str | Path | None) -> int:
+    """Training epochs a model costs: its own plus, for a model started from a checkpoint, the
+    cost of that checkpoint's run (its summary.json ``cost_epochs``, else its configured epochs),
+    so a fine-tuned truncated SVD is charged the full-rank run it needed."""
+    if not init_from:
+        return int(epochs)
+    summary = Path(init_from).with_name("summary.json")
+    try:
+        return int(epochs) + int(json.loads(summary.read_text())["cost_epochs"])
+    except (OSError, KeyError, ValueError, TypeError):
+        state = load_checkpoint(init_from)
+        return int(epochs) + int(state.get("config", {}).get("train", {}).get("epochs", 0))

@@ -23,7 +23,13 @@ from torch.utils.data import TensorDataset
 from speech.config import SpeechConfig
 from speech.features import augment, load_features
 from speech.har import load_har
-from speech.models import build_model, init_from_checkpoint, recurrent_params
+from speech.models import (
+    allocate_ranks,
+    build_model,
+    init_from_checkpoint,
+    recurrent_params,
+    training_cost,
+)
 from strlowrank.budget import ranked_layers
 from strlowrank.cli import execute, parse_config, run_main
 from strlowrank.controller import build_controller
@@ -63,11 +69,26 @@ def load_splits(cfg: SpeechConfig, info: DistInfo) -> dict:
     )
 
 
+def allocated(cfg: SpeechConfig, model: torch.nn.Module) -> dict[str, int]:
+    """The ranks ``model.allocation`` picks from ``model.init_from`` for the params target."""
+    c = cfg.controller
+    if cfg.model.param != "lowrank" or not cfg.model.init_from:
+        raise ValueError(
+            f"model.allocation {cfg.model.allocation}: needs model.param lowrank and --init-from"
+        )
+    if c.metric != "params" or c.target is None:
+        raise ValueError(f"model.allocation {cfg.model.allocation}: needs --target-params N")
+    return allocate_ranks(model, cfg.model.init_from, c.target)
+
+
 def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
     d = cfg.data
     sets = load_splits(cfg, info)
     train, val, test = sets["train"], sets["val"], sets["test"]
     model = build_model(cfg.model, train.x.shape[2], len(train.class_names))
+    allocating = cfg.model.allocation != "fixed"
+    if allocating:
+        model.set_ranks_(allocated(cfg, model))
     if cfg.model.init_from:
         init_from_checkpoint(model, cfg.model.init_from)
     spectra = matrix_spectra(model, "init")
@@ -91,12 +112,15 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
             "split": cfg.model.split,
             "layers": cfg.model.layers,
             "init_from": cfg.model.init_from,
+            "allocation": cfg.model.allocation,
+            "epochs": cfg.train.epochs,
+            "cost_epochs": training_cost(cfg.train.epochs, cfg.model.init_from),
             "tag": cfg.tag,
             "params": recurrent_params(model),
             "ranks": {n: int(r) for n, r in zip(ranks["name"], ranks["rank"])},
         }
 
-    controller = build_controller(cfg.controller, model, val.x[:1])
+    controller = None if allocating else build_controller(cfg.controller, model, val.x[:1])
     if controller is not None:
         if cfg.model.param != "str":
             raise ValueError("controller.target: a budget target needs model.param str")

@@ -162,6 +162,17 @@ class RNNLayer(nn.Module):
         weights = [*self.stacked_weights(), self.bias_ih, self.bias_hh]
         return fused_recurrence(self.cell, x, weights, state, self.training)
 
+    @torch.no_grad()
+    def set_ranks_(self, ranks: dict[str, int]) -> None:
+        """Give fixed low-rank matrices new ranks ({"W": 5, "U_r": 3, ...}): each is rebuilt as
+        the truncated SVD of its current effective matrix at that rank."""
+        for name, rank in ranks.items():
+            matrix = self.matrices().get(name)
+            if not isinstance(matrix, LowRankMatrix):
+                raise ValueError(f"set_ranks_: {name} is not a fixed low-rank matrix of this layer")
+            dense = matrix().detach()
+            setattr(self, name, LowRankMatrix(*dense.shape, rank, dense).to(dense.device))
+
     def cell_scalars(self) -> dict[str, torch.Tensor]:
         """The cell's learned scalars beyond matrices and biases: FastGRNN's raw zeta and nu."""
         return {"zeta": self.zeta, "nu": self.nu} if self.cell == "fastgrnn" else {}

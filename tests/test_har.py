@@ -293,3 +293,25 @@ def test_fastgrnn_trains_on_har2_and_test_only_reproduces_it(tmp_path):
     again = tmp_path / "again"
     main([*common, "--out", str(again), "--resume", str(out / "checkpoint.pt"), "--test-only"])
     assert json.loads((again / "summary.json").read_text())["test_acc"] == summary["test_acc"]
+
+
+@pytest.mark.parametrize("rule", ["greedy", "energy"])
+def test_allocated_ranks_meet_the_budget_from_a_trained_model(tmp_path, rule):
+    import json
+
+    from speech.train_gru import main
+
+    root, _ = write_uci(tmp_path / "data", per_subject=24)
+    common = ["--data.name", "har2", "--data-dir", str(root), "--model.hidden", "8"]
+    common += ["--train.progress=false", "--train.plots=false", "--epochs", "1"]
+    main([*common, "--out", str(tmp_path / "full"), "--model.param", "full"])
+    out = tmp_path / rule
+    source = str(tmp_path / "full" / "checkpoint.pt")
+    args = ["--model.param", "lowrank", "--model.allocation", rule, "--init-from", source]
+    main([*common, *args, "--out", str(out), "--target-params", "400"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cost_epochs"] == 2 and summary["allocation"] == rule  # 1 + the source's 1
+    assert summary["params"] + 8 * 2 <= 400  # recurrent + the classifier's weights
+    assert summary["params"] > 400 - 16 - (8 + 24)  # within one direction of U of the budget
+    with pytest.raises(ValueError, match="needs --target-params"):
+        main([*common, *args, "--out", str(tmp_path / "bad")])

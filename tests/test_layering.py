@@ -19,7 +19,16 @@ TRACKS = ("vision", "speech")
 
 # Every module of the core in exactly one group (docs/ARCHITECTURE.md has the same list).
 LAYERS = {
-    "method": {"threshold", "pruning", "lowrank", "fastgrnn", "rnn", "budget", "cache"},
+    "method": {
+        "threshold",
+        "pruning",
+        "lowrank",
+        "fastgrnn",
+        "rnn",
+        "allocation",
+        "budget",
+        "cache",
+    },
     "training": {
         "engine",
         "train_config",
