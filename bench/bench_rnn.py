@@ -5,7 +5,7 @@ I=32 (log-mel): nn.GRU vs ``RNNLayer`` with STR matrices (W, U reconstructed onc
 and run through torch's fused recurrence). Target <= 1.2x (goal 1.1x).
 P3, inference (no grad) at H in {128, 256, 512}, B in {1, 64}, ranks r = H/8, H/4 (r_W =
 min(r, I), r_U = r), I=32, T=99: nn.GRU vs the exports of ``strlowrank.export.export_gru`` (one
-input matmul, two thin factor products per step): the TorchScript one and the compiled C++ one
+input matmul, two thin factor products per step): the eager one and the compiled C++ one
 (``backend="cpp"``, fused gates; skipped with a note where it cannot be built); the dense
 nn.GRU in ONNX Runtime (``ort_dense``: ONNX's GRU op, the form torch.onnx writes for nn.GRU),
 the low-rank export as an ONNX Scan in ONNX Runtime (``ort_scan``) and the C++ loop on the
@@ -155,7 +155,7 @@ def p3_case(hidden: int, batch: int, rank: int, args: argparse.Namespace) -> dic
     torch.manual_seed(0)
     gru = nn.GRU(FEATURES, hidden, batch_first=True).eval()
     layer = RNNLayer("gru", FEATURES, hidden, _lowrank(min(rank, FEATURES)), _lowrank(rank))
-    exports = {"script": export_gru(layer.eval())}
+    exports = {"eager": export_gru(layer.eval())}
     if gru_cpp.available():
         exports["cpp"] = export_gru(layer, backend="cpp")
         exports["cpp_dense"] = export_gru(gru, backend="cpp")
@@ -169,13 +169,13 @@ def p3_case(hidden: int, batch: int, rank: int, args: argparse.Namespace) -> dic
         lowrank = {k: m for k, m in exports.items() if k != "cpp_dense"}
         errs = {k: float((m(x)[0] - ref).abs().max()) for k, m in lowrank.items()}
         stats = summarize(interleaved(fns, args.repeats, args.warmup), "dense")
-    best = "cpp" if "cpp" in exports else "script"  # judged on the best honest export
+    best = "cpp" if "cpp" in exports else "eager"  # judged on the best honest export
     speedup = 1.0 / stats[best]["ratio"]
     target = {128: 1.5 if batch == 64 and rank == hidden // 4 else None, 512: 2.5}.get(hidden)
     row = {"H": hidden, "B": batch, "r": rank, "dense_ms": stats["dense"]["ms"]}
-    for k in ("ort_dense", "script", "cpp", "cpp_dense", "ort_scan"):
+    for k in ("ort_dense", "eager", "cpp", "cpp_dense", "ort_scan"):
         row[f"{k}_ms"] = stats[k]["ms"] if k in stats else float("nan")
-    for k in ("script", "cpp"):
+    for k in ("eager", "cpp"):
         row[f"speedup_{k}"] = 1.0 / stats[k]["ratio"] if k in stats else float("nan")
     row.update(_vs_ort(fns, stats, args, hidden, batch, rank))
     row.update(
@@ -217,7 +217,7 @@ def stream(args: argparse.Namespace, hidden: int = 128, rank: int = 32) -> list[
     gru = nn.GRU(FEATURES, hidden, batch_first=True).eval()
     layer = RNNLayer("gru", FEATURES, hidden, _lowrank(rank), _lowrank(rank)).eval()
     x, h = torch.randn(1, 1, FEATURES), torch.zeros(1, hidden)
-    steppers = {("script", "lowrank"): export_gru(layer), ("script", "dense"): export_gru(gru)}
+    steppers = {("eager", "lowrank"): export_gru(layer), ("eager", "dense"): export_gru(gru)}
     if gru_cpp.available():
         steppers[("cpp", "lowrank")] = export_gru(layer, backend="cpp")
         steppers[("cpp", "dense")] = export_gru(gru, backend="cpp")
@@ -276,11 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
             "r",
             "dense_ms",
             "ort_dense_ms",
-            "script_ms",
+            "eager_ms",
             "cpp_ms",
             "cpp_dense_ms",
             "ort_scan_ms",
-            "speedup_script",
+            "speedup_eager",
             "speedup_cpp",
             "cpp_x_ort",
             "cpp_dense_x_ort",
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dense_bytes",
             "export_bytes",
         ]
-        title = "P3 GRU inference: low-rank exports (TorchScript, C++) vs nn.GRU (cpu)"
+        title = "P3 GRU inference: low-rank exports (eager, C++) vs nn.GRU (cpu)"
         if not gru_cpp.available():
             title += f"; cpp export unavailable: {gru_cpp.unavailable_reason()}"
         print_table(out["p3"], cols, title)

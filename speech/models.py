@@ -160,16 +160,6 @@ def build_model(cfg: SpeechModelConfig, input_size: int, num_classes: int) -> Ke
     return KeywordSpotter(cfg, input_size, num_classes)
 
 
-def recurrent_params(model: nn.Module) -> int:
-    """Parameters a deployed recurrent cell needs: sum of num_params of its matrices (no biases)."""
-    return sum(
-        m.num_params()
-        for r in model.modules()
-        if isinstance(r, RNNLayer)
-        for m in r.matrices().values()
-    )
-
-
 def init_from_checkpoint(model: KeywordSpotter, path: str | Path) -> None:
     """Initialize ``model`` from the trained model in checkpoint ``path``.
 

@@ -27,10 +27,9 @@ from speech.models import (
     allocate_ranks,
     build_model,
     init_from_checkpoint,
-    recurrent_params,
     training_cost,
 )
-from strlowrank.budget import ranked_layers
+from strlowrank.budget import matrix_params, ranked_layers
 from strlowrank.cli import execute, parse_config, run_main
 from strlowrank.controller import build_controller
 from strlowrank.distributed import DistInfo
@@ -116,7 +115,7 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
             "epochs": cfg.train.epochs,
             "cost_epochs": training_cost(cfg.train.epochs, cfg.model.init_from),
             "tag": cfg.tag,
-            "params": recurrent_params(model),
+            "params": matrix_params(table),
             "ranks": {n: int(r) for n, r in zip(ranks["name"], ranks["rank"])},
         }
 

@@ -25,6 +25,12 @@ from strlowrank.controller import BudgetController, build_controller
 from strlowrank.controller_config import ControllerConfig
 from strlowrank.distributed import DistInfo, cleanup, init_distributed
 from strlowrank.engine import Interrupted, Task, Trainer, TrainingError
+from strlowrank.group_threshold import (
+    GroupSoftThreshold,
+    apply_group_threshold,
+    group_soft_threshold,
+    remove_group_threshold,
+)
 from strlowrank.lowrank import (
     FullMatrix,
     LowRankMatrix,
@@ -58,7 +64,7 @@ from strlowrank.pruning import (
     uniform_densities,
     zero_pruned,
 )
-from strlowrank.rnn import RNNLayer, compact_bytes, matrix_spectra, num_parameters
+from strlowrank.rnn import RNNLayer, matrix_spectra
 from strlowrank.threshold import (
     SoftThreshold,
     apply_soft_threshold,
@@ -79,6 +85,11 @@ __all__ = [
     "soft_threshold",
     "thresholded_modules",
     "weight_parametrizations",
+    # method: group (channel) soft thresholds (strlowrank.group_threshold)
+    "GroupSoftThreshold",
+    "apply_group_threshold",
+    "group_soft_threshold",
+    "remove_group_threshold",
     # method: magnitude masks (strlowrank.pruning)
     "GMPCallback",
     "MagnitudeMask",
@@ -102,9 +113,7 @@ __all__ = [
     "make_matrix",
     "refactorize_",
     "RNNLayer",
-    "compact_bytes",
     "matrix_spectra",
-    "num_parameters",
     # method: budgets and caches (strlowrank.budget, strlowrank.cache)
     "budget_table",
     "dead_layers",

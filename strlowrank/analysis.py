@@ -2,8 +2,9 @@
 
 A run folder (written by the engine and the entry scripts) holds config.yaml, metrics.csv (a row
 per epoch), budget.csv (the final per-layer table, last row 'total'), budget_history.csv (per-layer
-rows per epoch), summary.json and, for speech runs, spectra.csv (singular values at init and at the
-end, with the threshold in sigma units). Every file is optional here; a missing table is ``None``.
+rows per epoch), summary.json and, for models with low-rank matrices, spectra.csv (singular values
+at init and at the end, with the threshold in sigma units). Every file is optional here; a
+missing table is ``None``.
 
     runs = load_runs(["runs/demo"])        # folders, or parents searched for summary.json
     summaries(runs)     one row per run: run, track, method, group, accuracy, sparsity, ...
@@ -11,7 +12,8 @@ end, with the threshold in sigma units). Every file is optional here; a missing 
     budgets(runs)       budget.csv layer rows (no 'total'), with a network-order 'order' column
     histories(runs)     budget_history.csv rows;  spectra(runs)  spectra.csv rows
     aggregate(table, by, value)     mean, sd, n, 95% t-interval over the seeds of each point
-    frontier_points(table)          per method and budget: the best fixed-rank split, over seeds
+
+A track's own tables over these (e.g. a frontier of methods and budgets) live in the track.
 """
 
 from __future__ import annotations
@@ -49,16 +51,14 @@ class Run:
 
     @property
     def track(self) -> str:
-        """'vision' | 'speech' (summary.json 'track', else guessed from the tables)."""
-        if self.summary.get("track"):
-            return str(self.summary["track"])
-        if self.spectra is not None or "ranks" in self.summary or "speech" in self.config:
-            return "speech"
-        return "vision"
+        """The track that wrote the run: summary.json's 'track' (every entry point writes it);
+        '' when the run has none (an unfinished run)."""
+        return str(self.summary.get("track") or "")
 
     @property
     def method(self) -> str:
-        """summary.json 'method', else the config's, else guessed from the budget's 'param'."""
+        """summary.json 'method', else the config's, else guessed from the budget's 'param'
+        ('full' for a model with low-rank matrices at full rank, 'dense' for any other)."""
         if self.summary.get("method"):
             return str(self.summary["method"])
         section = self.config.get("method")
@@ -68,7 +68,9 @@ class Run:
         for param, method in (("str", "str"), ("mask", "gmp"), ("lowrank", "lowrank")):
             if param in params:
                 return method
-        return "full" if self.track == "speech" else "dense"
+        ranks = None if self.budget is None else self.budget.get("rank")
+        ranked = ranks is not None and bool(ranks.notna().any())
+        return "full" if ranked or self.spectra is not None else "dense"
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:
@@ -291,101 +293,3 @@ def aggregate(
         row |= {c: float(pd.to_numeric(group[c], errors="coerce").mean()) for c in extra}
         rows.append(row)
     return pd.DataFrame(rows, columns=[*by, "n", "mean", "sd", "ci", "lo", "hi", *extra])
-
-
-def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
-    """The finished runs of a speech frontier sweep labelled with ``method``, ``budget`` and
-    ``split``: a run's method is its ``method`` (full | lowrank | str), prefixed ``svd-`` when it
-    started from a trained model (``init_from``); its budget is its ``tag``; a fixed-rank run's
-    split is its ranks 'r_1/r_2/...' in matrix order ('' for the other methods); its ``layout``
-    is the model's matrix split (stacked | per_gate; stacked when not recorded), with
-    `` x<layers>`` for a model of more than one recurrent layer and the cell first when it is
-    not a GRU ("lstm stacked")."""
-    t = table
-    if "status" in t:
-        t = t[t["status"].isin(["ok", "done"])]
-    t = t.copy()
-    init = t["init_from"] if "init_from" in t else pd.Series(None, index=t.index, dtype=object)
-    started = init.notna() & (init.astype(str) != "")
-    t["method"] = t["method"].where(~started, "svd-" + t["method"].astype(str))
-    t["budget"] = t["tag"].fillna("").astype(str) if "tag" in t else ""
-    layout = t["split"].fillna("stacked").astype(str) if "split" in t else "stacked"
-    if "layers" in t:  # a multi-layer model's layout names its depth: "stacked x2"
-        depth = pd.to_numeric(t["layers"], errors="coerce").fillna(1).astype(int)
-        layout = (layout + " x" + depth.astype(str)).where(depth > 1, layout)
-    if "cell" in t:  # another cell than the GRU names it: "lstm stacked"
-        cell = t["cell"].fillna("gru").astype(str)
-        layout = (cell + " " + layout).where(cell != "gru", layout)
-    t["layout"] = layout
-    rank_cols = [c for c in t.columns if c.startswith("ranks.")]
-
-    def split(row: pd.Series) -> str:
-        if not str(row["method"]).endswith("lowrank"):
-            return ""
-        return "/".join(str(int(row[c])) for c in rank_cols if pd.notna(row[c]))
-
-    t["split"] = t.apply(split, axis=1) if len(t) else ""
-    return t
-
-
-def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFrame:
-    """The parameter/accuracy frontier of a speech sweep, one row per method and budget.
-
-    ``table``: results.csv of a sweep or :func:`summaries` (columns method, tag, init_from,
-    params, ranks.*, and test_acc / val_acc / accuracy), labelled by :func:`frontier_runs`.
-    Every (method, budget, split) is aggregated over its seeds (:func:`aggregate`, ``params`` =
-    mean recurrent parameters). Per method and budget one split is kept: the one with the best
-    mean validation accuracy when ``value`` is the test accuracy and val_acc is known (so the
-    reported test mean is not the maximum of several noisy test means), else the best mean of
-    ``value``; ``splits`` lists every split tried with its mean ``value`` (the grid),
-    ``select`` the column the split was chosen by and ``layout`` the matrix layout.
-    """
-    t = frontier_runs(table)
-    value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
-    select = "val_acc" if value == "test_acc" and "val_acc" in t else value
-    keys = ["method", "budget", "split"]
-    points = aggregate(t, keys, value, extra=["params"])
-    points["_select"] = aggregate(t, keys, select)["mean"].to_numpy() if len(points) else []
-    grid = (
-        points.groupby(["method", "budget"], sort=False)
-        .apply(
-            lambda g: "; ".join(f"{s}: {100 * m:.2f}" for s, m in zip(g["split"], g["mean"]) if s),
-            include_groups=False,
-        )
-        .rename("splits")
-    )
-    best = points.sort_values("_select", ascending=False, kind="stable")
-    best = best.drop_duplicates(["method", "budget"]).join(grid, on=["method", "budget"])
-    best = best.drop(columns="_select").assign(select=select)
-    layout = t.groupby(["method", "budget"], sort=False)["layout"].first()
-    best["layout"] = [layout.get((m, b), "stacked") for m, b in zip(best["method"], best["budget"])]
-    return best.sort_values(["method", "params"], kind="stable").reset_index(drop=True)
-
-
-def frontier_gaps(
-    table: pd.DataFrame, baseline: str = "lowrank", value: str | None = None, level: float = 0.95
-) -> pd.DataFrame:
-    """Each method's accuracy minus the baseline's at the same budget, paired by seed.
-
-    The baseline at a budget, and any other fixed-rank method there, is the split
-    :func:`frontier_points` keeps (e.g. ``baseline="svd-lowrank"`` compares the fine-tuned
-    methods with the truncated SVD at its chosen split). For every other method
-    and budget (and seed s present in both) d_s = acc(method, s) - acc(baseline, s); the rows
-    give mean, sd, n and the Student-t interval of d over the seeds (:func:`aggregate`). Pairing
-    removes what a seed does to both runs (the same data order), so the interval is usually
-    narrower than the difference of two independent intervals. Columns: method, budget, n,
-    mean, sd, ci, lo, hi, params (the method's), baseline_split.
-    """
-    t = frontier_runs(table)
-    value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
-    points = frontier_points(table, value)
-    kept = points.set_index(["method", "budget"])["split"]
-    t = t[[kept.get((m, b)) == s for m, b, s in zip(t["method"], t["budget"], t["split"])]]
-    chosen = points[points["method"] == baseline].set_index("budget")["split"]
-    base = t[t["method"] == baseline].set_index(["budget", "seed"])[value].rename("_base")
-    rest = t[(t["method"] != baseline) & t["budget"].isin(chosen.index)]
-    rest = rest.join(base, on=["budget", "seed"], how="inner")
-    rest["gap"] = pd.to_numeric(rest[value]) - rest["_base"]
-    gaps = aggregate(rest, ["method", "budget"], "gap", level=level, extra=["params"])
-    gaps["baseline_split"] = gaps["budget"].map(chosen)
-    return gaps.sort_values(["method", "params"], kind="stable").reset_index(drop=True)

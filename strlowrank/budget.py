@@ -6,6 +6,10 @@ Conventions (docs/METHOD.md section 3, confirmed by the STR authors):
 - MACs of a conv/linear layer: dense MACs x density of its effective weight; a low-rank matrix
   reports its own MACs through ``budget_entries`` (T x r (out + in) instead of T x out x in).
 MACs are per example and need one forward pass (``example_input``); without it they are NaN.
+- a model with group (channel) thresholds (strlowrank.group_threshold) is counted as the
+  physically smaller network it exports to (strlowrank.channel_groups): every conv and linear
+  layer has ``channels`` of its ``channels_dense`` outputs and the inputs its producers keep,
+  nnz is that layer's parameter count and MACs scale with it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from strlowrank.channel_groups import kept_channels
+from strlowrank.group_threshold import GroupSoftThreshold, model_coupling
 from strlowrank.threshold import SoftThreshold, select_modules, weight_parametrizations
 
 COLUMNS = [
@@ -32,6 +38,8 @@ COLUMNS = [
     "full_rank",
     "macs_dense",
     "macs_sparse",
+    "channels",
+    "channels_dense",
 ]
 
 
@@ -52,6 +60,8 @@ def _method(module: nn.Module) -> tuple[str, float]:
             continue
         if isinstance(p, SoftThreshold):
             param, thr = "str", float(p.threshold().mean())
+        elif isinstance(p, GroupSoftThreshold):
+            param, thr = "group", float(p.threshold())
         else:
             param = "mask"
     return param, thr
@@ -86,9 +96,10 @@ def budget_table(
 ) -> pd.DataFrame:
     """One row per conv/linear weight and per low-rank matrix, in network order, plus 'total'.
 
-    Columns: name, kind (conv2d, linear, gru.W, ...), param (str, mask, dense, lowrank, full),
-    shape, numel, nnz, sparsity, threshold (g(s) or NaN), rank, full_rank (low-rank matrices),
-    macs_dense, macs_sparse (per example; NaN without ``example_input``).
+    Columns: name, kind (conv2d, linear, gru.W, ...), param (str, group, mask, dense, lowrank,
+    full), shape, numel, nnz, sparsity, threshold (g(s) or NaN), rank, full_rank (low-rank
+    matrices), macs_dense, macs_sparse (per example; NaN without ``example_input``), channels,
+    channels_dense (output channels kept of all; models with group thresholds only).
     """
     owners = [(n, m) for n, m in model.named_modules() if hasattr(m, "budget_entries")]
     inside = tuple(n + "." for n, _ in owners)
@@ -101,32 +112,16 @@ def budget_table(
         batch = first.shape[0]
         traced = _trace(model, example_input, [m for _, m in layers + owners])
     rows = []
+    coupling = model_coupling(model)
+    kept = kept_channels(model, coupling) if coupling is not None else {}
     with torch.no_grad():
         for name, module in layers:
-            w = module.weight
-            numel, nnz = w.numel(), int(torch.count_nonzero(w))
-            param, thr = _method(module)
             dense = (
                 _layer_macs(module, traced[id(module)][1], batch)
                 if id(module) in traced
                 else (float("nan"))
             )
-            rows.append(
-                {
-                    "name": name,
-                    "kind": type(module).__name__.lower(),
-                    "param": param,
-                    "shape": "x".join(map(str, w.shape)),
-                    "numel": numel,
-                    "nnz": nnz,
-                    "sparsity": 1.0 - nnz / numel,
-                    "threshold": thr,
-                    "rank": float("nan"),
-                    "full_rank": float("nan"),
-                    "macs_dense": dense,
-                    "macs_sparse": dense * nnz / numel,
-                }
-            )
+            rows.append(_layer_row(name, module, dense, kept.get(name)))
         for name, module in owners:
             inputs = traced.get(id(module), (None,))[0]
             for entry in module.budget_entries(inputs):
@@ -137,6 +132,43 @@ def budget_table(
     rows.sort(key=lambda r: _position(order, r["name"]))
     table = pd.DataFrame(rows, columns=COLUMNS)
     return pd.concat([table, _total(table)], ignore_index=True)
+
+
+def _layer_row(name: str, module: nn.Module, dense: float, kept: tuple[int, int] | None) -> dict:
+    """The budget row of a conv/linear layer (``kept``: the (output, input) channels that the
+    smaller network keeps, for a model with group thresholds)."""
+    w = module.weight
+    numel, nnz = w.numel(), int(torch.count_nonzero(w))
+    if kept is not None:  # the smaller network's layer: its parameter count
+        nnz = _kept_params(module, *kept)
+    param, thr = _method(module)
+    return {
+        "name": name,
+        "kind": type(module).__name__.lower(),
+        "param": param,
+        "shape": "x".join(map(str, w.shape)),
+        "numel": numel,
+        "nnz": nnz,
+        "sparsity": 1.0 - nnz / numel,
+        "threshold": thr,
+        "rank": float("nan"),
+        "full_rank": float("nan"),
+        "macs_dense": dense,
+        "macs_sparse": dense * nnz / numel,
+        "channels": kept[0] if kept is not None else float("nan"),
+        "channels_dense": w.shape[0] if kept is not None else float("nan"),
+    }
+
+
+def _kept_params(module: nn.Module, out_kept: int, in_kept: int) -> int:
+    """Weight entries of a conv/linear layer cut to ``out_kept`` outputs and ``in_kept`` inputs
+    (a depthwise conv: one input per output)."""
+    w = module.weight
+    per_out = w.numel() // w.shape[0]
+    groups = getattr(module, "groups", 1)
+    if groups > 1:  # depthwise (grouped convs keep their inputs per group)
+        return out_kept * per_out
+    return out_kept * (per_out // w.shape[1]) * in_kept
 
 
 def _position(order: dict[str, int], name: str) -> int:
@@ -163,6 +195,8 @@ def _total(table: pd.DataFrame) -> pd.DataFrame:
                 "full_rank": float("nan"),
                 "macs_dense": table["macs_dense"].sum(min_count=1),
                 "macs_sparse": table["macs_sparse"].sum(min_count=1),
+                "channels": table["channels"].sum(min_count=1),
+                "channels_dense": table["channels_dense"].sum(min_count=1),
             }
         ],
         columns=COLUMNS,
@@ -184,6 +218,12 @@ def ranked_layers(table: pd.DataFrame) -> pd.DataFrame:
     """The per-layer rows that have a rank: the low-rank matrices."""
     rows = layers(table)
     return rows[rows["rank"].notna()]
+
+
+def matrix_params(table: pd.DataFrame) -> int:
+    """Parameters the low-rank matrices store (a recurrent cell's W and U, no biases): the sum
+    of their nnz, each matrix's factors or, where smaller, its dense form (``num_params``)."""
+    return int(ranked_layers(table)["nnz"].sum())
 
 
 def totals(table: pd.DataFrame) -> dict[str, float]:

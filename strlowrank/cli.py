@@ -82,8 +82,12 @@ def build_parser(
             "--target-sparsity", metavar="S", help="final overall sparsity, a fraction, e.g. 0.9"
         )
         g.add_argument("--target-macs", metavar="F", help="final sparse/dense MACs, e.g. 0.1")
-        g.add_argument("--target-params", metavar="N", help="final parameter count (speech)")
-        g.add_argument("--target-rank", metavar="R", help="final sum of learned ranks (speech)")
+        g.add_argument(
+            "--target-params", metavar="N", help="final parameter count (nonzeros and factors)"
+        )
+        g.add_argument(
+            "--target-rank", metavar="R", help="final sum of learned ranks (low-rank matrices)"
+        )
     return p
 
 

@@ -1,4 +1,4 @@
-"""The one training loop shared by the vision and speech tracks.
+"""The one training loop every track shares.
 
 A track hands the engine a :class:`Task` (model, datasets, an example input for the budget, optional
 callbacks (strlowrank.callbacks) and augmentation) and a

@@ -1,7 +1,8 @@
 """Exports that make sparse and low-rank models faster at inference.
 
-Low-rank GRU (``export_gru``): a TorchScript module (``backend="script"``) or the same math
-as one compiled C++ op with fused gates (``backend="cpp"``, ``strlowrank.gru_cpp``). With
+Low-rank GRU (``export_gru``): an eager PyTorch module (``backend="eager"``) or the same math
+as one compiled C++ op with fused gates (``backend="cpp"``, ``strlowrank.gru_cpp``); a file that
+loads without this repo is the ONNX graph (``export_onnx``). With
 W = A_W B_W [3H, I] and U = A_U B_U [3H, H] (rank r, ``RNNLayer.export``), the input
 projection of all T steps is one matmul, x B_W^T A_W^T + b_ih, and each step costs two thin
 products (h B_U^T) A_U^T + b_hh (r (I + 3H) instead of 3H I MACs) and the gate arithmetic
@@ -29,14 +30,14 @@ Streaming: ``forward(x_chunk, h)`` returns the last state, so a stream is a sequ
 each passing the previous call's h; ``step(x_t, h)`` is the one-frame call. Chunked calls
 give the whole-sequence outputs (the recurrence is the same arithmetic, step by step).
 
-``file_bytes`` gives the size on disk of what ``save_export`` writes.
+``save_export`` writes an exported module's state_dict, or an ONNX graph's bytes;
+``file_bytes`` gives the size on disk of what it writes.
 """
 
 from __future__ import annotations
 
 import copy
 import io
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -66,7 +67,7 @@ if TYPE_CHECKING:
 
 
 class LowRankGRU(nn.Module):
-    """A batch-first single-layer GRU over (possibly) factorized W and U, for TorchScript.
+    """A batch-first single-layer GRU over (possibly) factorized W and U (eager inference).
 
     Buffers: w_a [3H, r_W] and w_b [r_W, I] (or w_a = W [3H, I] and w_b empty when W is dense),
     the same for U, biases [3H]. forward: x [B, T, I], h0 [B, H] or None -> (out [B, T, H], h_T).
@@ -104,7 +105,6 @@ class LowRankGRU(nn.Module):
             self.u_factored,
         )
 
-    @torch.jit.export
     def step(self, x_t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One frame of a stream: x_t [B, I], h [B, H] -> (y_t [B, H], h' [B, H]), y_t = h'."""
         out, h_next = self.forward(x_t.unsqueeze(1), h)
@@ -120,19 +120,20 @@ def _cheapest(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, torch.Tensor, tor
     return False, a @ b, a.new_zeros(in_f, 0)
 
 
-def export_gru(layer: RNNLayer | nn.GRU, script: bool = True, backend: str = "script") -> nn.Module:
+def export_gru(layer: RNNLayer | nn.GRU, backend: str = "eager") -> nn.Module:
     """The fastest honest inference form of one GRU layer.
 
     ``layer`` is an ``RNNLayer`` (full, lowrank or str matrices, exported at their learned
     ranks by ``RNNLayer.export``) or a single-layer batch-first ``nn.GRU``. Outputs equal the
     layer's (out [B, T, H], h_T [B, H]) within float rounding.
 
-    backend: ``"script"`` (portable): a ``LowRankGRU``, scripted unless ``script=False``;
-    ``"cpp"``: a ``strlowrank.gru_cpp.CompiledLowRankGRU`` (the whole time loop in one C++ op,
-    built at first use; CPU float32 inference), RuntimeError if it cannot be built here.
+    backend: ``"eager"``: a ``LowRankGRU`` (any device, autograd works); ``"cpp"``: a
+    ``strlowrank.gru_cpp.CompiledLowRankGRU`` (the whole time loop in one C++ op, built at
+    first use; CPU float32 inference), RuntimeError if it cannot be built here. For a file
+    that runs without this repo, export the layer to ONNX (``export_onnx``).
     """
-    if backend not in ("script", "cpp"):
-        raise ValueError(f"export_gru: backend must be 'script' or 'cpp', got {backend!r}")
+    if backend not in ("eager", "cpp"):
+        raise ValueError(f"export_gru: backend must be 'eager' or 'cpp', got {backend!r}")
     if isinstance(layer, nn.GRU):
         if not layer.batch_first:
             raise ValueError("export_gru: nn.GRU must be batch_first")
@@ -151,11 +152,7 @@ def export_gru(layer: RNNLayer | nn.GRU, script: bool = True, backend: str = "sc
         if not gru_cpp.available():
             raise RuntimeError(f"export_gru(backend='cpp'): {gru_cpp.unavailable_reason()}")
         return gru_cpp.CompiledLowRankGRU(module).eval()
-    if not script:
-        return module
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.script is deprecated"
-        return torch.jit.script(module)
+    return module
 
 
 # --------------------------------------------------------------------------- sparse CNN
@@ -329,7 +326,7 @@ def export_onnx(
             Path(path).write_bytes(proto.SerializeToString())
         return proto
     if isinstance(model, (RNNLayer, nn.GRU)):
-        model = export_gru(model, script=False)
+        model = export_gru(model)
     if hasattr(model, "w_at") and hasattr(model, "u_factored"):  # LowRankGRU and its forms
         proto = onnx_export.gru_graph(model, form)
     else:
@@ -346,22 +343,21 @@ def export_onnx(
 # --------------------------------------------------------------------------- files
 
 
-def save_export(model: nn.Module, path: str | Path | None = None) -> int:
-    """Write an exported model (TorchScript via ``torch.jit.save``, else its state_dict via
-    ``torch.save``; CSR weights stay CSR) to ``path`` (or memory); returns the bytes written."""
-    buffer = io.BytesIO()
-    if isinstance(model, torch.jit.ScriptModule):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.save is deprecated"
-            torch.jit.save(model, buffer)
+def save_export(model: nn.Module | onnx.ModelProto, path: str | Path | None = None) -> int:
+    """Write an export to ``path`` (or memory) and return the bytes written: an ONNX graph
+    (``export_onnx``) as its serialized bytes, a module as its state_dict (``torch.save``; CSR
+    weights stay CSR; load it with ``torch.load(path, weights_only=True)``)."""
+    if not isinstance(model, nn.Module):  # an onnx.ModelProto
+        data = model.SerializeToString()
     else:
+        buffer = io.BytesIO()
         torch.save(model.state_dict(), buffer)
-    data = buffer.getvalue()
+        data = buffer.getvalue()
     if path is not None:
         Path(path).write_bytes(data)
     return len(data)
 
 
-def file_bytes(model: nn.Module) -> int:
+def file_bytes(model: nn.Module | onnx.ModelProto) -> int:
     """Size on disk of ``save_export(model)``."""
     return save_export(model)

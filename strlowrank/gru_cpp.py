@@ -1,12 +1,12 @@
 """A compiled CPU inference path for the exported low-rank GRU, and its eager reference.
 
 ``lowrank_gru_forward`` is the recurrence in ATen ops: ``LowRankGRU.forward``
-(``strlowrank.export``, scripted by TorchScript) and ``CompiledLowRankGRU``'s fallback both
-call it. It runs about eleven small ATen ops per time step, and at H = 128 their dispatch and
-the unfused gate arithmetic cost more than the two thin products. Here one C++ operator
+(``strlowrank.export``, the eager export) and ``CompiledLowRankGRU``'s fallback both call it.
+It runs about eleven small ATen ops per time step, and at H = 128 their dispatch and the
+unfused gate arithmetic cost more than the two thin products. Here one C++ operator
 (``csrc/lowrank_gru.cpp`` in this package, built at first use with
-``torch.utils.cpp_extension.load_inline``, a TorchScript-registered op, so no pybind11 and no
-Python headers) runs the whole time loop:
+``torch.utils.cpp_extension.load_inline``, an op registered with ``TORCH_LIBRARY``, torch's
+operator registry, so no pybind11 and no Python headers) runs the whole time loop:
 
     gi[t] = x_t B_W^T A_W^T + b_ih + [b_hr, b_hz, 0]       (blocks of steps, one matmul each)
     gh    = (h B_U^T) A_U^T                                  (two ``at::mm_out``, fixed buffers)
@@ -117,7 +117,7 @@ def _missing_tool() -> str | None:
 def _compile(folder: Path) -> None:
     """Compile the extension in folder (and load it into this process)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", UserWarning)  # the build's compiler-version notes
         _cpp_extension().load_inline(
             _NAME,
             cpp_sources=[source()],
@@ -188,7 +188,7 @@ def lowrank_gru_forward(
     w_factored: bool,
     u_factored: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled op's recurrence in ATen ops (scriptable, any device, autograd works).
+    """The compiled op's recurrence in ATen ops (any device, autograd works).
 
     x [B, T, I], h0 [B, H] or None -> (out [B, T, H], h_T [B, H]); weights as in
     ``LowRankGRU``: w_at [r_W, 3H] and w_bt [I, r_W] (w_at = W^T [I, 3H] when W is dense), the
@@ -224,7 +224,7 @@ class CompiledLowRankGRU(nn.Module):
     _names = ("w_at", "w_bt", "u_at", "u_bt", "bias_ih", "bias_hh")
 
     def __init__(self, gru: nn.Module) -> None:
-        """``gru``: a ``LowRankGRU`` or its TorchScript form (``export_gru(..., "script")``)."""
+        """``gru``: a ``LowRankGRU`` (``export_gru(layer)``)."""
         super().__init__()
         if not available():
             raise RuntimeError(f"CompiledLowRankGRU: {unavailable_reason()}")

@@ -146,7 +146,7 @@ def budget_warnings(
     the full ranks) or accuracy collapsed (val accuracy under `collapse_accuracy`). Empty for
     methods without STR."""
     rows = layers(table)
-    learned = rows[rows["param"] == "str"]
+    learned = rows[rows["param"].isin(("str", "group"))]  # weight or channel thresholds
     if not len(learned):
         return []
     ranked = "rank" in learned and learned["rank"].notna().all()

@@ -18,7 +18,8 @@ This is what ``torch.onnx.export`` writes for ``nn.GRU``, the dense baseline dep
 
 CNN (``cnn_graph``): an unparametrized eval-mode CNN (thresholds baked, BN folded by
 ``strlowrank.export.export_onnx``) through torch's TorchScript-based ONNX exporter
-(``dynamo=False``, which needs no onnxscript). Sparse weights are stored dense with their zeros:
+(``dynamo=False``, which needs no onnxscript; torch marks it deprecated with a
+DeprecationWarning, left visible). Sparse weights are stored dense with their zeros:
 ONNX Runtime's CPU convolutions have no sparse kernels.
 
 FastGRNN (``fastgrnn_graph``): the same ``Scan`` form for a FastGRNN layer, its one W and one U
@@ -31,7 +32,6 @@ are imported only here.
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 import onnx
@@ -192,18 +192,16 @@ def _gru_op_nodes(gru: nn.Module) -> tuple[list[onnx.NodeProto], list[onnx.Tenso
 def cnn_graph(model: nn.Module, example: torch.Tensor, opset: int = OPSET) -> onnx.ModelProto:
     """An unparametrized eval-mode CNN as ONNX (input "x" [batch, ...], output "y")."""
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated
-        torch.onnx.export(
-            model.eval(),
-            (example,),
-            buffer,
-            dynamo=False,
-            opset_version=opset,
-            input_names=["x"],
-            output_names=["y"],
-            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-        )
+    torch.onnx.export(
+        model.eval(),
+        (example,),
+        buffer,
+        dynamo=False,
+        opset_version=opset,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+    )
     return onnx.load_model_from_string(buffer.getvalue())
 
 

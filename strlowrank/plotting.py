@@ -7,10 +7,12 @@ accuracy in percent, MACs in millions (M) per example, parameters in thousands (
 
     plot_layer_budget      per-layer sparsity and MACs, runs side by side, in network order
     plot_sparsity_accuracy / plot_macs_accuracy / plot_rank_accuracy    trade-offs across runs
-    plot_frontier       parameters vs accuracy per method and budget, 95% intervals over seeds
     plot_sparsity_trajectory, plot_threshold_trajectory, plot_rank_trajectory    over epochs
     plot_spectra           singular values at init and at the end, with the threshold marked
     plot_run(run_dir)      writes the single-run figures into run_dir/plots/
+
+A track draws its own figures with the same parts: ``styled`` (the project style),
+``new_figure``, ``percent_axis``, ``method_color`` and ``METHOD_MARKERS``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from strlowrank import analysis
 from strlowrank.analysis import Run, accuracy_column, layer_order
@@ -99,7 +101,7 @@ def method_color(method: str) -> str:
     return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
 
 
-def _figure(
+def new_figure(
     nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.4), **kwargs
 ) -> tuple[Figure, np.ndarray]:
     """A constrained-layout figure with styled axes (returned as a flat array)."""
@@ -111,7 +113,8 @@ def _figure(
     return fig, axes
 
 
-def _percent(axis) -> None:
+def percent_axis(axis) -> None:
+    """Tick labels of ``axis`` in percent (values are fractions)."""
     axis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
 
 
@@ -165,7 +168,7 @@ def plot_layer_budget(budget: pd.DataFrame, title: str = "Per-layer budget") -> 
     has_macs = "macs_sparse" in budget and budget["macs_sparse"].notna().any()
     n, k = len(names), len(styles)
     height = min(40.0, max(3.2, 0.17 * n * max(1.0, k**0.6) + 1.6))
-    fig, axes = _figure(1, 2 if has_macs else 1, (11 if has_macs else 7, height), sharey=True)
+    fig, axes = new_figure(1, 2 if has_macs else 1, (11 if has_macs else 7, height), sharey=True)
     bar = 0.8 / k
     for i, (run, st) in enumerate(styles.items()):
         rows = budget[budget["run"] == run].drop_duplicates("name").set_index("name")
@@ -182,7 +185,7 @@ def plot_layer_budget(budget: pd.DataFrame, title: str = "Per-layer budget") -> 
         if has_macs:
             axes[1].barh(y, rows["macs_sparse"] / 1e6, **kw)
     axes[0].set_xlim(0, 1)
-    _percent(axes[0].xaxis)
+    percent_axis(axes[0].xaxis)
     axes[0].set_xlabel("sparsity (% of weights zero)")
     _layer_ticks(axes[0], names)
     if has_macs:
@@ -229,7 +232,7 @@ def _tradeoff(summary: pd.DataFrame, x: str, scale: float, ax: Axes) -> dict[str
                 linewidth=1,
             )
         points[str(method)] = pts
-    _percent(ax.yaxis)
+    percent_axis(ax.yaxis)
     ax.set_ylabel(f"top-1 accuracy ({acc.split('_')[0]}, %)")
     ax.legend(title="method")
     return points
@@ -238,9 +241,9 @@ def _tradeoff(summary: pd.DataFrame, x: str, scale: float, ax: Axes) -> dict[str
 @styled
 def plot_sparsity_accuracy(summary: pd.DataFrame, title: str = "Sparsity vs accuracy") -> Figure:
     """Accuracy against overall sparsity, one line per method (``analysis.summaries`` rows)."""
-    fig, (ax,) = _figure()
+    fig, (ax,) = new_figure()
     _tradeoff(summary, "sparsity", 1.0, ax)
-    _percent(ax.xaxis)
+    percent_axis(ax.xaxis)
     ax.set_xlabel("overall sparsity (% of weights zero)")
     ax.set_title(title)
     return fig
@@ -249,7 +252,7 @@ def plot_sparsity_accuracy(summary: pd.DataFrame, title: str = "Sparsity vs accu
 @styled
 def plot_macs_accuracy(summary: pd.DataFrame, title: str = "MACs vs accuracy") -> Figure:
     """Accuracy against MACs per example (M) of the sparse network, one line per method."""
-    fig, (ax,) = _figure()
+    fig, (ax,) = new_figure()
     _tradeoff(summary, "macs_sparse", 1e-6, ax)
     ax.set_xlabel("MACs per example (M, sparse)")
     ax.set_title(title)
@@ -267,10 +270,10 @@ def _rank_label(row: pd.Series) -> str:
 
 @styled
 def plot_rank_accuracy(summary: pd.DataFrame, title: str = "Rank vs accuracy") -> Figure:
-    """Speech track: accuracy against total rank (sum over W, U matrices), one line per method
+    """Low-rank models: accuracy against total rank (sum over W, U matrices), one line per method
     (learned-rank 'str', fixed 'lowrank'); the full-rank run as a star and a dashed reference.
     Each point is labelled with its ranks (r_W/r_U per layer) and recurrent parameters (K)."""
-    fig, (ax,) = _figure(size=(7.2, 4.8))
+    fig, (ax,) = new_figure(size=(7.2, 4.8))
     points = _tradeoff(summary, "rank_total", 1.0, ax)
     group = "group" if "group" in summary else "run"
     for method, pts in points.items():
@@ -297,80 +300,11 @@ def plot_rank_accuracy(summary: pd.DataFrame, title: str = "Rank vs accuracy") -
     return fig
 
 
-def _split_label(split: str, layout: str) -> str:
-    """A fixed-rank split as r_W/r_U per layer: per gate, the gates of one matrix share a rank
-    (3 gates in a GRU, 4 in an LSTM), so '8/8/8/6/6/6' is drawn as '8/6'."""
-    ranks = split.split("/")
-    gates = 4 if "lstm" in layout else 3
-    groups = [ranks[i : i + gates] for i in range(0, len(ranks), gates)]
-    if "per_gate" not in layout or any(len(set(g)) != 1 for g in groups):
-        return split
-    return "/".join(g[0] for g in groups)
-
-
-@styled
-def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -> Figure:
-    """Speech frontier: mean accuracy against mean recurrent parameters (K) per method and
-    budget, with 95% t-intervals over seeds (``analysis.frontier_points`` rows); the full-rank
-    point as a star and a dashed reference; fixed-rank points labelled with their best split.
-    Every layout gets its own line: a per-gate layout dashed (else solid), and a model other
-    than the one-layer GRU (``layout`` "stacked x2", "lstm per_gate", ...) open markers and a
-    thinner line, so two layouts of one method never look alike. The x axis is logarithmic
-    (small budgets are where methods differ); the y axis starts 4 points below the lowest mean
-    and ends at most 2 points above the highest, so a longer interval runs off."""
-    fig, (ax,) = _figure(size=(9.0, 4.8))
-    if "layout" not in points:
-        points = points.assign(layout="stacked")
-    for (method, layout), rows in points.groupby(["method", "layout"], sort=False):
-        rows = rows.sort_values("params")
-        color, marker = method_color(str(method)), METHOD_MARKERS.get(str(method), "o")
-        layout = str(layout)
-        other = layout not in ("stacked", "per_gate")  # another model: two layers, an LSTM
-        style = "--" if "per_gate" in layout else "-"
-        ax.errorbar(
-            rows["params"] / 1e3,
-            rows["mean"],
-            yerr=rows["ci"].fillna(0.0),
-            color=color,
-            marker=marker,
-            capsize=3,
-            label=f"{method}, {layout.replace('_', ' ')}" if layout != "stacked" else str(method),
-            markersize=9 if method == "full" else 6,
-            linestyle=style,
-            linewidth=1.0 if other else 1.5,
-            markerfacecolor="white" if other or layout == "per_gate" else color,
-        )
-        if method == "full":
-            ax.axhline(rows["mean"].mean(), color=color, linestyle="--", linewidth=1, alpha=0.6)
-        for _, row in rows[rows["split"].astype(str) != ""].iterrows():
-            ax.annotate(
-                _split_label(str(row["split"]), layout),
-                (row["params"] / 1e3, row["mean"]),
-                fontsize=8,
-                xytext=(5, -11),
-                textcoords="offset points",
-                color=color,
-            )
-    _percent(ax.yaxis)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    # the means set the range: one seed-starved point's huge interval must not flatten the rest
-    low = points["mean"].min()
-    high = (points["mean"] + points["ci"].fillna(0.0).clip(upper=0.01)).max()
-    ax.set_ylim(low - 0.04, min(high + 0.01, 1.0))
-    ax.set_xlabel("recurrent parameters (K, mean over seeds, log scale)")
-    ax.set_ylabel("accuracy (mean, 95% interval over seeds)")
-    ax.legend(title="method", loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines
-    ax.set_title(title)
-    return fig
-
-
 @styled
 def plot_sparsity_trajectory(metrics: pd.DataFrame, title: str = "Training") -> Figure:
     """Overall sparsity (with the controller's target when logged) and validation accuracy per
     epoch, one line per run (``analysis.metrics`` rows)."""
-    fig, axes = _figure(1, 2, (11, 4.2), sharex=True)
+    fig, axes = new_figure(1, 2, (11, 4.2), sharex=True)
     for run, st in _run_styles(metrics).items():
         rows = metrics[metrics["run"] == run]
         kw = {"color": st["color"], "linestyle": st["linestyle"], "marker": "o", "markersize": 3}
@@ -386,7 +320,7 @@ def plot_sparsity_trajectory(metrics: pd.DataFrame, title: str = "Training") -> 
             )
         axes[1].plot(rows["epoch"], rows["val_acc"], **kw)
     for ax, what in zip(axes, ("overall sparsity (% of weights zero)", "validation accuracy (%)")):
-        _percent(ax.yaxis)
+        percent_axis(ax.yaxis)
         ax.set_ylabel(what)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -454,7 +388,7 @@ def plot_controller(metrics: pd.DataFrame, title: str = "Budget controller") -> 
     if metric is None:
         raise ValueError("plot_controller: no target_<metric> / achieved_<metric> columns")
     rows = metrics.sort_values("epoch")
-    fig, axes = _figure(1, 2, (11, 4.2), sharex=True)
+    fig, axes = new_figure(1, 2, (11, 4.2), sharex=True)
     color = method_color("str")
     axes[0].plot(
         rows["epoch"],
@@ -477,7 +411,7 @@ def plot_controller(metrics: pd.DataFrame, title: str = "Budget controller") -> 
     if len(final):
         axes[0].axhline(final.iloc[-1], color="#8c8c8c", linewidth=0.8)
     if metric in ("sparsity", "macs"):
-        _percent(axes[0].yaxis)
+        percent_axis(axes[0].yaxis)
     axes[0].set_ylabel(CONTROLLER_UNITS[metric])
     axes[0].legend(loc="best")
     _decay_panel(axes[1], rows, color)
@@ -520,7 +454,7 @@ def _per_layer_lines(ax: Axes, history: pd.DataFrame, column: str) -> int:
 def plot_threshold_trajectory(history: pd.DataFrame, title: str = "Thresholds") -> Figure:
     """Per-layer threshold g(s) over epochs of one run (``budget_history.csv`` rows); log scale
     when the thresholds span more than two decades (zeros, i.e. not yet pruning, left out)."""
-    fig, (ax,) = _figure(size=(7.5, 4.4))
+    fig, (ax,) = new_figure(size=(7.5, 4.4))
     values = history["threshold"].where(history["threshold"] > 0)
     _per_layer_lines(ax, history.assign(threshold=values), "threshold")
     positive = values.dropna()
@@ -534,7 +468,7 @@ def plot_threshold_trajectory(history: pd.DataFrame, title: str = "Thresholds") 
 @styled
 def plot_rank_trajectory(history: pd.DataFrame, title: str = "Learned ranks") -> Figure:
     """Rank of each low-rank matrix over epochs of one run (``budget_history.csv`` rows)."""
-    fig, (ax,) = _figure(size=(7.5, 4.4))
+    fig, (ax,) = new_figure(size=(7.5, 4.4))
     _per_layer_lines(ax, history, "rank")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
@@ -550,7 +484,7 @@ def plot_spectra(spectra: pd.DataFrame, title: str = "Singular values") -> Figur
     keys = list(dict.fromkeys(zip(spectra["layer"], spectra["matrix"])))
     ncols = min(4, len(keys))
     nrows = math.ceil(len(keys) / ncols)
-    fig, axes = _figure(nrows, ncols, (3.6 * ncols + 0.6, 3.0 * nrows + 0.8))
+    fig, axes = new_figure(nrows, ncols, (3.6 * ncols + 0.6, 3.0 * nrows + 0.8))
     colors = {"init": "#8c8c8c", "final": method_color("str")}
     for ax, (layer, matrix) in zip(axes, keys):
         part = spectra[(spectra["layer"] == layer) & (spectra["matrix"] == matrix)]

@@ -6,14 +6,13 @@ RUN_DIR is a run folder or a folder searched for run folders (a sweep's output).
     DIR/summary.md      a table of the runs (accuracy, sparsity, parameters, MACs, ranks) + figures
     DIR/runs.csv        the same runs, every summary field (``analysis.summaries``)
     DIR/<track>_budget.png, <track>_training.png            per track, runs side by side
-    DIR/vision_sparsity_accuracy.png, vision_macs_accuracy.png, speech_rank_accuracy.png
+    DIR/<track>_rank_accuracy.png                           runs whose models have ranks
+    DIR/<track>_sparsity_accuracy.png, <track>_macs_accuracy.png    the other runs
     DIR/runs/<run>/{budget,training,thresholds,ranks,spectra}.png    single-run figures
-    DIR/frontier.csv, frontier.md, speech_frontier.png    speech runs with a tag (a frontier
-        sweep): per method and budget the accuracy over seeds, mean +- 95% t-interval
-        (``analysis.frontier_points``: the fixed-rank split best on validation, with the grid
-        tried); frontier_gaps.csv: each method minus that split, paired by seed
-        (``analysis.frontier_gaps``)
-Figures that do not apply (no spectra for vision, no trade-off curve without accuracy) are skipped.
+    DIR/...             what the track's report module adds (``<track>.report.write``,
+                        ``strlowrank.tracks``), e.g. a frontier of tagged runs
+<track> is each run's summary.json 'track'. Figures that do not apply (no spectra without
+low-rank matrices, no trade-off curve without accuracy) are skipped.
 """
 
 from __future__ import annotations
@@ -27,18 +26,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from strlowrank.analysis import (
-    Run,
-    accuracy_column,
-    budgets,
-    frontier_gaps,
-    frontier_points,
-    load_runs,
-    metrics,
-    summaries,
-)
+from strlowrank.analysis import Run, accuracy_column, budgets, load_runs, metrics, summaries
 from strlowrank.plotting import (
-    plot_frontier,
     plot_layer_budget,
     plot_macs_accuracy,
     plot_rank_accuracy,
@@ -47,6 +36,7 @@ from strlowrank.plotting import (
     run_figures,
     save_figure,
 )
+from strlowrank.tracks import report_part
 
 MAX_BUDGET_RUNS = 6  # more runs than this on one per-layer figure: one run per method
 
@@ -72,7 +62,10 @@ def _representatives(budget: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFram
 
 
 def track_figures(track: str, runs: Sequence[Run]) -> dict[str, Figure]:
-    """The comparison figures of the runs of one track, by file stem."""
+    """The comparison figures of the runs of one track, by file stem: per-layer budgets and
+    training curves, and the trade-off the runs measure (accuracy against the total rank when
+    their models have ranks, else against sparsity and MACs)."""
+    name = track or "runs"  # the stem of runs that name no track (unfinished runs)
     figs: dict[str, Figure] = {}
     summary = summaries(runs)
     budget = budgets(runs)
@@ -80,23 +73,26 @@ def track_figures(track: str, runs: Sequence[Run]) -> dict[str, Figure]:
         groups = _budget_groups(budget)
         for i, group in enumerate(groups):
             suffix = f"_{i + 1}" if len(groups) > 1 else ""
-            figs[f"{track}_budget{suffix}"] = plot_layer_budget(
-                _representatives(group, summary), f"Per-layer budget ({track})"
+            figs[f"{name}_budget{suffix}"] = plot_layer_budget(
+                _representatives(group, summary), f"Per-layer budget ({name})"
             )
     table = metrics(runs)
     if table is not None:
-        figs[f"{track}_training"] = plot_sparsity_trajectory(table, f"Training ({track})")
-    acc = summary["accuracy"]
-    if acc.notna().any() and track == "vision" and summary["sparsity"].notna().any():
-        figs["vision_sparsity_accuracy"] = plot_sparsity_accuracy(summary)
+        figs[f"{name}_training"] = plot_sparsity_trajectory(table, f"Training ({name})")
+    if not summary["accuracy"].notna().any():
+        return figs
+    if summary["rank_total"].notna().any():
+        figs[f"{name}_rank_accuracy"] = plot_rank_accuracy(summary)
+    elif summary["sparsity"].notna().any():
+        figs[f"{name}_sparsity_accuracy"] = plot_sparsity_accuracy(summary)
         if "macs_sparse" in summary and summary["macs_sparse"].notna().any():
-            figs["vision_macs_accuracy"] = plot_macs_accuracy(summary)
-    if acc.notna().any() and track == "speech" and summary["rank_total"].notna().any():
-        figs["speech_rank_accuracy"] = plot_rank_accuracy(summary)
+            figs[f"{name}_macs_accuracy"] = plot_macs_accuracy(summary)
     return figs
 
 
-def _cell(value: object, fmt: str) -> str:
+def format_cell(value: object, fmt: str) -> str:
+    """A table cell: ``value`` formatted with ``fmt`` (as it is when ``fmt`` is ''), '' when
+    it is missing (None or NaN)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return format(value, fmt) if fmt else str(value)
@@ -130,65 +126,9 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             value = row.get(col)
             if fmt and value is not None and pd.notna(value):
                 value = float(value) * scale
-            cells.append(_cell(value, fmt))
+            cells.append(format_cell(value, fmt))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _interval(row: pd.Series, fmt: str) -> str:
-    """'mean +- half width' of an ``analysis.aggregate`` row in percent (points); the half
-    width is left out when it is unknown (one seed)."""
-    ci = f" +- {100 * row['ci']:.2f}" if pd.notna(row["ci"]) else ""
-    return f"{100 * row['mean']:{fmt}}{ci}"
-
-
-def frontier_markdown(points: pd.DataFrame) -> str:
-    """The frontier as a markdown table: accuracy in % as mean +- 95% half width (n seeds)."""
-    lines = [
-        "| method | budget | params (K) | accuracy % (mean +- 95%) | sd | n | split | "
-        "splits tried (mean %) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for _, r in points.iterrows():
-        lines.append(
-            f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
-            f"{_interval(r, '.2f')} | {_cell(100 * r['sd'], '.2f')} | {r['n']} | "
-            f"{r['split']} | {r.get('splits') or ''} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def gaps_markdown(gaps: pd.DataFrame) -> str:
-    """Paired gaps to the best fixed split as a markdown table, in accuracy points."""
-    lines = [
-        "| method | budget | params (K) | minus best fixed split, points (mean +- 95%, "
-        "paired by seed) | n | fixed split |",
-        "|---|---|---|---|---|---|",
-    ]
-    for _, r in gaps.iterrows():
-        lines.append(
-            f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
-            f"{_interval(r, '+.2f')} | {r['n']} | {r['baseline_split']} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def write_frontier(summary: pd.DataFrame, out: Path) -> list[Path]:
-    """frontier.csv, frontier.md and speech_frontier.png when speech runs carry a tag."""
-    rows = summary[summary["track"] == "speech"] if "track" in summary else summary
-    if "tag" not in rows or not rows["tag"].notna().any():
-        return []
-    tagged = rows[rows["tag"].notna()]
-    points = frontier_points(tagged)
-    points.to_csv(out / "frontier.csv", index=False)
-    text = frontier_markdown(points)
-    if (points["method"] == "lowrank").any() and "seed" in tagged:
-        gaps = frontier_gaps(tagged)
-        gaps.to_csv(out / "frontier_gaps.csv", index=False)
-        text += "\nEach method minus the chosen fixed split at the same budget:\n\n"
-        text += gaps_markdown(gaps)
-    (out / "frontier.md").write_text(text)
-    return [save_figure(plot_frontier(points), out / "speech_frontier.png")]
 
 
 def write_report(runs: Sequence[Run], out: str | Path, per_run: bool = True) -> list[Path]:
@@ -196,11 +136,11 @@ def write_report(runs: Sequence[Run], out: str | Path, per_run: bool = True) -> 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for track in ("vision", "speech"):
+    tracks = sorted({r.track for r in runs}, key=lambda t: (t == "", t))
+    for track in tracks:
         selected = [r for r in runs if r.track == track]
-        if selected:
-            for stem, fig in track_figures(track, selected).items():
-                written.append(save_figure(fig, out / f"{stem}.png"))
+        for stem, fig in track_figures(track, selected).items():
+            written.append(save_figure(fig, out / f"{stem}.png"))
     if per_run:
         for run in runs:
             folder = out / "runs" / run.label.replace("/", "__")
@@ -208,7 +148,10 @@ def write_report(runs: Sequence[Run], out: str | Path, per_run: bool = True) -> 
                 written.append(save_figure(fig, folder / f"{stem}.png"))
     summary = summaries(runs)
     summary.to_csv(out / "runs.csv", index=False)
-    written += write_frontier(summary, out)
+    for track in tracks:
+        part = report_part(track)
+        if part is not None:
+            written += part.write(summary[summary["track"] == track], out)
     links = "\n".join(f"- [{p.relative_to(out)}]({p.relative_to(out)})" for p in written)
     (out / "summary.md").write_text(
         f"# Runs\n\n{summary_markdown(summary)}\n## Figures\n\n{links}\n"

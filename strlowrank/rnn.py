@@ -276,17 +276,6 @@ class RNNLayer(nn.Module):
         return layer
 
 
-def compact_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers of a (compact, exported) model."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def num_parameters(model: nn.Module) -> int:
-    """Number of parameter elements of a model (for an exported model: what it stores)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def matrix_spectra(model: nn.Module, stage: str) -> list[dict]:
     """One row per singular value of every recurrent matrix (W, U) of every ``RNNLayer``.
 

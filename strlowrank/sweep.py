@@ -1,6 +1,6 @@
-"""Sweeps: a grid of configs for either track, one run folder each, and one results.csv.
+"""Sweeps: a grid of configs for a track, one run folder each, and one results.csv.
 
-    python -m strlowrank.sweep --track speech --grid configs/sweep_speech_rank.yaml \\
+    python -m strlowrank.sweep --track TRACK --grid GRID.yaml \\
         --out runs/rank [--seeds 0 1] [--dry-run] [--command "python my_trainer.py"] [--jobs 4] \\
         [--launcher submitit --partition gpu --gpus-per-node 8]
 
@@ -9,7 +9,8 @@ The grid file (YAML) has any of
     grid: {train.threshold_decay: [1e-4, 3e-4]}  dotted key -> values; the cartesian product
     runs: [{model.param: full}, {model.param: lowrank, model.rank_u: 8}]  explicit override sets
 (runs x grid x seeds when several are given). Each run is ``<command> --out DIR/<name> --key
-value ...`` in a subprocess (speech/train_gru.py or vision/train.py by default), its output in
+value ...`` in a subprocess (by default the file of the track's entry point,
+`strlowrank.tracks.entry_script`: TRACK names a top-level package), its output in
 DIR/<name>/train.log; <name> comes from the run's own overrides (base left out), so it is stable.
 A run whose summary.json exists is skipped, one with only a checkpoint.pt is resumed: restarting
 the sweep finishes what is missing. DIR/results.csv gets one row per run (overrides + summary, and
@@ -49,9 +50,8 @@ from tqdm import tqdm
 from strlowrank.analysis import accuracy_column, aggregate, flatten, load_run
 from strlowrank.cache import write_atomic
 from strlowrank.launch import CLUSTERS, ClusterConfig, Launch, run_local, run_submitit
+from strlowrank.tracks import entry_script
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"speech": "speech/train_gru.py", "vision": "vision/train.py"}
 MAX_NAME = 100
 RUN_REFERENCE = re.compile(r"\{sweep\}/([^/]+)/")
 
@@ -151,10 +151,8 @@ def expand(spec: dict[str, Any], seeds: Sequence[int] | None = None) -> list[Swe
 
 
 def default_command(track: str) -> list[str]:
-    """[python, <track's entry script>] for 'speech' or 'vision'."""
-    if track not in SCRIPTS:
-        raise ValueError(f"unknown track {track!r} (known: {', '.join(SCRIPTS)})")
-    return [sys.executable, str(ROOT / SCRIPTS[track])]
+    """[python, <the file of the track's entry point>] (``strlowrank.tracks.entry_script``)."""
+    return [sys.executable, str(entry_script(track))]
 
 
 def command_line(command: Sequence[str], out: Path, args: dict[str, Any]) -> list[str]:
@@ -318,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--track", choices=sorted(SCRIPTS), help="which entry script to run")
+    parser.add_argument("--track", help="the track (a top-level package) whose entry point runs")
     parser.add_argument("--grid", required=True, help="grid YAML (base / grid / runs)")
     parser.add_argument("--out", required=True, help="sweep folder: one run folder per run")
     parser.add_argument("--seeds", type=int, nargs="+", help="run every point with these seeds")
@@ -376,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.track and not args.command:
-        parser.error("give --track speech|vision (or --command)")
+        parser.error("give --track TRACK (or --command)")
     if args.jobs < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--jobs and --threads must be at least 1")
     try:

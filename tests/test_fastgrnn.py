@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from speech.config import SpeechConfig
-from speech.models import SpeechModelConfig, build_model, init_from_checkpoint, recurrent_params
+from speech.models import SpeechModelConfig, build_model, init_from_checkpoint
+from strlowrank.budget import budget_table, matrix_params
 from strlowrank.checkpoint import save_checkpoint
 from strlowrank.config import to_dict
 from strlowrank.fastgrnn import fastgrnn_recurrence
@@ -114,7 +115,7 @@ def test_export_keeps_outputs_scalars_and_counts_fastgrnns_parameters():
     assert float(compact.nu.detach()) == pytest.approx(-2.0)
     cfg = SpeechModelConfig(cell="fastgrnn", param="lowrank", hidden=80, rank_w=5, rank_u=40)
     model = build_model(cfg, input_size=9, num_classes=2)
-    assert recurrent_params(model) == 5 * (80 + 9) + 80 * 80  # rank-40 U is stored dense
+    assert matrix_params(budget_table(model)) == 5 * (80 + 9) + 80 * 80  # rank-40 U is stored dense
 
 
 def test_init_from_a_trained_fastgrnn_copies_matrices_biases_and_scalars(tmp_path):

@@ -1,4 +1,4 @@
-"""The compiled GRU (strlowrank.gru_cpp) equals the TorchScript export and the RNNLayer.
+"""The compiled GRU (strlowrank.gru_cpp) equals the eager export and the RNNLayer.
 
 The first test in a session that uses the ``compiled`` fixture builds the extension (~15-30 s
 on a cold cache); every later one reuses the loaded op. Those tests are skipped where no C++
@@ -54,13 +54,13 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"I{c[0]}H{c[1]}-{c[2]}")
 @pytest.mark.usefixtures("compiled")
-def test_cpp_equals_script_and_layer(case: tuple) -> None:
+def test_cpp_equals_eager_and_layer(case: tuple) -> None:
     torch.manual_seed(0)
     inp, hid, kind, rank_w, rank_u, w_fact, u_fact = case
     spec_w, spec_u = (MatrixSpec(kind, rank=r, s_init=-1.0) for r in (rank_w, rank_u))
     layer = RNNLayer("gru", inp, hid, spec=spec_w, spec_u=spec_u)
     layer.eval()
-    script = export_gru(layer)
+    eager = export_gru(layer)
     cpp = export_gru(layer, backend="cpp")
     assert isinstance(cpp, gru_cpp.CompiledLowRankGRU)
     if kind != "str":
@@ -68,7 +68,7 @@ def test_cpp_equals_script_and_layer(case: tuple) -> None:
     for batch, steps in ((1, 9), (5, 23)):
         x = torch.randn(batch, steps, inp)
         for h0 in (None, torch.randn(batch, hid)):
-            _check(cpp, script, x, h0)
+            _check(cpp, eager, x, h0)
             _check(cpp, layer, x, h0)
 
 

@@ -1,5 +1,5 @@
-"""The core's layers (docs/ARCHITECTURE.md) hold, it has no import cycle and never imports the
-tracks; importing the package runs nothing.
+"""The core's layers (docs/ARCHITECTURE.md) hold, it has no import cycle, never imports the
+tracks and names none of them; importing the package runs nothing.
 
 Every ``import`` in strlowrank/*.py counts, at module level or inside a function (also under
 ``if TYPE_CHECKING``): ``import a.b``, ``from a import b``, ``from . import b``,
@@ -9,8 +9,11 @@ Every ``import`` in strlowrank/*.py counts, at module level or inside a function
 from __future__ import annotations
 
 import ast
+import io
+import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +31,8 @@ LAYERS = {
         "allocation",
         "budget",
         "cache",
+        "group_threshold",
+        "channel_groups",
     },
     "training": {
         "engine",
@@ -43,8 +48,15 @@ LAYERS = {
         "measures",
         "threshold_shift",
     },
-    "export": {"export", "gru_cpp", "sparse_cnn_ops", "timing", "onnx_export"},
-    "analysis": {"analysis", "plotting", "report", "sweep", "launch"},
+    "export": {
+        "export",
+        "gru_cpp",
+        "sparse_cnn_ops",
+        "timing",
+        "onnx_export",
+        "structured_export",
+    },
+    "analysis": {"analysis", "plotting", "report", "sweep", "launch", "tracks"},
 }
 # Groups a group may import besides itself; "package" is strlowrank/__init__.py, the facade.
 ALLOWED = {
@@ -115,6 +127,24 @@ def layer_violations(graph: dict[str, list[str]]) -> list[str]:
                 if other != group and other not in ALLOWED[group]:
                     lines.append(f"{module} ({group}) imports {target} ({other})")
     return lines
+
+
+# a track's name where a word starts: "speech", "vision_x", "Speech track", "speech/x",
+# "sweep_speech_x" (underscores split words), not "torchvision" or "supervision"
+TRACK_WORD = re.compile(rf"(?<![A-Za-z])({'|'.join(TRACKS)})", re.IGNORECASE)
+
+
+def track_names(source: str) -> list[str]:
+    """Every place in ``source`` that names a track: identifiers, strings (docstrings and
+    f-string parts included) and comments, as 'line: text'. The core reaches a track only
+    through a name it is given (strlowrank.tracks), so it needs none written in it."""
+    kinds = {tokenize.NAME, tokenize.STRING, tokenize.COMMENT}
+    kinds |= {getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}  # Python 3.12 f-strings
+    return [
+        f"{token.start[0]}: {token.string}"
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type in kinds and TRACK_WORD.search(token.string)
+    ]
 
 
 def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
@@ -205,6 +235,38 @@ def test_checks_can_fail():
     toy["strlowrank.rnn"] = []
     assert find_cycle(toy) is None
     assert group_of("strlowrank.new_module") is None
+
+
+def test_core_names_no_track():
+    found = [
+        f"{path.relative_to(ROOT)}:{hit}"
+        for path in sorted((ROOT / PACKAGE).rglob("*.py"))
+        for hit in track_names(path.read_text())
+    ]
+    assert not found, "the core names a track (reach it through strlowrank.tracks):\n" + "\n".join(
+        found
+    )
+
+
+def test_track_name_check_can_fail():
+    """The checker finds a track's name in a mapping, a path, an identifier, an f-string part, a
+    docstring and a comment, and passes the ways the core legitimately reaches a track."""
+    source = (
+        'SCRIPTS = {"speech": "speech/train_gru.py", "x": "vision/train.py"}\n'
+        "def f(vision_runs, track):\n"
+        '    """Speech track only."""\n'
+        '    return f"speech_{track}.png"  # vision: sparsity\n'
+    )
+    found = track_names(source)  # an f-string is one token before Python 3.12, parts after
+    assert [int(hit.split(":")[0]) for hit in found] == [1, 1, 1, 2, 3, 4, 4]
+    assert {'1: "speech/train_gru.py"', "2: vision_runs", "4: # vision: sparsity"} <= set(found)
+    clean = (
+        "import importlib, torchvision\n"
+        "def part(track: str):\n"
+        '    """A supervision of the track\'s module."""\n'
+        '    return importlib.import_module(f"{track}.report")  # the track names itself\n'
+    )
+    assert track_names(clean) == []
 
 
 def test_import_has_no_side_effects():

@@ -3,7 +3,7 @@
 GRU graphs (the low-rank ``Scan`` form and ONNX's dense ``GRU`` op) and pruned CNNs (STR with
 BN, masked ResNet-18) are run in onnxruntime and compared with the PyTorch model within 1e-5.
 Streaming: frame-by-frame ``step`` and chunked calls carrying h give the outputs of one
-whole-sequence call, for the TorchScript, C++ and ONNX forms.
+whole-sequence call, for the eager, C++ and ONNX forms.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from strlowrank import gru_cpp  # noqa: E402
-from strlowrank.export import export_gru, export_onnx  # noqa: E402
+from strlowrank.export import export_gru, export_onnx, save_export  # noqa: E402
 from strlowrank.lowrank import MatrixSpec  # noqa: E402
 from strlowrank.onnx_export import ort_session, run_ort  # noqa: E402
 from strlowrank.pruning import apply_masks, set_layer_densities, uniform_densities  # noqa: E402
@@ -47,6 +47,8 @@ def test_gru_onnx_equals_layer(kind: str, form: str, tmp_path) -> None:
     x, h0 = torch.randn(3, 17, layer.input_size), torch.randn(3, layer.hidden_size)
     path = tmp_path / "gru.onnx"
     proto = export_onnx(layer, path=path, form=form)
+    assert save_export(proto, tmp_path / "again.onnx") == path.stat().st_size  # the graph's bytes
+    assert (tmp_path / "again.onnx").read_bytes() == path.read_bytes()
     with torch.no_grad():
         out_ref, h_ref = layer(x, h0)
     out, h = run_ort(ort_session(path.read_bytes()), x, h0)
@@ -54,7 +56,7 @@ def test_gru_onnx_equals_layer(kind: str, form: str, tmp_path) -> None:
     assert float((out - out_ref).abs().max()) <= TOL
     assert float((h - h_ref).abs().max()) <= TOL
     if form == "scan":  # factors kept: h -> (h B_U^T) -> A_U^T, two products per step
-        exported = export_gru(layer, script=False)
+        exported = export_gru(layer)
         assert _matmuls_per_step(proto) == 1 + exported.u_factored
     else:
         assert [n.op_type for n in proto.graph.node].count("GRU") == 1
@@ -142,7 +144,7 @@ class _OrtGRU:
 
 def _backends(layer: RNNLayer) -> dict[str, object]:
     found = {
-        "script": export_gru(layer),
+        "eager": export_gru(layer),
         "onnx_scan": _OrtGRU(export_onnx(layer)),
         "onnx_gru_op": _OrtGRU(export_onnx(layer, form="gru_op")),
     }

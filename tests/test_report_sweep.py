@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_analysis import write_run
 
-from strlowrank import report, sweep
+from strlowrank import report, sweep, tracks
 
 FAKE_TRAINER = """
 import json, sys
@@ -175,6 +175,24 @@ def test_sweep_failure_dry_run_and_bad_grid(tmp_path, capsys):
     assert sweep.main(["--grid", str(missing), "--out", str(out), "--track", "speech"]) == 2
     assert f"{missing}: cannot read the grid file" in capsys.readouterr().err
     assert sweep.default_command("vision")[-1].endswith("vision/train.py")
+    assert sweep.main(["--grid", grid, "--out", str(out), "--track", "no_such_track"]) == 2
+    assert "unknown track 'no_such_track'" in capsys.readouterr().err
+
+
+def test_tracks_are_reached_through_their_modules():
+    """strlowrank.tracks: a track's entry point is its package's ENTRY_POINT, else <track>.train
+    (found, not run); its report part is <track>.report; neither is written in the core."""
+    import speech
+    import speech.report
+
+    assert tracks.entry_script("speech") == Path(speech.__file__).parent / "train_gru.py"
+    assert tracks.entry_script("vision").name == "train.py"
+    assert tracks.report_part("speech") is speech.report
+    assert tracks.report_part("vision") is None and tracks.report_part("") is None
+    assert tracks.track_module("no_such_track", "report") is None
+    for bad in ("no_such_track", "json", "../speech", ""):
+        with pytest.raises(ValueError, match="track"):
+            tracks.entry_script(bad)
 
 
 def test_sweep_placeholders_references_and_points(tmp_path):

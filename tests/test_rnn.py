@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from speech.models import SpeechModelConfig, build_model, recurrent_params
+from speech.models import SpeechModelConfig, build_model
+from strlowrank.budget import budget_table, matrix_params
 from strlowrank.lowrank import MatrixSpec, STRMatrix
-from strlowrank.rnn import RNNLayer, compact_bytes, matrix_spectra, num_parameters
+from strlowrank.rnn import RNNLayer, matrix_spectra
 
 TORCH = {"gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -111,9 +112,9 @@ def test_export_equal_outputs_params_and_bytes(cell):
     assert compact.ranks() == (r_w, r_u)
     rows = len(compact.bias_ih)
     expected = r_w * (rows + 6) + r_u * (rows + 8) + 2 * rows
-    assert num_parameters(compact) == expected
-    assert compact_bytes(compact) == 4 * expected
-    assert sum(e["nnz"] for e in layer.budget_entries(None)) == expected - 2 * rows
+    assert sum(p.numel() for p in compact.parameters()) == expected  # what the export stores
+    assert matrix_params(budget_table(compact)) == expected - 2 * rows  # all but the biases
+    assert matrix_params(budget_table(layer)) == expected - 2 * rows
 
 
 def test_budget_entries_hand_computed():
@@ -139,7 +140,7 @@ def test_keyword_spotter_export(param):
     x = torch.randn(2, 9, 5)
     compact = model.export()
     torch.testing.assert_close(compact(x), model(x), atol=1e-5, rtol=1e-5)
-    assert recurrent_params(compact) == recurrent_params(model)
+    assert matrix_params(budget_table(compact)) == matrix_params(budget_table(model))
 
 
 @pytest.mark.parametrize("param", ["full", "lowrank", "str"])
@@ -242,12 +243,12 @@ def test_per_gate_two_layer_keyword_spotter(cell, param):
     x = torch.randn(2, 9, 5)
     compact = model.export()
     torch.testing.assert_close(compact(x), model(x), atol=1e-5, rtol=1e-5)
-    assert recurrent_params(compact) == recurrent_params(model)
+    assert matrix_params(budget_table(compact)) == matrix_params(budget_table(model))
     g = GATE_COUNT[cell]
     assert [len(r) for r in model.ranks()] == [2 * g, 2 * g]
     if param == "lowrank":  # rank_w / rank_u for every gate; W_g [8, 5] (layer 1: [8, 8])
         assert model.ranks()[0] == (3,) * g + (4,) * g  # U_g [8, 8] at rank 4: 64 either way
-        assert recurrent_params(model) == g * (3 * (8 + 5) + 64) + g * (3 * (8 + 8) + 64)
+        assert matrix_params(budget_table(model)) == g * (3 * (8 + 5) + 64) + g * (3 * (8 + 8) + 64)
     with pytest.raises(ValueError, match="model.rank_u: 9 is above the full rank 8"):
         build_model(
             SpeechModelConfig(param="lowrank", hidden=8, rank_w=3, rank_u=9, split="per_gate"), 5, 4

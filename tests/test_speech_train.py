@@ -8,9 +8,9 @@ import torch
 from test_speech_data import make_tree
 
 from speech.config import SpeechConfig
+from speech.frontier import frontier_points
 from speech.models import build_model
 from speech.train_gru import main
-from strlowrank.analysis import frontier_points
 from strlowrank.checkpoint import load_checkpoint
 from strlowrank.config import load_config, to_dict
 

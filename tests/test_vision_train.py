@@ -154,3 +154,93 @@ def test_ddp_two_processes_agree(tmp_path, tiny_tree):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["replicas_in_sync"] is True
     assert proc.stdout.count("optimizer groups") == 1  # only rank 0 logs
+
+
+def test_structured_str_reaches_macs_target(tmp_path, tiny_tree):
+    """Structured STR with a MACs target: the structured budget (channels kept, MACs of the
+    smaller network) ends on the target, and the run's checkpoint exports to that network."""
+    pytest.importorskip("torch_pruning")  # structured STR's optional dependency
+    import torch
+
+    from strlowrank import budget_table, totals
+    from strlowrank.structured_export import export_pruned_cnn
+    from vision.models import build_model
+
+    summary = run(tmp_path, tiny_tree, "--method.granularity=structured", "--target-macs=0.5")
+    budget = pd.read_csv(tmp_path / "run" / "budget.csv")
+    convs = budget[budget["kind"].str.contains("conv")]
+    assert set(convs["param"]) == {"group"} and (convs["channels"] < convs["channels_dense"]).any()
+    assert summary["macs_sparse"] / summary["macs_dense"] == pytest.approx(0.5, abs=0.03)
+    assert summary["method"] == "str_structured"
+    model = build_model("resnet20", 3)
+    x = torch.randn(2, 3, 16, 16)
+    from strlowrank.group_threshold import apply_group_threshold
+
+    apply_group_threshold(model, x[:1])
+    model.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt")["model"])
+    small = export_pruned_cnn(model, x[:1])
+    assert totals(budget_table(small, x[:1]))["macs_dense"] == summary["macs_sparse"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_init_from_dense_run_and_group_norm_baseline(tmp_path, tiny_tree):
+    """--init-from a dense run's checkpoint: structured STR starts from its weights; the
+    group-norm baseline prunes it once to at most method.final_macs of its MACs; a plain
+    state_dict loads too, a classifier for another number of classes excepted."""
+    pytest.importorskip("torch_pruning")  # structured STR's optional dependency
+    import torch
+
+    from vision.models import build_model, load_pretrained
+
+    dense = run(tmp_path / "dense", tiny_tree, "--method.name=dense")
+    ckpt = tmp_path / "dense" / "run" / "checkpoint.pt"
+    pruned = run(
+        tmp_path / "gn",
+        tiny_tree,
+        "--method.name=group_norm",
+        "--method.final_macs=0.4",
+        f"--init-from={ckpt}",
+    )
+    assert 0.3 < pruned["macs_sparse"] / dense["macs_sparse"] <= 0.4
+    run(tmp_path / "st", tiny_tree, "--method.granularity=structured", f"--init-from={ckpt}")
+    state = torch.load(ckpt, weights_only=True)["model"]
+    model = build_model("resnet20", 3)
+    assert load_pretrained(model, ckpt) == []
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    plain = tmp_path / "state_dict.pt"  # a plain state_dict with another number of classes
+    torch.save(build_model("resnet20", 5).state_dict(), plain)
+    assert load_pretrained(model, plain) == ["fc.weight", "fc.bias"]
+
+
+def test_structured_bad_inputs_give_one_line(tmp_path, tiny_tree, capsys):
+    """A wrong --init-from file, another architecture's checkpoint, a structured target the
+    model cannot reach: one line each, exit status 2 (in process: `run_main` is what the
+    script's __main__ calls)."""
+    pytest.importorskip("torch_pruning")  # structured STR's optional dependency
+    import torch
+
+    from strlowrank.cli import run_main
+    from vision.models import build_model
+
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    other = tmp_path / "mobilenet.pt"
+    torch.save(build_model("mobilenet_v1_small", 3, width=0.25).state_dict(), other)
+    cases = [
+        ([f"--init-from={tmp_path / 'notes.txt'}"], "is no checkpoint"),
+        ([f"--init-from={other}"], "checkpoint is for another model"),
+        (
+            [
+                "--method.granularity=structured",
+                "--method.keep_first_dense=true",
+                "--target-macs=0.01",
+            ],
+            "out of reach of this structured model",
+        ),
+    ]
+    line = ["--out", str(tmp_path / "bad"), "--data-dir", str(tiny_tree), *FAST]
+    for extra, message in cases:
+        assert run_main(main, [*line, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err

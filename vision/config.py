@@ -11,7 +11,8 @@ from strlowrank.controller_config import ControllerConfig
 from strlowrank.train_config import TrainConfig
 from vision.models import MODELS
 
-METHODS = ("dense", "str", "gmp", "uniform", "transfer")
+METHODS = ("dense", "str", "gmp", "uniform", "transfer", "group_norm")
+GRANULARITIES = ("layer", "channel", "global", "structured")
 
 
 @dataclass
@@ -32,17 +33,25 @@ class VisionDataConfig:
 @dataclass
 class VisionModelConfig:
     name: str = option("resnet20", "network (the vision.models registry)", choices=MODELS)
-    width: float = option(1.0, "MobileNetV1 width multiplier", min=0.05)
+    width: float = option(1.0, "width multiplier (MobileNetV1, CIFAR ResNets)", min=0.05)
+    init_from: str | None = option(
+        None, "initial weights: a dense run's checkpoint.pt or a torchvision state_dict file"
+    )
 
 
 @dataclass
 class MethodConfig:
     """How the network is sparsified."""
 
-    name: str = option("str", "dense | str | gmp | uniform | transfer", choices=METHODS)
+    name: str = option(
+        "str", "dense | str | gmp | uniform | transfer | group_norm", choices=METHODS
+    )
     s_init: float = option(-10.0, "STR: initial threshold parameter; g(s_init) is the threshold")
     granularity: str = option(
-        "layer", "STR threshold: layer | channel | global", choices=("layer", "channel", "global")
+        "layer",
+        "STR threshold: layer | channel | global (on weights) | structured (on each output "
+        "channel's filter norm: removes channels)",
+        choices=GRANULARITIES,
     )
     keep_first_dense: bool = option(False, "leave the stem conv unsparsified")
     keep_last_dense: bool = option(False, "leave the classifier unsparsified")
@@ -56,6 +65,9 @@ class MethodConfig:
     )
     update_every: int = option(20, "gmp/uniform/transfer: steps between mask updates", min=1)
     budget: str | None = option(None, "transfer: budget.csv of an STR run (per-layer densities)")
+    final_macs: float = option(
+        0.5, "group_norm: MACs kept by the one-shot channel pruning, a fraction", min=0.001, max=1.0
+    )
 
 
 @dataclass

@@ -1,31 +1,48 @@
-"""The vision track's methods applied to a model: dense, STR, or a magnitude-pruning baseline.
+"""The vision track's methods applied to a model: dense, STR, or a pruning baseline.
 
 ``method.name`` (vision/config.py) selects one: ``dense`` leaves the model as it is; ``str`` puts
-a soft threshold on the conv and linear weights (Kusupati et al., ICML 2020); ``gmp`` prunes
-by magnitude on a schedule (ranked globally or per layer), ``uniform`` to the same sparsity in
-every layer, ``transfer`` each layer to the density an STR run learned (its budget.csv). The
+a soft threshold on the conv and linear weights (Kusupati et al., ICML 2020), or with
+``granularity structured`` a group soft threshold on each conv output channel's filter norm
+(strlowrank.group_threshold: whole channels go); ``gmp`` prunes by magnitude on a schedule
+(ranked globally or per layer), ``uniform`` to the same sparsity in every layer, ``transfer``
+each layer to the density an STR run learned (its budget.csv); ``group_norm`` removes channels
+once, before training, with torch-pruning's group-norm magnitude pruner to ``final_macs`` of
+the model's MACs (the structured baseline: start it ``--init-from`` a trained dense run). The
 first and last layers stay dense when the config says so.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from strlowrank import apply_soft_threshold, pruning
+from strlowrank import apply_soft_threshold, budget_table, pruning, totals
+from strlowrank.channel_groups import group_norm_prune
+from strlowrank.controller import BudgetController
+from strlowrank.group_threshold import apply_group_threshold, group_thresholds
+from strlowrank.measures import from_reduction
 from vision.config import VisionConfig
 from vision.models import first_last_layer_names
 
 
-def sparsify(model: torch.nn.Module, cfg: VisionConfig) -> list:
-    """Apply the configured method to ``model``; return the engine callbacks it needs."""
+def sparsify(model: torch.nn.Module, cfg: VisionConfig, example: torch.Tensor) -> list:
+    """Apply the configured method to ``model`` (``example``: one input batch, for the methods
+    that trace the network); return the engine callbacks it needs."""
     m = cfg.method
     first, last = first_last_layer_names(model)
     keep = ((first, m.keep_first_dense), (last, m.keep_last_dense))
     exclude = tuple(name for name, dense in keep if dense)
     if m.name == "dense":
         return []
+    if m.name == "str" and m.granularity == "structured":
+        apply_group_threshold(model, example, exclude=exclude, s_init=m.s_init)
+        return []
     if m.name == "str":
         apply_soft_threshold(model, exclude=exclude, s_init=m.s_init, granularity=m.granularity)
+        return []
+    if m.name == "group_norm":
+        prune_to_macs(model, example, m.final_macs, exclude=(last,))
         return []
     pruning.apply_masks(model, exclude=exclude)
     common = dict(start_epoch=m.start_epoch, end_epoch=m.end_epoch, update_every=m.update_every)
@@ -43,3 +60,47 @@ def sparsify(model: torch.nn.Module, cfg: VisionConfig) -> list:
         ]
     mode = m.gmp_scope if m.name == "gmp" else "layer"
     return [pruning.GMPCallback(final_density=1.0 - m.final_sparsity, mode=mode, **common)]
+
+
+def prune_to_macs(
+    model: torch.nn.Module, example: torch.Tensor, fraction: float, exclude: tuple[str, ...]
+) -> float:
+    """Group-norm prune ``model`` in place to the largest size with at most ``fraction`` of its
+    MACs (the pruning ratio found by bisection on copies); returns the MACs fraction reached."""
+    dense = totals(budget_table(model, example))["macs_dense"]
+
+    def pruned(ratio: float) -> tuple[torch.nn.Module, float]:
+        twin = copy.deepcopy(model)
+        ignored = [twin.get_submodule(n) for n in exclude]
+        group_norm_prune(twin, example, ratio, ignored)
+        return twin, totals(budget_table(twin, example))["macs_dense"] / dense
+
+    lo, hi = 0.0, 0.9  # torch-pruning leaves a layer as it is where a ratio would empty it
+    if pruned(hi)[1] > fraction:
+        raise ValueError(f"method.final_macs {fraction:g}: group-norm pruning cannot go this low")
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if pruned(mid)[1] > fraction else (lo, mid)
+    group_norm_prune(model, example, hi, [model.get_submodule(n) for n in exclude])
+    return totals(budget_table(model, example))["macs_dense"] / dense  # deterministic: = twin's
+
+
+def check_reachable(model: torch.nn.Module, controller: BudgetController) -> None:
+    """One-line error when a structured model cannot reach the controller's target: the total
+    with every group threshold at its ceiling (g(s) = 1) is the most a threshold shift can do
+    (layers kept dense keep their channels, and so do the residual streams they write)."""
+    params = [p.s for _, _, p in group_thresholds(model)]
+    saved = [s.detach().clone() for s in params]
+    with torch.no_grad():
+        for s in params:
+            s.fill_(30.0)  # sigmoid(30) = 1 in float32
+        most = controller.measure(model)
+        for s, value in zip(params, saved):
+            s.copy_(value)
+    if controller.target > most:
+        cfg = controller.cfg
+        reach = from_reduction(cfg.metric, most, controller.scale)
+        raise ValueError(
+            f"controller.target: {cfg.target:g} {cfg.metric} is out of reach of this "
+            f"structured model (at most down to {reach:.4g}; layers kept dense keep channels)"
+        )

@@ -14,11 +14,14 @@ paper's configs; BatchNorm starts at gamma = 1, beta = 0; biases at 0.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock
+
+from strlowrank.checkpoint import CheckpointError, load_model_state
 
 # MobileNetV1 body: (output channels, stride) of the 13 depthwise-separable blocks.
 _MOBILENET_V1_BLOCKS = (
@@ -125,20 +128,24 @@ class CifarResNet(nn.Module):
     3x3 stem (16 channels), three stages of ``n`` torchvision BasicBlocks with 16/32/64 channels
     (stride 1/2/2), 1x1 conv + BN projection shortcuts (option B) so every layer is a conv,
     global average pool, linear classifier. Names follow torchvision (conv1, layer1..3, fc).
+    ``width`` multiplies every channel count (rounded): a uniformly thinner network.
     Shapes: [N, in_chans, 32, 32] -> [N, num_classes].
     """
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3) -> None:
+    def __init__(
+        self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, width: float = 1.0
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        widths = [max(1, round(c * width)) for c in (16, 32, 64)]
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        cin = 16
+        cin = widths[0]
         stages = []
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for cout, stride in zip(widths, (1, 2, 2)):
             blocks = []
             for i in range(n):
                 s = stride if i == 0 else 1
@@ -147,7 +154,7 @@ class CifarResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(widths[2], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -172,7 +179,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": lambda nc, ic, **kw: _torchvision_resnet(resnet18, nc, ic, small=False),
     "resnet50": lambda nc, ic, **kw: _torchvision_resnet(resnet50, nc, ic, small=False),
     "mobilenet_v1": lambda nc, ic, width=1.0: MobileNetV1(nc, ic, width, stem_stride=2),
-    "resnet20": lambda nc, ic, **kw: CifarResNet(20, nc, ic),
+    "resnet20": lambda nc, ic, width=1.0: CifarResNet(20, nc, ic, width),
     "resnet18_small": lambda nc, ic, **kw: _torchvision_resnet(resnet18, nc, ic, small=True),
     "mobilenet_v1_small": lambda nc, ic, width=1.0: MobileNetV1(nc, ic, width, stem_stride=1),
 }
@@ -186,13 +193,16 @@ def build_model(name: str, num_classes: int, in_chans: int = 3, width: float = 1
         name: one of ``MODELS``.
         num_classes: classifier outputs.
         in_chans: input channels (1 for grayscale data, no channel copying needed).
-        width: MobileNetV1 width multiplier (ignored by the ResNets; must be 1.0 for them).
+        width: width multiplier of MobileNetV1 and the CIFAR ResNet (must be 1.0 for the others).
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    if width != 1.0 and not name.startswith("mobilenet"):
-        raise ValueError(f"width multiplier {width} is only supported by MobileNetV1 models")
-    kwargs = {"width": width} if name.startswith("mobilenet") else {}
+    scalable = name.startswith("mobilenet") or name == "resnet20"
+    if width != 1.0 and not scalable:
+        raise ValueError(
+            f"width multiplier {width} is only supported by MobileNetV1 and resnet20 models"
+        )
+    kwargs = {"width": width} if scalable else {}
     return init_weights(_BUILDERS[name](num_classes, in_chans, **kwargs))
 
 
@@ -206,3 +216,33 @@ def first_last_layer_names(model: nn.Module) -> tuple[str, str]:
     if not convs or not linears:
         raise ValueError("first_last_layer_names: model needs at least one Conv2d and one Linear")
     return convs[0], linears[-1]
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
+    """Load dense weights into ``model``: a run's checkpoint.pt (its ``model`` entry) or a plain
+    state_dict file (e.g. torchvision's). A classifier whose shape differs (another number of
+    classes) keeps its fresh initialization; any other mismatch is a one-line CheckpointError.
+    Returns the names of the parameters that were not loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model.init_from: no such file {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickles, truncated or foreign files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"model.init_from: {path} is no checkpoint ({first[:120]})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"model.init_from: {path} holds no state_dict of tensors")
+    if any(".parametrizations." in k for k in state):
+        raise CheckpointError(f"model.init_from: {path} is a sparsified run; give a dense one")
+    _, last = first_last_layer_names(model)
+    own = model.state_dict()
+    skipped = [
+        k
+        for k in (f"{last}.weight", f"{last}.bias")
+        if k in state and k in own and state[k].shape != own[k].shape
+    ]
+    load_model_state(model, {**state, **{k: own[k] for k in skipped}}, path)
+    return skipped

@@ -2,6 +2,8 @@
 
     python vision/train.py                                  # STR ResNet-20 on the shipped subset
     python vision/train.py --method.name gmp --method.final_sparsity 0.9
+    python vision/train.py --method.granularity structured --target-macs 0.3   # fewer channels
+    python vision/train.py --init-from runs/dense/checkpoint.pt --target-sparsity 0.9 --epochs 7
     python vision/train.py --config configs/vision_resnet50_str90.yaml --data-dir /data/imagenet
     torchrun --nproc_per_node=8 vision/train.py --config ... # DistributedDataParallel
 
@@ -22,8 +24,8 @@ from strlowrank.distributed import DistInfo
 from strlowrank.engine import Task
 from vision.config import VisionConfig
 from vision.data import build_datasets
-from vision.method import sparsify
-from vision.models import build_model
+from vision.method import check_reachable, sparsify
+from vision.models import build_model, load_pretrained
 
 
 def build_task(cfg: VisionConfig, info: DistInfo) -> Task:
@@ -32,16 +34,23 @@ def build_task(cfg: VisionConfig, info: DistInfo) -> Task:
         d.name, d.root, d.image_size, augment=d.augment, skip_bad_images=d.skip_bad_images
     )
     model = build_model(cfg.model.name, num_classes, in_chans, width=cfg.model.width)
-    callbacks = sparsify(model, cfg)
+    if cfg.model.init_from:
+        for name in load_pretrained(model, cfg.model.init_from):
+            print(f"init_from: {name} has another shape (classes): freshly initialized")
     example = val_set[0][0].unsqueeze(0)
+    callbacks = sparsify(model, cfg, example)
     controller = build_controller(cfg.controller, model, example)
     if controller is not None:
         if cfg.method.name != "str":
             raise ValueError("controller.target: a budget target needs method.name str")
+        if cfg.method.granularity == "structured":
+            check_reachable(model, controller)
         callbacks.append(controller)
 
     def summarize(table) -> dict:
-        return {"track": "vision", "method": cfg.method.name, "model": cfg.model.name}
+        m = cfg.method
+        method = "str_structured" if m.name == "str" and m.granularity == "structured" else m.name
+        return {"track": "vision", "method": method, "model": cfg.model.name}
 
     return Task(
         model=model,

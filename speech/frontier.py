@@ -1,0 +1,193 @@
+"""The speech track's frontier protocol: accuracy against recurrent parameters per method and
+budget, over seeds (docs/LEARNED_RANK.md section 3, the grids configs/sweep_speech_frontier*.yaml).
+
+A frontier sweep tags each run with its budget (``tag``); a run started from a trained model
+(``model.init_from``) is the SVD baseline of its method (``svd-lowrank``: the truncated SVD,
+``svd-str``: STR from the SVD). The tables read a sweep's results.csv or ``analysis.summaries``:
+
+    frontier_runs(table)     the finished runs labelled with method, budget, split and layout
+    frontier_points(table)   per method and budget: mean +- 95% t-interval over seeds, the
+                             fixed-rank split chosen on validation accuracy, every split tried
+    frontier_gaps(table)     each method minus the chosen fixed split, paired by seed
+    plot_frontier(points)    parameters (log) against accuracy, one line per method and layout
+
+``speech.report`` writes them into ``python -m strlowrank.report``'s folder.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from strlowrank.analysis import accuracy_column, aggregate
+from strlowrank.plotting import METHOD_MARKERS, method_color, new_figure, percent_axis, styled
+from strlowrank.rnn import GATES
+
+
+def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs of a frontier sweep labelled with ``method``, ``budget`` and
+    ``split``: a run's method is its ``method`` (full | lowrank | str), prefixed ``svd-`` when it
+    started from a trained model (``init_from``); its budget is its ``tag``; a fixed-rank run's
+    split is its ranks 'r_1/r_2/...' in matrix order ('' for the other methods); its ``layout``
+    is the model's matrix split (stacked | per_gate; stacked when not recorded), with
+    `` x<layers>`` for a model of more than one recurrent layer and the cell first when it is
+    not a GRU ("lstm stacked")."""
+    t = table
+    if "status" in t:
+        t = t[t["status"].isin(["ok", "done"])]
+    t = t.copy()
+    init = t["init_from"] if "init_from" in t else pd.Series(None, index=t.index, dtype=object)
+    started = init.notna() & (init.astype(str) != "")
+    t["method"] = t["method"].where(~started, "svd-" + t["method"].astype(str))
+    t["budget"] = t["tag"].fillna("").astype(str) if "tag" in t else ""
+    layout = t["split"].fillna("stacked").astype(str) if "split" in t else "stacked"
+    if "layers" in t:  # a multi-layer model's layout names its depth: "stacked x2"
+        depth = pd.to_numeric(t["layers"], errors="coerce").fillna(1).astype(int)
+        layout = (layout + " x" + depth.astype(str)).where(depth > 1, layout)
+    if "cell" in t:  # another cell than the GRU names it: "lstm stacked"
+        cell = t["cell"].fillna("gru").astype(str)
+        layout = (cell + " " + layout).where(cell != "gru", layout)
+    t["layout"] = layout
+    rank_cols = [c for c in t.columns if c.startswith("ranks.")]
+
+    def split(row: pd.Series) -> str:
+        if not str(row["method"]).endswith("lowrank"):
+            return ""
+        return "/".join(str(int(row[c])) for c in rank_cols if pd.notna(row[c]))
+
+    t["split"] = t.apply(split, axis=1) if len(t) else ""
+    return t
+
+
+def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFrame:
+    """The parameter/accuracy frontier of a sweep, one row per method and budget.
+
+    ``table``: results.csv of a sweep or ``analysis.summaries`` (columns method, tag, init_from,
+    params, ranks.*, and test_acc / val_acc / accuracy), labelled by :func:`frontier_runs`.
+    Every (method, budget, split) is aggregated over its seeds (``analysis.aggregate``,
+    ``params`` = mean recurrent parameters). Per method and budget one split is kept: the one
+    with the best mean validation accuracy when ``value`` is the test accuracy and val_acc is
+    known (so the reported test mean is not the maximum of several noisy test means), else the
+    best mean of ``value``; ``splits`` lists every split tried with its mean ``value`` (the
+    grid), ``select`` the column the split was chosen by and ``layout`` the matrix layout.
+    """
+    t = frontier_runs(table)
+    value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
+    select = "val_acc" if value == "test_acc" and "val_acc" in t else value
+    keys = ["method", "budget", "split"]
+    points = aggregate(t, keys, value, extra=["params"])
+    points["_select"] = aggregate(t, keys, select)["mean"].to_numpy() if len(points) else []
+    grid = (
+        points.groupby(["method", "budget"], sort=False)
+        .apply(
+            lambda g: "; ".join(f"{s}: {100 * m:.2f}" for s, m in zip(g["split"], g["mean"]) if s),
+            include_groups=False,
+        )
+        .rename("splits")
+    )
+    best = points.sort_values("_select", ascending=False, kind="stable")
+    best = best.drop_duplicates(["method", "budget"]).join(grid, on=["method", "budget"])
+    best = best.drop(columns="_select").assign(select=select)
+    layout = t.groupby(["method", "budget"], sort=False)["layout"].first()
+    best["layout"] = [layout.get((m, b), "stacked") for m, b in zip(best["method"], best["budget"])]
+    return best.sort_values(["method", "params"], kind="stable").reset_index(drop=True)
+
+
+def frontier_gaps(
+    table: pd.DataFrame, baseline: str = "lowrank", value: str | None = None, level: float = 0.95
+) -> pd.DataFrame:
+    """Each method's accuracy minus the baseline's at the same budget, paired by seed.
+
+    The baseline at a budget, and any other fixed-rank method there, is the split
+    :func:`frontier_points` keeps (e.g. ``baseline="svd-lowrank"`` compares the fine-tuned
+    methods with the truncated SVD at its chosen split). For every other method
+    and budget (and seed s present in both) d_s = acc(method, s) - acc(baseline, s); the rows
+    give mean, sd, n and the Student-t interval of d over the seeds (``analysis.aggregate``).
+    Pairing removes what a seed does to both runs (the same data order), so the interval is
+    usually narrower than the difference of two independent intervals. Columns: method, budget, n,
+    mean, sd, ci, lo, hi, params (the method's), baseline_split.
+    """
+    t = frontier_runs(table)
+    value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
+    points = frontier_points(table, value)
+    kept = points.set_index(["method", "budget"])["split"]
+    t = t[[kept.get((m, b)) == s for m, b, s in zip(t["method"], t["budget"], t["split"])]]
+    chosen = points[points["method"] == baseline].set_index("budget")["split"]
+    base = t[t["method"] == baseline].set_index(["budget", "seed"])[value].rename("_base")
+    rest = t[(t["method"] != baseline) & t["budget"].isin(chosen.index)]
+    rest = rest.join(base, on=["budget", "seed"], how="inner")
+    rest["gap"] = pd.to_numeric(rest[value]) - rest["_base"]
+    gaps = aggregate(rest, ["method", "budget"], "gap", level=level, extra=["params"])
+    gaps["baseline_split"] = gaps["budget"].map(chosen)
+    return gaps.sort_values(["method", "params"], kind="stable").reset_index(drop=True)
+
+
+def split_label(split: str, layout: str) -> str:
+    """A fixed-rank split as r_W/r_U per layer: per gate, the gates of one matrix share a rank
+    (``GATES``: 3 in a GRU, 4 in an LSTM), so '8/8/8/6/6/6' is drawn as '8/6'. ``layout`` as
+    :func:`frontier_runs` writes it (the cell first when it is not a GRU)."""
+    ranks = split.split("/")
+    gates = GATES.get(layout.split(" ")[0], GATES["gru"])
+    groups = [ranks[i : i + gates] for i in range(0, len(ranks), gates)]
+    if "per_gate" not in layout or any(len(set(g)) != 1 for g in groups):
+        return split
+    return "/".join(g[0] for g in groups)
+
+
+@styled
+def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -> Figure:
+    """The frontier: mean accuracy against mean recurrent parameters (K) per method and
+    budget, with 95% t-intervals over seeds (:func:`frontier_points` rows); the full-rank
+    point as a star and a dashed reference; fixed-rank points labelled with their best split.
+    Every layout gets its own line: a per-gate layout dashed (else solid), and a model other
+    than the one-layer GRU (``layout`` "stacked x2", "lstm per_gate", ...) open markers and a
+    thinner line, so two layouts of one method never look alike. The x axis is logarithmic
+    (small budgets are where methods differ); the y axis starts 4 points below the lowest mean
+    and ends at most 2 points above the highest, so a longer interval runs off."""
+    fig, (ax,) = new_figure(size=(9.0, 4.8))
+    if "layout" not in points:
+        points = points.assign(layout="stacked")
+    for (method, layout), rows in points.groupby(["method", "layout"], sort=False):
+        rows = rows.sort_values("params")
+        color, marker = method_color(str(method)), METHOD_MARKERS.get(str(method), "o")
+        layout = str(layout)
+        other = layout not in ("stacked", "per_gate")  # another model: two layers, an LSTM
+        style = "--" if "per_gate" in layout else "-"
+        ax.errorbar(
+            rows["params"] / 1e3,
+            rows["mean"],
+            yerr=rows["ci"].fillna(0.0),
+            color=color,
+            marker=marker,
+            capsize=3,
+            label=f"{method}, {layout.replace('_', ' ')}" if layout != "stacked" else str(method),
+            markersize=9 if method == "full" else 6,
+            linestyle=style,
+            linewidth=1.0 if other else 1.5,
+            markerfacecolor="white" if other or layout == "per_gate" else color,
+        )
+        if method == "full":
+            ax.axhline(rows["mean"].mean(), color=color, linestyle="--", linewidth=1, alpha=0.6)
+        for _, row in rows[rows["split"].astype(str) != ""].iterrows():
+            ax.annotate(
+                split_label(str(row["split"]), layout),
+                (row["params"] / 1e3, row["mean"]),
+                fontsize=8,
+                xytext=(5, -11),
+                textcoords="offset points",
+                color=color,
+            )
+    percent_axis(ax.yaxis)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # the means set the range: one seed-starved point's huge interval must not flatten the rest
+    low = points["mean"].min()
+    high = (points["mean"] + points["ci"].fillna(0.0).clip(upper=0.01)).max()
+    ax.set_ylim(low - 0.04, min(high + 0.01, 1.0))
+    ax.set_xlabel("recurrent parameters (K, mean over seeds, log scale)")
+    ax.set_ylabel("accuracy (mean, 95% interval over seeds)")
+    ax.legend(title="method", loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines
+    ax.set_title(title)
+    return fig
