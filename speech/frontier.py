@@ -3,7 +3,11 @@ budget, over seeds (docs/LEARNED_RANK.md section 3, the grids configs/sweep_spee
 
 A frontier sweep tags each run with its budget (``tag``); a run started from a trained model
 (``model.init_from``) is the SVD baseline of its method (``svd-lowrank``: the truncated SVD,
-``svd-str``: STR from the SVD). The tables read a sweep's results.csv or ``analysis.summaries``:
+``svd-str``: STR from the SVD, ``svd-energy`` / ``svd-greedy``: ranks allocated from the trained
+model's spectra, ``model.allocation``). Every point carries its compute, ``cost_epochs``: the
+training epochs of its runs including the full-rank run an SVD start needs, and one more
+fine-tuning per extra split tried when a fixed split is chosen from a grid. The tables read a
+sweep's results.csv or ``analysis.summaries``:
 
     frontier_runs(table)     the finished runs labelled with method, budget, split and layout
     frontier_points(table)   per method and budget: mean +- 95% t-interval over seeds, the
@@ -39,7 +43,11 @@ def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
     t = t.copy()
     init = t["init_from"] if "init_from" in t else pd.Series(None, index=t.index, dtype=object)
     started = init.notna() & (init.astype(str) != "")
-    t["method"] = t["method"].where(~started, "svd-" + t["method"].astype(str))
+    method = t["method"].astype(str)
+    if "allocation" in t:  # ranks allocated from the trained model's spectra
+        rule = t["allocation"].fillna("fixed").astype(str)
+        method = method.where(rule == "fixed", rule)
+    t["method"] = method.where(~started, "svd-" + method)
     t["budget"] = t["tag"].fillna("").astype(str) if "tag" in t else ""
     layout = t["split"].fillna("stacked").astype(str) if "split" in t else "stacked"
     if "layers" in t:  # a multi-layer model's layout names its depth: "stacked x2"
@@ -76,7 +84,8 @@ def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFra
     value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
     select = "val_acc" if value == "test_acc" and "val_acc" in t else value
     keys = ["method", "budget", "split"]
-    points = aggregate(t, keys, value, extra=["params"])
+    costs = [c for c in ("cost_epochs", "epochs") if c in t]
+    points = aggregate(t, keys, value, extra=["params", *costs])
     points["_select"] = aggregate(t, keys, select)["mean"].to_numpy() if len(points) else []
     grid = (
         points.groupby(["method", "budget"], sort=False)
@@ -89,6 +98,12 @@ def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFra
     best = points.sort_values("_select", ascending=False, kind="stable")
     best = best.drop_duplicates(["method", "budget"]).join(grid, on=["method", "budget"])
     best = best.drop(columns="_select").assign(select=select)
+    if len(costs) == 2:  # choosing a split from a grid costs one fine-tuning per split tried
+        tried = points[points["split"] != ""].groupby(["method", "budget"])["split"].nunique()
+        extra = [max(tried.get((m, b), 1) - 1, 0) for m, b in zip(best["method"], best["budget"])]
+        best["cost_epochs"] = (
+            best["cost_epochs"] + pd.Series(extra, index=best.index) * best["epochs"]
+        )
     layout = t.groupby(["method", "budget"], sort=False)["layout"].first()
     best["layout"] = [layout.get((m, b), "stacked") for m, b in zip(best["method"], best["budget"])]
     return best.sort_values(["method", "params"], kind="stable").reset_index(drop=True)
@@ -116,7 +131,7 @@ def frontier_gaps(
     chosen = points[points["method"] == baseline].set_index("budget")["split"]
     base = t[t["method"] == baseline].set_index(["budget", "seed"])[value].rename("_base")
     rest = t[(t["method"] != baseline) & t["budget"].isin(chosen.index)]
-    rest = rest.join(base, on=["budget", "seed"], how="inner")
+    rest = rest.merge(base.reset_index(), on=["budget", "seed"], how="inner")
     rest["gap"] = pd.to_numeric(rest[value]) - rest["_base"]
     gaps = aggregate(rest, ["method", "budget"], "gap", level=level, extra=["params"])
     gaps["baseline_split"] = gaps["budget"].map(chosen)
@@ -136,7 +151,9 @@ def split_label(split: str, layout: str) -> str:
 
 
 @styled
-def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -> Figure:
+def plot_frontier(
+    points: pd.DataFrame, title: str = "Parameters vs accuracy", max_cost: float | None = None
+) -> Figure:
     """The frontier: mean accuracy against mean recurrent parameters (K) per method and
     budget, with 95% t-intervals over seeds (:func:`frontier_points` rows); the full-rank
     point as a star and a dashed reference; fixed-rank points labelled with their best split.
@@ -144,7 +161,12 @@ def plot_frontier(points: pd.DataFrame, title: str = "Parameters vs accuracy") -
     than the one-layer GRU (``layout`` "stacked x2", "lstm per_gate", ...) open markers and a
     thinner line, so two layouts of one method never look alike. The x axis is logarithmic
     (small budgets are where methods differ); the y axis starts 4 points below the lowest mean
-    and ends at most 2 points above the highest, so a longer interval runs off."""
+    and ends at most 2 points above the highest, so a longer interval runs off. ``max_cost``
+    keeps only the points trained with at most that many epochs (``cost_epochs``): the frontier
+    at a given compute."""
+    if max_cost is not None and "cost_epochs" in points:
+        points = points[points["cost_epochs"] <= max_cost]
+        title = f"{title} (at most {max_cost:g} training epochs)"
     fig, (ax,) = new_figure(size=(9.0, 4.8))
     if "layout" not in points:
         points = points.assign(layout="stacked")

@@ -294,7 +294,7 @@ def write_points(table: pd.DataFrame, out: Path) -> Path | None:
     if not len(done) or not {"test_acc", "val_acc"} & set(done):
         return None
     column = accuracy_column(done)
-    extra = [c for c in ("params", "nnz", "sparsity") if c in done]
+    extra = [c for c in ("params", "nnz", "sparsity", "cost_epochs") if c in done]
     points = aggregate(done, ["point"], column, extra=extra)
     points.to_csv(out / "points.csv", index=False)
     print(f"points: {out / 'points.csv'} ({column} over seeds)")

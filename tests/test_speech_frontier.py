@@ -149,3 +149,47 @@ def test_report_part_writes_the_frontier_of_tagged_runs(tmp_path: Path):
     assert "| str | b5k | 5.0 | 73.00 +- 2.48 | 1.00 | 3 |  |" in table
     assert "| str | b5k | 5.0 | +2.00 +- 0.00 | 3 | 2/8 |" in table
     assert report.write(summary.drop(columns="tag"), tmp_path / "none") == []
+
+
+def test_points_charge_their_compute_and_name_allocations():
+    """A truncated SVD pays for its full-rank source and one fine-tuning per split tried; an
+    allocated run is its own method; a budget with only a baseline has no gaps (no crash)."""
+
+    def row(method, tag, acc, seed, epochs, cost, ranks=(None, None), init=None, rule="fixed"):
+        return {
+            "method": method,
+            "tag": tag,
+            "test_acc": acc,
+            "val_acc": acc,
+            "params": 5000,
+            "seed": seed,
+            "ranks.rnns.0.W": ranks[0],
+            "ranks.rnns.0.U": ranks[1],
+            "init_from": init,
+            "allocation": rule,
+            "epochs": epochs,
+            "cost_epochs": cost,
+            "status": "ok",
+        }
+
+    rows = []
+    for s in range(3):
+        rows += [row("full", "full", 0.9, s, 20, 20, (32, 128))]
+        rows += [row("lowrank", "b5k", 0.8, s, 10, 30, (4, 7), init="f/checkpoint.pt")]
+        rows += [row("lowrank", "b5k", 0.7, s, 10, 30, (2, 9), init="f/checkpoint.pt")]
+        rows += [row("lowrank", "b5k", 0.82, s, 10, 30, (3, 8), "f/checkpoint.pt", "greedy")]
+        rows += [row("str", "b5k", 0.81 + 0.01 * s, s, 30, 30)]
+        rows += [row("lowrank", "b9k", 0.85, s, 20, 20, (8, 9))]
+    points = frontier_points(pd.DataFrame(rows)).set_index(["method", "budget"])
+    assert points.loc[("svd-lowrank", "b5k"), "cost_epochs"] == 30 + 10  # two splits tried
+    assert points.loc[("svd-greedy", "b5k"), "cost_epochs"] == 30
+    assert points.loc[("svd-greedy", "b5k"), "split"] == ""  # one allocation, not a grid
+    assert points.loc[("str", "b5k"), "cost_epochs"] == 30
+    gaps = frontier_gaps(pd.DataFrame(rows), baseline="svd-lowrank").set_index("method")
+    assert gaps.loc["svd-greedy", "mean"] == pytest.approx(0.02)
+    assert gaps.loc["str", "mean"] == pytest.approx(0.02) and gaps.loc["str", "n"] == 3
+    alone = frontier_gaps(pd.DataFrame([r for r in rows if r["tag"] == "b9k"]))
+    assert alone.empty
+    fig = plot_frontier(points.reset_index(), max_cost=30)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "svd-lowrank" not in labels and "svd-greedy" in labels and "str" in labels
