@@ -200,16 +200,21 @@ def plot_frontier(
                 textcoords="offset points",
                 color=color,
             )
-    percent_axis(ax.yaxis)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    # the means set the range: one seed-starved point's huge interval must not flatten the rest
-    low = points["mean"].min()
-    high = (points["mean"] + points["ci"].fillna(0.0).clip(upper=0.01)).max()
-    ax.set_ylim(low - 0.04, min(high + 0.01, 1.0))
+    _frontier_axes(ax, points)
     ax.set_xlabel("recurrent parameters (K, mean over seeds, log scale)")
     ax.set_ylabel("accuracy (mean, 95% interval over seeds)")
     ax.legend(title="method", loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines
     ax.set_title(title)
     return fig
+
+
+def _frontier_axes(ax, points: pd.DataFrame) -> None:
+    """Percent y axis, log x axis in plain numbers; the means set the y range, so one
+    seed-starved point's huge interval does not flatten the rest."""
+    percent_axis(ax.yaxis)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    low = points["mean"].min()
+    high = (points["mean"] + points["ci"].fillna(0.0).clip(upper=0.01)).max()
+    ax.set_ylim(low - 0.04, min(high + 0.01, 1.0))
