@@ -15,7 +15,9 @@ Widths:
   ImageNet widths exist, so every coupled channel group keeps the same fraction, chosen by
   torch-pruning's group-norm pruner to ``--macs`` of the dense MACs (the MACs fraction the
   ResNet-20 run learned, when ``--run`` is given).
-Run: python -m bench.bench_structured --threads 1 [--run RUN_DIR] [--batch 1 64]
+``--round-to 8``: the small network's widths rounded up to multiples of 8 (zero channels kept;
+ONNX Runtime's blocked convs run other widths slowly).
+Run: python -m bench.bench_structured --threads 1 [--run RUN_DIR] [--batch 1 64] [--round-to 8]
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from vision.method import prune_to_macs
 from vision.models import build_model, first_last_layer_names
 
 
-def learned_resnet20(run: Path) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+def learned_resnet20(
+    run: Path, round_to: int | None = None
+) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
     """(dense ResNet-20, the run's exported smaller network, input shape [C, H, W])."""
     summary = json.loads((run / "summary.json").read_text())
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -46,10 +50,12 @@ def learned_resnet20(run: Path) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
     dense = build_model(summary.get("model", "resnet20"), classes, in_chans=1)
     apply_group_threshold(model, torch.randn(1, *shape))
     model.load_state_dict(state["model"])
-    return dense.eval(), export_pruned_cnn(model, torch.randn(1, *shape)), shape
+    return dense.eval(), export_pruned_cnn(model, torch.randn(1, *shape), round_to), shape
 
 
-def kept_fraction(name: str, macs: float, size: int) -> tuple[nn.Module, nn.Module, tuple]:
+def kept_fraction(
+    name: str, macs: float, size: int, round_to: int | None = None
+) -> tuple[nn.Module, nn.Module, tuple]:
     """(dense ``name``, a copy pruned to ``macs`` of its MACs with one ratio in every group)."""
     torch.manual_seed(0)
     in_chans = 1 if name == "resnet20" else 3
@@ -57,8 +63,12 @@ def kept_fraction(name: str, macs: float, size: int) -> tuple[nn.Module, nn.Modu
     small = build_model(name, 10 if name == "resnet20" else 1000, in_chans=in_chans)
     small.load_state_dict(dense.state_dict())
     x = torch.randn(1, in_chans, size, size)
-    prune_to_macs(small, x, macs, exclude=(first_last_layer_names(small)[1],))
+    prune_to_macs(small, x, macs, (first_last_layer_names(small)[1],), round_to)
     return dense, small.eval(), (in_chans, size, size)
+
+
+def _macs(model: nn.Module, x: torch.Tensor) -> float:
+    return totals(budget_table(model, x))["macs_dense"]
 
 
 def _ort(model: nn.Module, x: torch.Tensor):
@@ -71,7 +81,7 @@ def _ort(model: nn.Module, x: torch.Tensor):
 
 
 def run_case(name: str, dense: nn.Module, small: nn.Module, x: torch.Tensor, args) -> dict:
-    macs = [totals(budget_table(m, x[:1]))["macs_dense"] for m in (dense, small)]
+    macs = [_macs(m, x[:1]) for m in (dense, small)]
     with torch.no_grad():
         fns = {
             "dense": lambda: dense(x),
@@ -104,24 +114,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--macs", type=float, default=0.3, help="kept MACs without --run")
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet50", "mobilenet_v1"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--round-to", type=int, help="widths of the small network: multiples")
     args = parser.parse_args(argv)
     env = setup(args.threads)
     rows = []
     for name in args.models:
         if name == "resnet20" and args.run:
-            dense, small, shape = learned_resnet20(args.run)
-            args.macs = (
-                totals(budget_table(small, torch.randn(1, *shape)))["macs_dense"]
-                / totals(budget_table(dense, torch.randn(1, *shape)))["macs_dense"]
-            )
+            dense, exact, shape = learned_resnet20(args.run)  # the MACs STR learned
+            x = torch.randn(1, *shape)
+            args.macs = _macs(exact, x) / _macs(dense, x)
+            small = learned_resnet20(args.run, args.round_to)[1] if args.round_to else exact
         else:
-            dense, small, shape = kept_fraction(name, args.macs, 28 if name == "resnet20" else 224)
+            size = 28 if name == "resnet20" else 224
+            dense, small, shape = kept_fraction(name, args.macs, size, args.round_to)
         for batch in args.batch:
             rows.append(run_case(name, dense, small, torch.randn(batch, *shape), args))
     cols = ["model", "batch", "px", "macs_kept", "dense_ms", "small_ms", "x_torch", "x_torch_min"]
     cols += ["ort_dense_ms", "ort_small_ms", "x_ort", "x_ort_min"]
     print_table(rows, cols, "P5 structured CNN inference: smaller dense network vs dense (cpu)")
     env["widths"] = f"resnet20 from {args.run}" if args.run else "fixed keep fraction"
+    env["round_to"] = args.round_to
     write_json("p5_structured_cnn", env, rows, args.json)
     return rows
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from strlowrank.channel_groups import kept_channels
-from strlowrank.group_threshold import GroupSoftThreshold, model_coupling
+from strlowrank.group_threshold import ChannelGate, GroupSoftThreshold, model_coupling
 from strlowrank.threshold import SoftThreshold, select_modules, weight_parametrizations
 
 COLUMNS = [
@@ -60,7 +60,7 @@ def _method(module: nn.Module) -> tuple[str, float]:
             continue
         if isinstance(p, SoftThreshold):
             param, thr = "str", float(p.threshold().mean())
-        elif isinstance(p, GroupSoftThreshold):
+        elif isinstance(p, (GroupSoftThreshold, ChannelGate)):  # channel threshold or its gate
             param, thr = "group", float(p.threshold())
         else:
             param = "mask"

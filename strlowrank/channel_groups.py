@@ -191,10 +191,14 @@ def kept_channels(model: nn.Module, coupling: ChannelCoupling) -> dict[str, tupl
     return kept
 
 
-def remove_zero_channels(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+def remove_zero_channels(
+    model: nn.Module, example_input: torch.Tensor, round_to: int | None = None
+) -> dict[str, int]:
     """Remove, in place, every removable channel of a plain ``model`` (no parametrizations):
-    convs, norms and linear layers get smaller weights; outputs are unchanged. Returns
-    {root conv name: channels removed} for the groups that lost channels."""
+    convs, norms and linear layers get smaller weights; outputs are unchanged. ``round_to``
+    keeps a few zero channels so that every group keeps a multiple of it (vectorized runtimes
+    such as ONNX Runtime's blocked convs want multiples of 8 or 16). Returns {root conv name:
+    channels removed} for the groups that lost channels."""
     names = {m: n for n, m in model.named_modules()}
     graph = _graph(model, example_input)  # traced through autograd: gradients on
     pairs = _conv_groups(graph, names)
@@ -202,6 +206,9 @@ def remove_zero_channels(model: nn.Module, example_input: torch.Tensor) -> dict[
     done = {}
     with torch.no_grad():
         for (group, info), idxs in zip(pairs, removable(coupling, zero_channels(model, coupling))):
+            if round_to:  # keep the count rounded up, at most all
+                kept = min(info.size, -(-(info.size - len(idxs)) // round_to) * round_to)
+                idxs = idxs[: info.size - kept]
             if len(idxs):
                 group.prune(idxs=[int(i) for i in idxs])
                 done[info.root] = len(idxs)
@@ -209,12 +216,17 @@ def remove_zero_channels(model: nn.Module, example_input: torch.Tensor) -> dict[
 
 
 def group_norm_prune(
-    model: nn.Module, example_input: torch.Tensor, ratio: float, ignored: list[nn.Module]
+    model: nn.Module,
+    example_input: torch.Tensor,
+    ratio: float,
+    ignored: list[nn.Module],
+    round_to: int | None = None,
 ) -> None:
     """torch-pruning's group-norm magnitude pruner, one shot, in place: every conv-rooted group
     loses the fraction ``ratio`` of its channels with the smallest L2 norm over all coupled
     weights (its default: the same ratio in every group). ``ignored``: layers whose outputs
-    stay (the classifier). A structured-pruning baseline for structured STR."""
+    stay (the classifier); ``round_to``: every group keeps a multiple of it. A structured-pruning
+    baseline for structured STR."""
     tp = _torch_pruning()
     was_training = model.training
     model.eval()
@@ -225,6 +237,7 @@ def group_norm_prune(
             importance=tp.importance.GroupMagnitudeImportance(p=2),
             pruning_ratio=ratio,
             ignored_layers=ignored,
+            round_to=round_to,
         )
         pruner.step()
     finally:

@@ -13,12 +13,14 @@ n_c = ||W_c||, G_c = dL/dS_c, summed over the alive channels n_c > tau:
     dL/dW_c = a_c G_c + tau <G_c, W_c> W_c / n_c^3        (0 for a dead channel)
     dL/ds   = -g'(s) sqrt(n) sum_c <G_c, W_c> / n_c
 
-BatchNorm: a dead filter makes the conv's channel zero, but a BatchNorm after it would still
-emit beta_c, a constant that the next layer sees, so the channel could not be removed without
-changing the outputs. The BatchNorm that reads a thresholded conv's output therefore gets a
-:class:`ChannelGate` on gamma and beta: both are multiplied by 1[n_c > tau], a dead channel is
-exactly zero after its BatchNorm, and the network trains as the physically smaller one
-computes. The gate does not enter the norm (the filter alone decides).
+Where a BatchNorm follows the conv, the threshold sits on its scale instead: the BatchNorm
+undoes any positive scale of a filter, so shrinking W_c does not change the network's function,
+the task gradient never resists the threshold (dL/ds = 0 while a channel lives) and whole layers
+die at once (measured: docs/RESULTS.md). gamma_c is the channel's scale after the norm; the
+threshold on it (each channel its own group of one, tau = g(s), gamma's initial value 1 as the
+unit) is STR's S_g(gamma, s) (Kusupati et al., equation (2)), and a :class:`ChannelGate`
+multiplies beta_c and the filter W_c by 1[|gamma_c| > tau]. Either way a dead channel is exactly
+zero after its norm, and the network trains as the physically smaller one computes.
 
 Which channels the smaller network keeps (across residual adds a channel goes only when every
 conv that writes it is dead) is :mod:`strlowrank.channel_groups`' business; the coupling is
@@ -38,6 +40,7 @@ from strlowrank.channel_groups import ChannelCoupling, coupled_channels, norm_af
 from strlowrank.threshold import select_modules
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -52,59 +55,69 @@ def _group_norms(w: torch.Tensor) -> torch.Tensor:
 
 
 class _GroupSoftThresholdFn(torch.autograd.Function):
-    """S_c = W_c relu(n_c - tau) / n_c in float32, with the exact gradients of the module
-    docstring. Saves W and s (leaves that live anyway) and recomputes the norms."""
+    """S_c = W_c relu(n_c - tau) / n_c, tau = g(s) scale, in float32 (float64 for float64 W),
+    with the exact gradients of the module docstring. Saves W and s (leaves that live anyway)
+    and recomputes the norms."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        root = math.sqrt(w[0].numel())
+    def forward(ctx, w: torch.Tensor, s: torch.Tensor, scale: float) -> torch.Tensor:
         norms = _group_norms(w)
-        tau = torch.sigmoid(_wide(s)) * root
-        scale = torch.relu(norms - tau) / norms.clamp_min(torch.finfo(torch.float32).tiny)
+        tau = torch.sigmoid(_wide(s)) * scale
+        out = _wide(w) * (torch.relu(norms - tau) / norms.clamp_min(_TINY))
         ctx.save_for_backward(w, s)
-        return (_wide(w) * scale).to(w.dtype)
+        ctx.scale = scale
+        return out.to(w.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         w, s = ctx.saved_tensors
-        root = math.sqrt(w[0].numel())
         w32, g32 = _wide(w), _wide(grad)
         norms = _group_norms(w)
         g = torch.sigmoid(_wide(s))
-        tau = g * root
+        tau = g * ctx.scale
         alive = norms > tau
         safe = torch.where(alive, norms, torch.ones_like(norms))
         inner = (g32 * w32).sum(dim=tuple(range(1, w.dim())), keepdim=True)  # <G_c, W_c>
+        zero = torch.zeros_like(norms)
         grad_w = grad_s = None
         if ctx.needs_input_grad[0]:
-            a = torch.where(alive, 1.0 - tau / safe, torch.zeros_like(norms))
-            b = torch.where(alive, tau * inner / safe**3, torch.zeros_like(norms))
+            a = torch.where(alive, 1.0 - tau / safe, zero)
+            b = torch.where(alive, tau * inner / safe**3, zero)
             grad_w = (a * g32 + b * w32).to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            d_tau = -torch.where(alive, inner / safe, torch.zeros_like(norms)).sum()
-            grad_s = (d_tau * g * (1.0 - g) * root).reshape(s.shape).to(s.dtype)
-        return grad_w, grad_s
+            d_tau = -torch.where(alive, inner / safe, zero).sum()
+            grad_s = (d_tau * g * (1.0 - g) * ctx.scale).reshape(s.shape).to(s.dtype)
+        return grad_w, grad_s, None
 
 
-def group_soft_threshold(w: torch.Tensor, s: torch.Tensor, fused: bool = True) -> torch.Tensor:
-    """Return W_c relu(||W_c|| - g(s) sqrt(n)) / ||W_c|| for every output channel c of ``w``.
+_TINY = torch.finfo(torch.float32).tiny
 
-    ``w`` [out, ...], ``s`` a scalar; computed in float32 (float64 for float64 inputs; also
-    under autocast) and cast back.
-    ``fused=False`` gives the plain expression, whose autograd has the same values and
-    (sub-)gradients as the fused Function.
+
+def group_soft_threshold(
+    w: torch.Tensor, s: torch.Tensor, scale: float | None = None, fused: bool = True
+) -> torch.Tensor:
+    """Return W_c relu(||W_c|| - tau) / ||W_c|| for every output channel c of ``w``.
+
+    ``w`` [out, ...] (a 1-d ``w``: every entry its own group, sign(w) relu(|w| - tau)), ``s`` a
+    scalar, tau = g(s) ``scale`` (default sqrt(n), n entries per channel). Computed in float32
+    (float64 for float64 inputs; also under autocast) and cast back. ``fused=False`` gives the
+    plain expression, whose autograd has the same values and (sub-)gradients.
     """
+    if w.dim() == 1:
+        return group_soft_threshold(w.unsqueeze(1), s, scale, fused).squeeze(1)
+    scale = math.sqrt(w[0].numel()) if scale is None else float(scale)
     with torch.autocast(device_type=w.device.type, enabled=False):
         if fused:
-            return _GroupSoftThresholdFn.apply(w, s)
+            return _GroupSoftThresholdFn.apply(w, s, scale)
         norms = _group_norms(w)
-        tau = torch.sigmoid(_wide(s)) * math.sqrt(w[0].numel())
-        scale = torch.relu(norms - tau) / norms.clamp_min(torch.finfo(torch.float32).tiny)
-        return (_wide(w) * scale).to(w.dtype)
+        tau = torch.sigmoid(_wide(s)) * scale
+        return (_wide(w) * (torch.relu(norms - tau) / norms.clamp_min(_TINY))).to(w.dtype)
 
 
 class GroupSoftThreshold(nn.Module):
-    """Parametrization W -> S(W, s) of the module docstring, with a learnable scalar ``s``.
+    """Parametrization W -> S(W, s) of the module docstring, with a learnable scalar ``s``:
+    on a conv's filters (``scale`` None: tau = g(s) sqrt(n)) or on a BatchNorm's gamma (1-d,
+    ``scale`` 1: tau = g(s), gamma's initial value 1 as the unit).
 
     ``coupling`` (set by :func:`apply_group_threshold`, shared by every layer of a model) says
     which channels of which layers the physically smaller network removes together.
@@ -112,31 +125,34 @@ class GroupSoftThreshold(nn.Module):
 
     param_roles = {"s": "threshold"}
 
-    def __init__(self, s: nn.Parameter, fused: bool = True) -> None:
+    def __init__(self, s: nn.Parameter, scale: float | None = None, fused: bool = True) -> None:
         super().__init__()
         self.s = s
+        self.scale = scale
         self.fused = fused
         self.coupling: ChannelCoupling | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return group_soft_threshold(w, self.s, fused=self.fused)
+        return group_soft_threshold(w, self.s, self.scale, fused=self.fused)
 
     def threshold(self) -> torch.Tensor:
-        """g(s), detached: the filter RMS below which a channel is zero."""
+        """g(s), detached: the filter RMS (or |gamma|) below which a channel is zero."""
         return torch.sigmoid(self.s.detach().float())
 
     def alive(self, w: torch.Tensor) -> torch.Tensor:
-        """1[||W_c|| > g(s) sqrt(n)] as a float32 vector [out] (no gradient)."""
-        tau = torch.sigmoid(self.s.detach().float()) * math.sqrt(w[0].numel())
-        return (_group_norms(w.detach()).flatten() > tau).float()
+        """1[||W_c|| > tau] as a float32 vector [out] (no gradient)."""
+        w = w.detach().unsqueeze(1) if w.dim() == 1 else w.detach()
+        scale = math.sqrt(w[0].numel()) if self.scale is None else self.scale
+        return (_group_norms(w).flatten() > self.threshold() * scale).float()
 
 
 class ChannelGate(nn.Module):
-    """Parametrization of a BatchNorm's gamma or beta: x_c * 1[channel c of ``source`` alive].
-
-    ``source`` is the ``parametrizations.weight`` list of the thresholded conv before the norm.
-    It is held in a tuple, not registered as a submodule, so that the conv's parameters are
-    not listed twice; ``copy.deepcopy`` of the whole model maps it to the copied conv.
+    """Parametrization x -> x_c 1[channel c alive] (c: the first dim of x), the channel's
+    liveness read from the ``GroupSoftThreshold`` of ``source`` (a ``parametrizations.weight``
+    list: the BatchNorm gamma, or the conv's filters). It gates a BatchNorm's beta and, when
+    gamma holds the threshold, the conv's filters. ``source`` is held in a tuple, not as a
+    submodule, so no parameter is listed twice; ``copy.deepcopy`` of the whole model maps it
+    to the copy's.
     """
 
     def __init__(self, source: parametrize.ParametrizationList) -> None:
@@ -145,7 +161,12 @@ class ChannelGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plist = self._source[0]
-        return x * plist[0].alive(plist.original).to(x.dtype)
+        alive = plist[0].alive(plist.original).to(x.dtype)
+        return x * alive.view(-1, *([1] * (x.dim() - 1)))
+
+    def threshold(self) -> torch.Tensor:
+        """g(s) of the threshold this gate reads."""
+        return self._source[0][0].threshold()
 
 
 def apply_group_threshold(
@@ -155,11 +176,12 @@ def apply_group_threshold(
     exclude: Sequence[str] = (),
     s_init: float = -10.0,
 ) -> list[str]:
-    """Register the group soft threshold on every selected conv of ``model`` (linear layers are
-    left alone: a classifier's outputs are its classes), gate the BatchNorms right after them
-    and trace the channel coupling of the smaller network (one forward of ``example_input``).
+    """Give every selected conv of ``model`` a channel threshold and trace the channel coupling
+    of the smaller network (one forward of ``example_input``). A conv followed by a BatchNorm:
+    the soft threshold on gamma, beta and the conv's filters gated; otherwise on the filters'
+    norms. Linear layers are left alone (a classifier's outputs are its classes).
 
-    Returns the qualified names of the thresholded convs, in network order.
+    Returns the qualified names of the convs, in network order.
     """
     selected = [
         (n, m) for n, m in select_modules(model, include, exclude, CONVS) if not _parametrized(m)
@@ -171,16 +193,22 @@ def apply_group_threshold(
     modules = dict(model.named_modules())
     for name, module in selected:
         s = nn.Parameter(torch.tensor(float(s_init), device=module.weight.device))
-        gst = GroupSoftThreshold(s)
-        gst.coupling = coupling
-        parametrize.register_parametrization(module, "weight", gst)
         bn = modules[norms[name]] if name in norms else None
-        if bn is not None and getattr(bn, "weight", None) is not None:
-            for tensor in ("weight", "bias"):
-                gate = ChannelGate(module.parametrizations.weight)
-                parametrize.register_parametrization(bn, tensor, gate)
-                bn.parametrizations[tensor].param_roles = {"original": "norm_bias"}
+        if bn is None or getattr(bn, "weight", None) is None or _parametrized(bn):
+            _register(module, "weight", GroupSoftThreshold(s), coupling)
+            continue
+        _register(bn, "weight", GroupSoftThreshold(s, scale=1.0), coupling)
+        _register(bn, "bias", ChannelGate(bn.parametrizations.weight))
+        _register(module, "weight", ChannelGate(bn.parametrizations.weight))
     return [n for n, _ in selected]
+
+
+def _register(module: nn.Module, tensor: str, p: nn.Module, coupling=None) -> None:
+    if coupling is not None:
+        p.coupling = coupling
+    parametrize.register_parametrization(module, tensor, p)
+    if isinstance(module, NORMS):  # gamma and beta keep the norm parameters' role
+        module.parametrizations[tensor].param_roles = {"original": "norm_bias"}
 
 
 def _parametrized(module: nn.Module) -> bool:
@@ -188,7 +216,8 @@ def _parametrized(module: nn.Module) -> bool:
 
 
 def group_thresholds(model: nn.Module) -> list[tuple[str, nn.Module, GroupSoftThreshold]]:
-    """(name, module, GroupSoftThreshold) for every group-thresholded module."""
+    """(name, module, GroupSoftThreshold) for every channel threshold (on a conv's weight or
+    a BatchNorm's gamma)."""
     found = []
     for name, module in model.named_modules():
         if _parametrized(module):
@@ -202,17 +231,17 @@ def model_coupling(model: nn.Module) -> ChannelCoupling | None:
 
 
 def remove_group_threshold(model: nn.Module) -> list[str]:
-    """Bake S(W, s) and the gated BatchNorm parameters into plain Parameters (same outputs);
-    dead channels stay as zeros (``strlowrank.structured_export`` removes them)."""
+    """Bake the thresholds and gates into plain Parameters (same outputs); dead channels stay
+    as zeros (``strlowrank.structured_export`` removes them). Returns the thresholded names."""
     gated = [
-        m
+        (m, t)
         for m in model.modules()
         if parametrize.is_parametrized(m)
-        and any(isinstance(p, ChannelGate) for ps in m.parametrizations.values() for p in ps)
+        for t, ps in m.parametrizations.items()
+        if any(isinstance(p, ChannelGate) for p in ps)
     ]
-    for module in gated:  # before the convs whose thresholds they read
-        for tensor in list(module.parametrizations):
-            parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+    for module, tensor in list(gated):  # before the thresholds they read
+        parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
     names = []
     for name, module, _ in group_thresholds(model):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

@@ -18,13 +18,17 @@ from strlowrank.channel_groups import remove_zero_channels
 from strlowrank.export import bake
 
 
-def export_pruned_cnn(model: nn.Module, example: torch.Tensor) -> nn.Module:
+def export_pruned_cnn(
+    model: nn.Module, example: torch.Tensor, round_to: int | None = None
+) -> nn.Module:
     """A plain eval-mode copy of ``model`` without its dead channels.
 
     Args:
         model: a CNN pruned by channels (group soft thresholds, or any model whose removed
             output channels have zero filters, biases and BatchNorm gamma and beta).
         example: an input for tracing the layers' coupling (any batch size).
+        round_to: keep zero channels so that every layer's width is a multiple of it (ONNX
+            Runtime's blocked convs run odd widths slowly; the outputs stay the same).
     Returns:
         an ``nn.Module`` of the same classes with smaller convs, norms and linear layers;
         ``model`` is left unchanged.
@@ -32,7 +36,7 @@ def export_pruned_cnn(model: nn.Module, example: torch.Tensor) -> nn.Module:
     smaller = bake(model)
     for p in smaller.parameters():  # the dependency graph is traced through autograd
         p.requires_grad_(True)
-    remove_zero_channels(smaller, example.to(next(smaller.parameters()).device))
+    remove_zero_channels(smaller, example.to(next(smaller.parameters()).device), round_to)
     for p in smaller.parameters():
         p.requires_grad_(False)
     return smaller.eval()

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from strlowrank.group_threshold import group_thresholds
 from strlowrank.lowrank import STRMatrix
 from strlowrank.measures import Measure
 from strlowrank.optim import parameter_roles
@@ -37,8 +38,9 @@ def threshold_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def threshold_sites(model: nn.Module) -> list[Site]:
     """(values, threshold(), magnitude?) for every thresholded tensor whose threshold does not
-    depend on the values: STR weights (|W| against g(s)) and the singular values of STR
-    matrices with a fixed threshold unit (sigma against tau; ``threshold_scale`` init or one).
+    depend on the values: STR weights (|W| against g(s)), BatchNorm scales with a channel
+    threshold (|gamma| against g(s)) and the singular values of STR matrices with a fixed
+    threshold unit (sigma against tau; ``threshold_scale`` init or one).
     With ``"max"`` / ``"rms"`` units tau moves with sigma, so those matrices are left out."""
     sites: list[Site] = [
         (module.parametrizations.weight.original, p.threshold, True)
@@ -48,6 +50,11 @@ def threshold_sites(model: nn.Module) -> list[Site]:
         (m.sigma, lambda m=m: m.tau().detach(), False)
         for m in model.modules()
         if isinstance(m, STRMatrix) and m.threshold_scale in ("init", "one")
+    ]
+    sites += [  # channel thresholds on BatchNorm scales: one entry per channel, like STR
+        (module.parametrizations.weight.original, lambda p=p: p.threshold() * p.scale, True)
+        for _, module, p in group_thresholds(model)
+        if p.scale is not None and module.parametrizations.weight.original.dim() == 1
     ]
     return sites
 

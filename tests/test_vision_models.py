@@ -75,8 +75,10 @@ def test_mobilenet_width_multiplier_and_init() -> None:
     half = build_model("mobilenet_v1_small", 10, width=0.5)
     assert half.get_submodule("stem.0").out_channels == 16
     assert half.classifier.in_features == 512
-    with pytest.raises(ValueError, match="only supported by MobileNetV1"):
-        build_model("resnet20", 10, width=0.5)
+    thin = build_model("resnet20", 10, width=0.5)  # the uniformly thinner baseline
+    assert thin.conv1.out_channels == 8 and thin.fc.in_features == 32
+    with pytest.raises(ValueError, match="only supported by MobileNetV1 and resnet20"):
+        build_model("resnet18", 10, width=0.5)
     # Kaiming normal, fan_in, ReLU gain: std = sqrt(2 / fan_in)
     w = build_model("resnet50", 10).layer3[0].conv2.weight
     expected = (2.0 / w[0].numel()) ** 0.5

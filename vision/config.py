@@ -49,8 +49,8 @@ class MethodConfig:
     s_init: float = option(-10.0, "STR: initial threshold parameter; g(s_init) is the threshold")
     granularity: str = option(
         "layer",
-        "STR threshold: layer | channel | global (on weights) | structured (on each output "
-        "channel's filter norm: removes channels)",
+        "STR threshold: layer | channel | global (on weights) | structured (on each conv "
+        "output channel, its BatchNorm's gamma or filter norm: removes channels)",
         choices=GRANULARITIES,
     )
     keep_first_dense: bool = option(False, "leave the stem conv unsparsified")

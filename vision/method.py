@@ -2,13 +2,14 @@
 
 ``method.name`` (vision/config.py) selects one: ``dense`` leaves the model as it is; ``str`` puts
 a soft threshold on the conv and linear weights (Kusupati et al., ICML 2020), or with
-``granularity structured`` a group soft threshold on each conv output channel's filter norm
-(strlowrank.group_threshold: whole channels go); ``gmp`` prunes by magnitude on a schedule
-(ranked globally or per layer), ``uniform`` to the same sparsity in every layer, ``transfer``
-each layer to the density an STR run learned (its budget.csv); ``group_norm`` removes channels
-once, before training, with torch-pruning's group-norm magnitude pruner to ``final_macs`` of
-the model's MACs (the structured baseline: start it ``--init-from`` a trained dense run). The
-first and last layers stay dense when the config says so.
+``granularity structured`` a soft threshold per conv output channel, on its BatchNorm's gamma
+(or the filter's norm without one; strlowrank.group_threshold: whole channels go); ``gmp``
+prunes by magnitude on a schedule (ranked globally or per layer), ``uniform`` to the same
+sparsity in every layer, ``transfer`` each layer to the density an STR run learned (its
+budget.csv); ``group_norm`` removes channels once, before training, with torch-pruning's
+group-norm magnitude pruner to ``final_macs`` of the model's MACs (the structured baseline:
+start it ``--init-from`` a trained dense run). The first and last layers stay dense when the
+config says so.
 """
 
 from __future__ import annotations
@@ -63,16 +64,21 @@ def sparsify(model: torch.nn.Module, cfg: VisionConfig, example: torch.Tensor) -
 
 
 def prune_to_macs(
-    model: torch.nn.Module, example: torch.Tensor, fraction: float, exclude: tuple[str, ...]
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    fraction: float,
+    exclude: tuple[str, ...],
+    round_to: int | None = None,
 ) -> float:
     """Group-norm prune ``model`` in place to the largest size with at most ``fraction`` of its
-    MACs (the pruning ratio found by bisection on copies); returns the MACs fraction reached."""
+    MACs (the pruning ratio found by bisection on copies; ``round_to``: widths multiples of
+    it); returns the MACs fraction reached."""
     dense = totals(budget_table(model, example))["macs_dense"]
 
     def pruned(ratio: float) -> tuple[torch.nn.Module, float]:
         twin = copy.deepcopy(model)
         ignored = [twin.get_submodule(n) for n in exclude]
-        group_norm_prune(twin, example, ratio, ignored)
+        group_norm_prune(twin, example, ratio, ignored, round_to)
         return twin, totals(budget_table(twin, example))["macs_dense"] / dense
 
     lo, hi = 0.0, 0.9  # torch-pruning leaves a layer as it is where a ratio would empty it
@@ -81,7 +87,7 @@ def prune_to_macs(
     for _ in range(20):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if pruned(mid)[1] > fraction else (lo, mid)
-    group_norm_prune(model, example, hi, [model.get_submodule(n) for n in exclude])
+    group_norm_prune(model, example, hi, [model.get_submodule(n) for n in exclude], round_to)
     return totals(budget_table(model, example))["macs_dense"] / dense  # deterministic: = twin's
 
 
