@@ -1,12 +1,12 @@
 """P4: inference of an exported sparse CNN vs the dense network
 
-Every conv and linear weight is magnitude-pruned to the same density (``strlowrank.pruning``,
+Every conv and linear weight is magnitude-pruned to the same density (``strlowrank.method.pruning``,
 uniform per layer; depthwise convs stay dense, as in STR's MobileNetV1 budgets), then
 ``strlowrank.export.export_sparse_cnn``: folds every BatchNorm into the conv before it, runs
 max-pools through oneDNN (torch's NCHW max-pool is ~10x slower at one thread), and replaces
 each conv (groups 1) / linear layer by CSR products (1x1 convs: one product on [C, HW]; k x k
 convs: per-tap products on shifted windows of the padded input, or one product on
-concatenated windows; see ``strlowrank.sparse_cnn_ops``) where timing that layer at this
+concatenated windows; see ``strlowrank.export.sparse_cnn_ops``) where timing that layer at this
 batch size says the fastest CSR path beats the dense layer. All networks run in eval mode under
 no_grad.
 
@@ -37,8 +37,13 @@ from torch import nn
 
 from bench.common import add_common_args, interleaved, print_table, setup, summarize, write_json
 from strlowrank.export import export_sparse_cnn, file_bytes
-from strlowrank.pruning import apply_masks, remove_masks, set_layer_densities, uniform_densities
-from strlowrank.sparse_cnn_ops import SparseConv2d, SparseLinear, simplify_cnn
+from strlowrank.export.sparse_cnn_ops import SparseConv2d, SparseLinear, simplify_cnn
+from strlowrank.method.pruning import (
+    apply_masks,
+    remove_masks,
+    set_layer_densities,
+    uniform_densities,
+)
 from vision.models import build_model
 
 
@@ -95,7 +100,7 @@ def _ort(model: nn.Module, x: torch.Tensor):
     """A callable running ``model`` in ONNX Runtime on ``x`` (None without onnxruntime)."""
     try:
         from strlowrank.export import export_onnx
-        from strlowrank.onnx_export import ort_session
+        from strlowrank.export.onnx_export import ort_session
     except ImportError:
         return None
     session = ort_session(export_onnx(model, x), threads=torch.get_num_threads())

@@ -15,7 +15,7 @@ H=512; against ONNX Runtime at H=128 r=32: >= 1.8x at B=1, >= 2x at B=64, and th
 >= 1x at B=1.
 Stream: latency of one 10 ms frame (T=1, B=1, state carried) at H=128, r=32, per backend.
 FastGRNN, training step at HAR-2's shapes (H=80, T=128, B=64, I=9, 2 classes): nn.GRU vs
-the FastGRNN ``RNNLayer`` (hand-written backward, ``strlowrank.fastgrnn``) full, at
+the FastGRNN ``RNNLayer`` (hand-written backward, ``strlowrank.method.fastgrnn``) full, at
 FastGRNN's (r_W, r_U) = (5, 40) and with STR matrices. Target <= 2x nn.GRU.
 Run: python -m bench.bench_rnn [--part p2 p3 stream fastgrnn] [--repeats 5] [--threads 1]
 """
@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.common import add_common_args, interleaved, print_table, setup, summarize, write_json
-from strlowrank import gru_cpp
-from strlowrank.export import export_gru, file_bytes
-from strlowrank.lowrank import MatrixSpec
-from strlowrank.rnn import RNNLayer
+from strlowrank.export import export_gru, file_bytes, gru_cpp
+from strlowrank.method.lowrank import MatrixSpec
+from strlowrank.method.rnn import RNNLayer
 
 STEPS, FEATURES = 99, 32
 
@@ -140,7 +139,7 @@ def _ort(layer: nn.Module, form: str):
     inputs prepared once: (x, h0) -> None, or None where onnxruntime is not installed."""
     try:
         from strlowrank.export import export_onnx
-        from strlowrank.onnx_export import ort_session
+        from strlowrank.export.onnx_export import ort_session
     except ImportError:
         return None
     session = ort_session(export_onnx(layer, form=form), threads=torch.get_num_threads())

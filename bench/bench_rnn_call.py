@@ -10,7 +10,7 @@ T=99, I=32. The layer's effective W [3H, I], U [3H, H] and biases go to one of:
 - ``RNNLayer``: the library's own ``RNNLayer.forward`` (whichever of the two it uses);
 - ``_VF again``: ``_VF`` a second time in the same rounds, the noise floor of the ratios.
 
-Timed interleaved (``strlowrank.timing.interleaved``); prints each candidate's time and its
+Timed interleaved (``strlowrank.export.timing.interleaved``); prints each candidate's time and its
 ratio to ``_VF`` (median over rounds of the per-round ratio, < 1: faster than ``_VF``), then the
 fixed cost of one call: a forward of one frame (B=1, T=1, no grad) through each call.
 Run: OMP_NUM_THREADS=1 python -m bench.bench_rnn_call --threads 1 (about 15 s).
@@ -27,7 +27,7 @@ from torch import nn
 
 from bench.common import add_common_args, interleaved, print_table, setup, summarize, write_json
 from speech.models import SpeechModelConfig, matrix_specs
-from strlowrank.rnn import RNNLayer
+from strlowrank.method.rnn import RNNLayer
 
 STEPS, FEATURES, BATCH, CLASSES = 99, 32, 64, 12
 GRU_NAMES = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")

@@ -1,7 +1,7 @@
 """P1: training-step time of STR vs dense.
 
 One step = forward, cross-entropy, backward, SGD (momentum) update, on random data. Candidates:
-dense; ``str`` (``strlowrank.threshold.SoftThreshold``, the default fused autograd function:
+dense; ``str`` (``strlowrank.method.threshold.SoftThreshold``, the default fused autograd function:
 two passes forward, only S saved); ``str_plain`` (the plain sign(w) relu(|w| - g(s)) autograd
 expression, ``fused=False``). STR is applied to every conv and linear layer with a per-layer
 threshold. Two floors show what any weight reparameterization costs: ``floor_param`` (an
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from bench.common import add_common_args, interleaved, print_table, setup, summarize, write_json
-from strlowrank.threshold import apply_soft_threshold, thresholded_modules
+from strlowrank.method.threshold import apply_soft_threshold, thresholded_modules
 from vision.models import build_model
 
 # (model, batch, image size); weights large relative to activations in the second

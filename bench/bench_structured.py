@@ -1,8 +1,8 @@
 """P5: inference of a channel-pruned (structured) CNN, exported smaller, vs the dense network
 
 Each case times four candidates interleaved in one run, in eval mode under no_grad: the dense
-network and the smaller one (``strlowrank.structured_export.export_pruned_cnn``: dead channels
-removed, stock convs with fewer channels) in eager torch, and both exported to ONNX
+network and the smaller one (``strlowrank.export.structured_export.export_pruned_cnn``: dead
+channels removed, stock convs with fewer channels) in eager torch, and both exported to ONNX
 (``strlowrank.export.export_onnx``: BN folded) in ONNX Runtime, all at the same thread count.
 ``x_torch`` = dense_ms / small_ms in torch, ``x_ort`` = ort_dense_ms / ort_small_ms (median
 over rounds of the per-round ratio; ``*_min``: ratio of the fastest rounds).
@@ -31,8 +31,8 @@ from torch import nn
 
 from bench.common import add_common_args, interleaved, print_table, setup, summarize, write_json
 from strlowrank import budget_table, totals
-from strlowrank.group_threshold import apply_group_threshold
-from strlowrank.structured_export import export_pruned_cnn
+from strlowrank.export.structured_export import export_pruned_cnn
+from strlowrank.method.group_threshold import apply_group_threshold
 from vision.method import prune_to_macs
 from vision.models import build_model, first_last_layer_names
 
@@ -73,7 +73,7 @@ def _macs(model: nn.Module, x: torch.Tensor) -> float:
 
 def _ort(model: nn.Module, x: torch.Tensor):
     from strlowrank.export import export_onnx
-    from strlowrank.onnx_export import ort_session
+    from strlowrank.export.onnx_export import ort_session
 
     session = ort_session(export_onnx(model, x), threads=torch.get_num_threads())
     feed = {"x": x.numpy()}

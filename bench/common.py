@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from strlowrank.timing import interleaved  # noqa: F401 (re-exported: the benchmarks' timing)
+from strlowrank.export.timing import interleaved  # noqa: F401 (re-exported: the benchmarks' timing)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,5 +4,6 @@
 SVD baselines, paired gaps); ``speech.report`` adds it to ``python -m strlowrank.report``.
 """
 
-# the module `python -m strlowrank.sweep --track speech` runs (strlowrank.tracks.entry_script)
+# the module `python -m strlowrank.sweep --track speech` runs
+# (strlowrank.analysis.tracks.entry_script)
 ENTRY_POINT = "speech.train_gru"

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from speech.features import FeatureConfig
 from speech.models import SpeechModelConfig
-from strlowrank.config import option
-from strlowrank.controller_config import ControllerConfig
-from strlowrank.train_config import TrainConfig
+from strlowrank.training.config import option
+from strlowrank.training.controller_config import ControllerConfig
+from strlowrank.training.train_config import TrainConfig
 
 
 @dataclass

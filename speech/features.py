@@ -29,8 +29,8 @@ from speech.data import (
     load_items,
     split_item,
 )
-from strlowrank.cache import cache_lock, cache_root, temp_siblings, write_atomic
-from strlowrank.config import option
+from strlowrank.method.cache import cache_lock, cache_root, temp_siblings, write_atomic
+from strlowrank.training.config import option
 
 CACHE_FORMAT = 1
 FEATURE_KINDS = ("logmel", "mfcc")
@@ -248,7 +248,7 @@ def load_features(
 
     Items come from `build_index` (same arguments). Features are computed once and cached as
     ``<cache_dir>/features/<key>.pt`` (cache_dir defaults to `cache_root()`; see `cache_key`);
-    later calls load that file. Concurrent processes compute it once (`strlowrank.cache`).
+    later calls load that file. Concurrent processes compute it once (`strlowrank.method.cache`).
     Unreadable clips are skipped with warnings and a count."""
     cfg = feature_cfg or FeatureConfig()
     root = Path(root).resolve()

@@ -25,8 +25,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from strlowrank.analysis import accuracy_column, aggregate
-from strlowrank.plotting import METHOD_MARKERS, method_color, new_figure, percent_axis, styled
-from strlowrank.rnn import GATES
+from strlowrank.analysis.plotting import (
+    METHOD_MARKERS,
+    method_color,
+    new_figure,
+    percent_axis,
+    styled,
+)
+from strlowrank.method.rnn import GATES
 
 
 def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:

@@ -41,7 +41,7 @@ import torch
 
 from speech.data import DataError
 from speech.features import FeatureSet
-from strlowrank.cache import build_once, cache_root
+from strlowrank.method.cache import build_once, cache_root
 
 ACTIVITIES = ("walking", "upstairs", "downstairs", "sitting", "standing", "laying")  # labels 1-6
 HAR2_POSITIVE = (2, 4, 6)  # upstairs, sitting, laying

@@ -5,7 +5,7 @@
 with each recurrent matrix full, fixed low rank (W = W1 W2, FastGRNN's (r_W, r_U) = (16, 25)) or
 STR on singular values (W = P_n diag(relu(sigma - g(s) sigma_0)) Q_n^T, sigma_0 the initial top
 singular value, learned rank), see
-``strlowrank.rnn`` and docs/LEARNED_RANK.md.
+``strlowrank.method.rnn`` and docs/LEARNED_RANK.md.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from strlowrank.allocation import energy_ranks, greedy_ranks
-from strlowrank.budget import budget_table, layers
-from strlowrank.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from strlowrank.config import ConfigError, from_dict, option
-from strlowrank.lowrank import MatrixSpec
-from strlowrank.rnn import CELLS, GATES, SPLITS, RNNLayer
+from strlowrank.method.allocation import energy_ranks, greedy_ranks
+from strlowrank.method.budget import budget_table, layers
+from strlowrank.method.lowrank import MatrixSpec
+from strlowrank.method.rnn import CELLS, GATES, SPLITS, RNNLayer
+from strlowrank.training.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from strlowrank.training.config import ConfigError, from_dict, option
 
 POOLS = ("last", "mean")
 ALLOCATIONS = ("fixed", "energy", "greedy")
@@ -210,7 +210,7 @@ def init_from_checkpoint(model: KeywordSpotter, path: str | Path) -> None:
 
 def allocate_ranks(model: KeywordSpotter, path: str | Path, target: float) -> dict[str, int]:
     """Ranks per matrix ({"rnns.0.W": r, ...}) by ``model.cfg.allocation`` (energy | greedy,
-    `strlowrank.allocation`) from the singular values of the trained model in checkpoint
+    `strlowrank.method.allocation`) from the singular values of the trained model in checkpoint
     ``path``, in ``model``'s matrix layout, for ``target`` parameters counted as
     ``--target-params`` counts them (the budget table: recurrent matrices and the classifier)."""
     rule = {"energy": energy_ranks, "greedy": greedy_ranks}[model.cfg.allocation]

@@ -1,7 +1,7 @@
 """The speech track's part of ``python -m strlowrank.report``: the frontier of tagged runs.
 
-``write(summary, out)`` (the ``strlowrank.tracks.ReportPart`` the report calls with this track's
-rows of ``analysis.summaries``) writes, when runs carry a ``tag`` (a frontier sweep):
+``write(summary, out)`` (the ``strlowrank.analysis.tracks.ReportPart`` the report calls with this
+track's rows of ``analysis.summaries``) writes, when runs carry a ``tag`` (a frontier sweep):
 
     frontier.csv, frontier.md   per method and budget the accuracy over seeds, mean +- 95%
                                 t-interval (``speech.frontier.frontier_points``: the fixed-rank
@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from speech.frontier import frontier_gaps, frontier_points, plot_frontier
-from strlowrank.plotting import save_figure
-from strlowrank.report import format_cell
+from strlowrank.analysis.plotting import save_figure
+from strlowrank.analysis.report import format_cell
 
 
 def _interval(row: pd.Series, fmt: str) -> str:

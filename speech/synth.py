@@ -45,8 +45,8 @@ from speech.data import (
     V1_OTHER_WORDS,
     VALIDATION_LIST,
 )
-from strlowrank.cache import MARKER as BUILT
-from strlowrank.cache import build_once, cache_root, is_built, write_atomic
+from strlowrank.method.cache import MARKER as BUILT
+from strlowrank.method.cache import build_once, cache_root, is_built, write_atomic
 
 DATA_VERSION = "speech_synth_v2"
 MARKER = "SYNTH_DONE.json"
@@ -508,7 +508,7 @@ def _run_jobs(jobs: list[tuple], workers: int, total: int, progress: bool) -> di
 
 
 def _tree_key(cfg: SynthConfig) -> str:
-    """The completion key of a tree (`strlowrank.cache.build_once`): data version and config,
+    """The completion key of a tree (`strlowrank.method.cache.build_once`): data version and config,
     less the worker count (the bytes do not depend on it)."""
     config = {k: v for k, v in asdict(cfg).items() if k != "workers"}
     return json.dumps({"version": DATA_VERSION, "config": config}, sort_keys=True)
@@ -519,8 +519,8 @@ def generate_dataset(
 ) -> Path:
     """Write a synthetic Speech Commands v0.01 tree under root (see the module docstring).
 
-    Split lists are speaker-disjoint. The tree is built once (`strlowrank.cache.build_once`: in
-    a temporary sibling renamed into place under an inter-process lock), so concurrent calls
+    Split lists are speaker-disjoint. The tree is built once (`strlowrank.method.cache.build_once`:
+    in a temporary sibling renamed into place under an inter-process lock), so concurrent calls
     generate it once; a complete tree with the same cfg is reused, an incomplete one or one
     with another cfg is replaced. Returns root."""
     cfg = cfg or SynthConfig()

@@ -29,13 +29,13 @@ from speech.models import (
     init_from_checkpoint,
     training_cost,
 )
-from strlowrank.budget import matrix_params, ranked_layers
-from strlowrank.cli import execute, parse_config, run_main
-from strlowrank.controller import build_controller
-from strlowrank.distributed import DistInfo
-from strlowrank.engine import Task
-from strlowrank.lowrank import Refactorize
-from strlowrank.rnn import matrix_spectra
+from strlowrank.method.budget import matrix_params, ranked_layers
+from strlowrank.method.lowrank import Refactorize
+from strlowrank.method.rnn import matrix_spectra
+from strlowrank.training.cli import execute, parse_config, run_main
+from strlowrank.training.controller import build_controller
+from strlowrank.training.distributed import DistInfo
+from strlowrank.training.engine import Task
 
 
 def rank_text(table: pd.DataFrame) -> str:
@@ -142,7 +142,7 @@ def report(model: torch.nn.Module, out: Path, summary: dict, plots: bool = True)
     ranks = ", ".join(f"{k}={v}" for k, v in summary.get("ranks", {}).items())
     print(f"learned ranks: {ranks}; recurrent parameters: {summary.get('params')}")
     if plots:
-        from strlowrank.plotting import plot_run
+        from strlowrank.analysis.plotting import plot_run
 
         for path in plot_run(out):
             print(f"plot: {path}")

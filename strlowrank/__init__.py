@@ -10,28 +10,15 @@ neither onnx nor matplotlib. Importing the package does no work beyond imports
 (docs/ARCHITECTURE.md).
 """
 
-from strlowrank.budget import budget_table, dead_layers, totals
-from strlowrank.cache import build_once, cache_root, write_atomic
-from strlowrank.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    load_model_state,
-    save_checkpoint,
-    seed_everything,
-)
-from strlowrank.cli import execute, parse_config, run_main
-from strlowrank.config import ConfigError, from_dict, load_config, option, save_config, to_dict
-from strlowrank.controller import BudgetController, build_controller
-from strlowrank.controller_config import ControllerConfig
-from strlowrank.distributed import DistInfo, cleanup, init_distributed
-from strlowrank.engine import Interrupted, Task, Trainer, TrainingError
-from strlowrank.group_threshold import (
+from strlowrank.method.budget import budget_table, dead_layers, totals
+from strlowrank.method.cache import build_once, cache_root, write_atomic
+from strlowrank.method.group_threshold import (
     GroupSoftThreshold,
     apply_group_threshold,
     group_soft_threshold,
     remove_group_threshold,
 )
-from strlowrank.lowrank import (
+from strlowrank.method.lowrank import (
     FullMatrix,
     LowRankMatrix,
     MatrixSpec,
@@ -41,16 +28,7 @@ from strlowrank.lowrank import (
     make_matrix,
     refactorize_,
 )
-from strlowrank.optim import (
-    RoleOptimizer,
-    build_optimizer,
-    describe_groups,
-    param_groups,
-    parameter_roles,
-    warmup_cosine,
-    warmup_cosine_factor,
-)
-from strlowrank.pruning import (
+from strlowrank.method.pruning import (
     GMPCallback,
     MagnitudeMask,
     apply_masks,
@@ -64,8 +42,8 @@ from strlowrank.pruning import (
     uniform_densities,
     zero_pruned,
 )
-from strlowrank.rnn import RNNLayer, matrix_spectra
-from strlowrank.threshold import (
+from strlowrank.method.rnn import RNNLayer, matrix_spectra
+from strlowrank.method.threshold import (
     SoftThreshold,
     apply_soft_threshold,
     remove_soft_threshold,
@@ -74,10 +52,39 @@ from strlowrank.threshold import (
     thresholded_modules,
     weight_parametrizations,
 )
-from strlowrank.train_config import TrainConfig
+from strlowrank.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    seed_everything,
+)
+from strlowrank.training.cli import execute, parse_config, run_main
+from strlowrank.training.config import (
+    ConfigError,
+    from_dict,
+    load_config,
+    option,
+    save_config,
+    to_dict,
+)
+from strlowrank.training.controller import BudgetController, build_controller
+from strlowrank.training.controller_config import ControllerConfig
+from strlowrank.training.distributed import DistInfo, cleanup, init_distributed
+from strlowrank.training.engine import Interrupted, Task, Trainer, TrainingError
+from strlowrank.training.optim import (
+    RoleOptimizer,
+    build_optimizer,
+    describe_groups,
+    param_groups,
+    parameter_roles,
+    warmup_cosine,
+    warmup_cosine_factor,
+)
+from strlowrank.training.train_config import TrainConfig
 
 __all__ = [
-    # method: soft thresholds (strlowrank.threshold)
+    # method: soft thresholds (strlowrank.method.threshold)
     "SoftThreshold",
     "apply_soft_threshold",
     "remove_soft_threshold",
@@ -85,12 +92,12 @@ __all__ = [
     "soft_threshold",
     "thresholded_modules",
     "weight_parametrizations",
-    # method: group (channel) soft thresholds (strlowrank.group_threshold)
+    # method: group (channel) soft thresholds (strlowrank.method.group_threshold)
     "GroupSoftThreshold",
     "apply_group_threshold",
     "group_soft_threshold",
     "remove_group_threshold",
-    # method: magnitude masks (strlowrank.pruning)
+    # method: magnitude masks (strlowrank.method.pruning)
     "GMPCallback",
     "MagnitudeMask",
     "apply_masks",
@@ -103,7 +110,8 @@ __all__ = [
     "set_layer_densities",
     "uniform_densities",
     "zero_pruned",
-    # method: low-rank matrices and recurrent layers (strlowrank.lowrank, strlowrank.rnn)
+    # method: low-rank matrices and recurrent layers (strlowrank.method.lowrank,
+    # strlowrank.method.rnn)
     "FullMatrix",
     "LowRankMatrix",
     "MatrixSpec",
@@ -114,14 +122,14 @@ __all__ = [
     "refactorize_",
     "RNNLayer",
     "matrix_spectra",
-    # method: budgets and caches (strlowrank.budget, strlowrank.cache)
+    # method: budgets and caches (strlowrank.method.budget, strlowrank.method.cache)
     "budget_table",
     "dead_layers",
     "totals",
     "build_once",
     "cache_root",
     "write_atomic",
-    # training: optimizer (strlowrank.optim)
+    # training: optimizer (strlowrank.training.optim)
     "RoleOptimizer",
     "build_optimizer",
     "describe_groups",
@@ -129,8 +137,8 @@ __all__ = [
     "parameter_roles",
     "warmup_cosine",
     "warmup_cosine_factor",
-    # training: configs and entry points (strlowrank.config, strlowrank.train_config,
-    # strlowrank.cli)
+    # training: configs and entry points (strlowrank.training.config,
+    # strlowrank.training.train_config, strlowrank.training.cli)
     "ConfigError",
     "TrainConfig",
     "from_dict",

@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from strlowrank import apply_soft_threshold
-from strlowrank.checkpoint import seed_everything
-from strlowrank.engine import Task
+from strlowrank.training.checkpoint import seed_everything
+from strlowrank.training.engine import Task
 
 
 def make_task(

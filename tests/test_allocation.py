@@ -4,7 +4,7 @@ random spectra, and each picks what its rule says."""
 import pytest
 import torch
 
-from strlowrank.allocation import allocation_cost, energy_ranks, greedy_ranks
+from strlowrank.method.allocation import allocation_cost, energy_ranks, greedy_ranks
 
 SHAPES = {"A": (10, 10), "B": (10, 2)}  # A: 20 per direction below rank 5; B: 12, then dense 20
 

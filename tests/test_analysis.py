@@ -1,4 +1,4 @@
-"""strlowrank.analysis and strlowrank.plotting on small fake run folders written here.
+"""strlowrank.analysis and strlowrank.analysis.plotting on small fake run folders written here.
 
 ``write_run`` writes the run-folder contract (config.yaml, metrics.csv, budget.csv,
 budget_history.csv, summary.json, spectra.csv for speech) without training anything.
@@ -15,7 +15,8 @@ import pytest
 import yaml
 from matplotlib.figure import Figure
 
-from strlowrank import analysis, plotting
+from strlowrank import analysis
+from strlowrank.analysis import plotting
 
 VISION_LAYERS = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "fc"]
 SPEECH_MATRICES = {"rnn.0.W": (96, 32), "rnn.0.U": (96, 32)}
@@ -362,7 +363,7 @@ def test_every_figure_is_drawn_in_the_project_style():
     plotting.style(), and no helper does."""
     import inspect
 
-    from strlowrank import plotting
+    from strlowrank.analysis import plotting
 
     figures = [
         f

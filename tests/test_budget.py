@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from strlowrank import apply_soft_threshold
-from strlowrank.budget import budget_table, dead_layers, layers, ranked_layers, totals
+from strlowrank.method.budget import budget_table, dead_layers, layers, ranked_layers, totals
 
 
 def hand_model() -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""Caches under concurrent processes (strlowrank.cache): real processes start together on one
+"""Caches under concurrent processes (strlowrank.method.cache): real processes start together on one
 cold cache and all end with the same data; a builder killed with SIGKILL mid-build leaves a cache
 that the next run repairs. Trees are tiny, so each test takes seconds."""
 
@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from strlowrank.cache import MARKER, build_once, cache_lock, is_built, temp_siblings, write_atomic
+from strlowrank.method.cache import (
+    MARKER,
+    build_once,
+    cache_lock,
+    is_built,
+    temp_siblings,
+    write_atomic,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PROCESSES = 3
@@ -85,7 +92,7 @@ def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
 BUILDER = """
 import os, sys, time
 from pathlib import Path
-from strlowrank.cache import build_once
+from strlowrank.method.cache import build_once
 
 def build(tmp):
     (tmp / "part1").write_text(str(os.getpid()))
@@ -229,7 +236,7 @@ def test_speech_tree_killed_mid_build_is_redone(tmp_path: Path) -> None:
 GRU_WORKER = """
 import hashlib, sys
 import torch
-from strlowrank import gru_cpp
+from strlowrank.export import gru_cpp
 
 if not gru_cpp.available():
     print("unavailable:", gru_cpp.unavailable_reason())
@@ -248,7 +255,7 @@ print(hashlib.sha256(so).hexdigest(), hashlib.sha256(out.numpy().tobytes()).hexd
 def test_compiled_gru_built_once_by_concurrent_processes(tmp_path_factory) -> None:
     # The session's cache: when this test runs first (it sorts before test_gru_cpp) the cache
     # is cold and test_gru_cpp then reuses this build instead of compiling again.
-    from strlowrank import gru_cpp
+    from strlowrank.export import gru_cpp
 
     procs = [start(GRU_WORKER) for _ in range(N_PROCESSES)]
     texts = finish_all(procs, timeout=600)

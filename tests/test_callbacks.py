@@ -4,7 +4,9 @@ import pandas as pd
 import pytest
 
 from helpers import make_task
-from strlowrank.callbacks import (
+from strlowrank.method.lowrank import Refactorize
+from strlowrank.method.pruning import GMPCallback
+from strlowrank.training.callbacks import (
     HOOKS,
     Bind,
     OnEpochEnd,
@@ -14,12 +16,10 @@ from strlowrank.callbacks import (
     call_hook,
     check_callbacks,
 )
-from strlowrank.controller import BudgetController, ControllerConfig, build_controller
-from strlowrank.distributed import DistInfo
-from strlowrank.engine import Trainer
-from strlowrank.lowrank import Refactorize
-from strlowrank.pruning import GMPCallback
-from strlowrank.train_config import TrainConfig
+from strlowrank.training.controller import BudgetController, ControllerConfig, build_controller
+from strlowrank.training.distributed import DistInfo
+from strlowrank.training.engine import Trainer
+from strlowrank.training.train_config import TrainConfig
 
 CFG = dict(epochs=2, batch_size=16, lr=0.1, progress=False)  # 4 steps per epoch
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from strlowrank.cli import parse_config, parse_overrides
-from strlowrank.config import ConfigError, from_dict, load_config, option, to_dict
-from strlowrank.train_config import TrainConfig
+from strlowrank.training.cli import parse_config, parse_overrides
+from strlowrank.training.config import ConfigError, from_dict, load_config, option, to_dict
+from strlowrank.training.train_config import TrainConfig
 
 
 @dataclass
@@ -115,7 +115,7 @@ def test_every_enumerated_field_lists_its_choices(track):
     """Every string field but paths and labels has choices: a bad value gets one line naming
     the field and the choices, and --help lists them."""
     from speech.config import SpeechConfig
-    from strlowrank.cli import build_parser
+    from strlowrank.training.cli import build_parser
     from vision.config import VisionConfig
 
     cls = {"vision": VisionConfig, "speech": SpeechConfig}[track]

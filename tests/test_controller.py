@@ -9,13 +9,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from helpers import make_task
-from strlowrank.budget import budget_table, layers, totals
-from strlowrank.cli import expand_target_flags
-from strlowrank.controller import BudgetController, ControllerConfig, build_controller
-from strlowrank.distributed import DistInfo
-from strlowrank.engine import Interrupted, Task, Trainer
-from strlowrank.lowrank import MatrixSpec
-from strlowrank.measures import (
+from strlowrank.method.budget import budget_table, layers, totals
+from strlowrank.method.lowrank import MatrixSpec
+from strlowrank.method.pruning import ramp
+from strlowrank.method.rnn import RNNLayer
+from strlowrank.training.cli import expand_target_flags
+from strlowrank.training.controller import BudgetController, ControllerConfig, build_controller
+from strlowrank.training.distributed import DistInfo
+from strlowrank.training.engine import Interrupted, Task, Trainer
+from strlowrank.training.measures import (
     from_reduction,
     macs_metric,
     rank_metric,
@@ -23,10 +25,8 @@ from strlowrank.measures import (
     to_reduction,
     unit_scale,
 )
-from strlowrank.pruning import ramp
-from strlowrank.rnn import RNNLayer
-from strlowrank.threshold_shift import shift_thresholds, threshold_parameters
-from strlowrank.train_config import TrainConfig
+from strlowrank.training.threshold_shift import shift_thresholds, threshold_parameters
+from strlowrank.training.train_config import TrainConfig
 
 # the task of these tests: 16 features, 4 classes, a 48-48 MLP, 256 + 64 examples
 TASK = dict(sizes=(16, 48, 48, 4), batchnorm=False, samples=(256, 64), data_seed=1, s_init=-5.0)
@@ -288,7 +288,8 @@ def test_resume_keeps_controller_state(tmp_path, run_80):
 
 
 def test_controller_plot_shows_target_and_achieved(run_80):
-    from strlowrank import analysis, plotting
+    from strlowrank import analysis
+    from strlowrank.analysis import plotting
 
     trainer, _ = run_80
     metrics = pd.read_csv(trainer.out / "metrics.csv")

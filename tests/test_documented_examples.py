@@ -1,5 +1,5 @@
 """Every shipped and documented example is valid: configs/*.yaml (through the track's loader,
-sweep grids through strlowrank.sweep's), every dotted override (``--section.key value`` or
+sweep grids through strlowrank.analysis.sweep's), every dotted override (``--section.key value`` or
 ``section.key: value``) in README.md, docs/*.md and the packages' module docstrings, and every
 ``configs/...`` and ``docs/...`` path cited anywhere in the repository."""
 
@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from speech.config import SpeechConfig
-from strlowrank.cli import SHORTCUTS
-from strlowrank.config import ConfigError, load_config, parse_value
-from strlowrank.engine import role_lrs
-from strlowrank.sweep import expand, load_grid
+from strlowrank.analysis.sweep import expand, load_grid
+from strlowrank.training.cli import SHORTCUTS
+from strlowrank.training.config import ConfigError, load_config, parse_value
+from strlowrank.training.engine import role_lrs
 from vision.config import VisionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def documents() -> list[tuple[str, str]]:
     paths = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     out = [(p.relative_to(ROOT).as_posix(), p.read_text()) for p in paths]
     for package in ("strlowrank", "vision", "speech"):
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / package).rglob("*.py")):
             doc = ast.get_docstring(ast.parse(path.read_text()))
             if doc:
                 out.append((path.relative_to(ROOT).as_posix(), doc))
@@ -124,7 +124,7 @@ def test_examples_are_found():
     assert {
         "README.md",
         "docs/ANALYSIS.md",
-        "strlowrank/sweep.py",
+        "strlowrank/analysis/sweep.py",
         "speech/train_gru.py",
     } <= sources
     # the extractor sees quoted YAML values, grid lists and continued command lines
@@ -134,7 +134,11 @@ def test_examples_are_found():
         {"model.param": "lowrank", "model.rank_w": 7, "model.rank_u": 14},
     ) in examples
     assert ("docs/METHOD.md", None, {"train.role_lr_per_run": {"threshold": None}}) in examples
-    assert ("strlowrank/sweep.py", None, {"train.threshold_decay": ["1e-4", "3e-4"]}) in examples
+    assert (
+        "strlowrank/analysis/sweep.py",
+        None,
+        {"train.threshold_decay": ["1e-4", "3e-4"]},
+    ) in examples
     # and it would catch a stale one
     assert "unknown config key 'model.rank'" in check({"model.rank": 8}, None)
     assert "must be one of" in check({"model.cell": "rnn"}, "speech")
@@ -157,7 +161,7 @@ def test_every_documented_override_is_valid():
 
 
 def test_documented_sweep_grid_is_valid():
-    """The grid file of docs/ANALYSIS.md, expanded as strlowrank.sweep does, run by run."""
+    """The grid file of docs/ANALYSIS.md, expanded as strlowrank.analysis.sweep does, run by run."""
     text = (ROOT / "docs" / "ANALYSIS.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
     assert blocks
@@ -211,7 +215,7 @@ TEXT_FILES = (
     "configs/*.yaml",
     "docs/**/*.md",
     "docs/**/*.py",
-    "strlowrank/*.py",
+    "strlowrank/**/*.py",
     "vision/*.py",
     "speech/*.py",
     "bench/*.py",
@@ -242,7 +246,8 @@ def test_every_cited_path_exists():
             if cited.startswith(GENERATED) or re.match(r"[A-Z_]+/", cited):
                 continue
             seen += 1
-            # from the root, from the citing file, or package data (pyproject.toml's csrc/*.cpp)
+            # from the root, from the citing file, or package data (pyproject.toml's
+            # export/csrc/*.cpp)
             bases = (ROOT, path.parent, *(ROOT / name for name in PACKAGES))
             if not any(any(base.glob(cited)) for base in bases):
                 missing.append(f"{path.relative_to(ROOT)}: {cited}")

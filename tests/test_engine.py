@@ -9,11 +9,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from helpers import make_task
-from strlowrank.checkpoint import CheckpointError, load_checkpoint
-from strlowrank.config import ConfigError, load_config
-from strlowrank.distributed import DistInfo
-from strlowrank.engine import Interrupted, Task, Trainer, TrainingError
-from strlowrank.train_config import TrainConfig, use_channels_last
+from strlowrank.training.checkpoint import CheckpointError, load_checkpoint
+from strlowrank.training.config import ConfigError, load_config
+from strlowrank.training.distributed import DistInfo
+from strlowrank.training.engine import Interrupted, Task, Trainer, TrainingError
+from strlowrank.training.train_config import TrainConfig, use_channels_last
 
 
 def make_cfg(**kw) -> TrainConfig:

@@ -15,16 +15,16 @@ from strlowrank.export import (
     file_bytes,
     save_export,
 )
-from strlowrank.lowrank import MatrixSpec
-from strlowrank.pruning import apply_masks, set_layer_densities, uniform_densities
-from strlowrank.rnn import RNNLayer
-from strlowrank.sparse_cnn_ops import (
+from strlowrank.export.sparse_cnn_ops import (
     MaxPool2dOneDNN,
     conv_bn_pairs,
     fold_batchnorm_,
     simplify_cnn,
 )
-from strlowrank.threshold import soft_threshold
+from strlowrank.method.lowrank import MatrixSpec
+from strlowrank.method.pruning import apply_masks, set_layer_densities, uniform_densities
+from strlowrank.method.rnn import RNNLayer
+from strlowrank.method.threshold import soft_threshold
 
 
 def _tiny_cnn() -> nn.Module:

@@ -9,12 +9,12 @@ import torch
 
 from speech.config import SpeechConfig
 from speech.models import SpeechModelConfig, build_model, init_from_checkpoint
-from strlowrank.budget import budget_table, matrix_params
-from strlowrank.checkpoint import save_checkpoint
-from strlowrank.config import to_dict
-from strlowrank.fastgrnn import fastgrnn_recurrence
-from strlowrank.lowrank import MatrixSpec
-from strlowrank.rnn import RNNLayer
+from strlowrank.method.budget import budget_table, matrix_params
+from strlowrank.method.fastgrnn import fastgrnn_recurrence
+from strlowrank.method.lowrank import MatrixSpec
+from strlowrank.method.rnn import RNNLayer
+from strlowrank.training.checkpoint import save_checkpoint
+from strlowrank.training.config import to_dict
 
 
 def formula(x, w, u, b_z, b_h, zeta_raw, nu_raw, h):
@@ -140,7 +140,7 @@ def test_init_from_a_trained_fastgrnn_copies_matrices_biases_and_scalars(tmp_pat
 def test_onnx_graph_equals_layer(tmp_path):
     pytest.importorskip("onnxruntime")  # an optional dependency, not one of the project's modules
     from strlowrank.export import export_onnx
-    from strlowrank.onnx_export import ort_session, run_ort
+    from strlowrank.export.onnx_export import ort_session, run_ort
 
     for kind in ("full", "lowrank"):
         layer = _layer(kind, rank=2).eval()

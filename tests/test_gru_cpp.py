@@ -1,4 +1,4 @@
-"""The compiled GRU (strlowrank.gru_cpp) equals the eager export and the RNNLayer.
+"""The compiled GRU (strlowrank.export.gru_cpp) equals the eager export and the RNNLayer.
 
 The first test in a session that uses the ``compiled`` fixture builds the extension (~15-30 s
 on a cold cache); every later one reuses the loaded op. Those tests are skipped where no C++
@@ -14,10 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from strlowrank import gru_cpp
-from strlowrank.export import export_gru
-from strlowrank.lowrank import MatrixSpec
-from strlowrank.rnn import RNNLayer
+from strlowrank.export import export_gru, gru_cpp
+from strlowrank.method.lowrank import MatrixSpec
+from strlowrank.method.rnn import RNNLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
-"""Sweep launchers (strlowrank.launch): --jobs 2 gives the same results.csv as --jobs 1 with the
-real vision trainer; submitit's local and debug executors write the same run folders as local
-processes; a restarted parallel sweep runs only what is missing."""
+"""Sweep launchers (strlowrank.analysis.launch): --jobs 2 gives the same results.csv as --jobs 1
+with the real vision trainer; submitit's local and debug executors write the same run folders as
+local processes; a restarted parallel sweep runs only what is missing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_report_sweep import _grid
 
-from strlowrank import launch, sweep
+from strlowrank.analysis import launch, sweep
 from vision.data import write_toy_tree
 
 # columns that legitimately differ between two sweeps of the same grid: where, and how long

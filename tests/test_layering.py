@@ -1,7 +1,7 @@
-"""The core's layers (docs/ARCHITECTURE.md) hold, it has no import cycle, never imports the
-tracks and names none of them; importing the package runs nothing.
+"""The core's layers (docs/ARCHITECTURE.md) are its folders and hold, it has no import cycle, never
+imports the tracks and names none of them; importing the package runs nothing.
 
-Every ``import`` in strlowrank/*.py counts, at module level or inside a function (also under
+Every ``import`` in strlowrank/**/*.py counts, at module level or inside a function (also under
 ``if TYPE_CHECKING``): ``import a.b``, ``from a import b``, ``from . import b``,
 ``from .b import c``.
 """
@@ -9,6 +9,7 @@ Every ``import`` in strlowrank/*.py counts, at module level or inside a function
 from __future__ import annotations
 
 import ast
+import importlib
 import io
 import re
 import subprocess
@@ -20,56 +21,26 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "strlowrank"
 TRACKS = ("vision", "speech")
 
-# Every module of the core in exactly one group (docs/ARCHITECTURE.md has the same list).
-LAYERS = {
-    "method": {
-        "threshold",
-        "pruning",
-        "lowrank",
-        "fastgrnn",
-        "rnn",
-        "allocation",
-        "budget",
-        "cache",
-        "group_threshold",
-        "channel_groups",
-    },
-    "training": {
-        "engine",
-        "train_config",
-        "callbacks",
-        "optim",
-        "config",
-        "cli",
-        "checkpoint",
-        "distributed",
-        "controller",
-        "controller_config",
-        "measures",
-        "threshold_shift",
-    },
-    "export": {
-        "export",
-        "gru_cpp",
-        "sparse_cnn_ops",
-        "timing",
-        "onnx_export",
-        "structured_export",
-    },
-    "analysis": {"analysis", "plotting", "report", "sweep", "launch", "tracks"},
-}
-# Groups a group may import besides itself; "package" is strlowrank/__init__.py, the facade.
+# The core's layers are its folders: a module's layer is its sub-package,
+# strlowrank/<layer>/<module>.py (docs/ARCHITECTURE.md). Groups a group may import besides
+# itself; "package" is strlowrank/__init__.py, the facade, and "entry" an entry module.
 ALLOWED = {
     "method": set(),
     "training": {"method"},
     "export": {"method"},
     "analysis": {"method"},
     "package": {"method", "training"},
+    "entry": {"analysis"},
 }
+LAYERS = ("method", "training", "export", "analysis")
+# The only modules at the top besides the facade: `python -m strlowrank.<name>`, each the command
+# line of its twin strlowrank/analysis/<name>.py.
+ENTRY_MODULES = {"sweep", "report"}
 
 
 def module_name(path: Path) -> str:
-    """strlowrank/engine.py -> "strlowrank.engine"; strlowrank/__init__.py -> "strlowrank"."""
+    """strlowrank/training/engine.py -> "strlowrank.training.engine"; strlowrank/__init__.py ->
+    "strlowrank"."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -107,11 +78,35 @@ def import_graph() -> dict[str, list[str]]:
 
 
 def group_of(module: str) -> str | None:
-    """The layer of a strlowrank module ("package" for the facade), None if it has none."""
+    """The layer of a strlowrank module, read from its name: the sub-package of
+    strlowrank.<layer>.<name> (and of strlowrank.<layer> itself); "package" for the facade,
+    "entry" for an entry module; None for any other module."""
     if module == PACKAGE:
         return "package"
-    short = module.removeprefix(PACKAGE + ".")
-    return next((g for g, members in LAYERS.items() if short in members), None)
+    parts = module.split(".")
+    if parts[0] != PACKAGE or len(parts) > 3:
+        return None
+    if len(parts) == 2 and parts[1] in ENTRY_MODULES:
+        return "entry"
+    return parts[1] if parts[1] in LAYERS else None
+
+
+def misplaced(package: Path) -> list[str]:
+    """One line per module of ``package`` outside the layout: at the top (other than the facade
+    and the entry modules), in a folder that is no layer, below a layer's folder; and a layer
+    whose folder has no __init__.py."""
+    lines = []
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package).parts
+        where = "/".join(parts)
+        if len(parts) == 1 and path.stem not in {"__init__", *ENTRY_MODULES}:
+            lines.append(f"{where}: at the top, not in its layer's folder")
+        elif len(parts) > 1 and parts[0] not in LAYERS:
+            lines.append(f"{where}: {parts[0]}/ is no layer")
+        elif len(parts) > 2:
+            lines.append(f"{where}: below its layer's folder")
+    missing = [g for g in LAYERS if not (package / g / "__init__.py").is_file()]
+    return lines + [f"{g}/__init__.py: missing" for g in missing]
 
 
 def layer_violations(graph: dict[str, list[str]]) -> list[str]:
@@ -137,7 +132,7 @@ TRACK_WORD = re.compile(rf"(?<![A-Za-z])({'|'.join(TRACKS)})", re.IGNORECASE)
 def track_names(source: str) -> list[str]:
     """Every place in ``source`` that names a track: identifiers, strings (docstrings and
     f-string parts included) and comments, as 'line: text'. The core reaches a track only
-    through a name it is given (strlowrank.tracks), so it needs none written in it."""
+    through a name it is given (strlowrank.analysis.tracks), so it needs none written in it."""
     kinds = {tokenize.NAME, tokenize.STRING, tokenize.COMMENT}
     kinds |= {getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}  # Python 3.12 f-strings
     return [
@@ -175,8 +170,52 @@ def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
 def test_every_module_has_a_layer():
     unplaced = [m for m in import_graph() if group_of(m) is None]
     assert not unplaced, (
-        f"modules in no layer: {unplaced}; add each to LAYERS here and to docs/ARCHITECTURE.md"
+        f"modules in no layer: {unplaced}; move each into its layer's folder (docs/ARCHITECTURE.md)"
     )
+
+
+def test_the_folders_are_the_layers():
+    lines = misplaced(ROOT / PACKAGE)
+    assert not lines, "modules outside their layer's folder:\n" + "\n".join(lines)
+
+
+def test_entry_modules_only_run_their_twins():
+    """`python -m strlowrank.<name>` runs its twin's main; the entry module imports nothing else."""
+    graph = import_graph()
+    for name in ENTRY_MODULES:
+        entry, twin = f"{PACKAGE}.{name}", f"{PACKAGE}.analysis.{name}"
+        assert [t for t in graph[entry] if t.split(".")[0] == PACKAGE] == [twin], graph[entry]
+        assert importlib.import_module(entry).main is importlib.import_module(twin).main
+
+
+def test_layout_check_can_fail(tmp_path):
+    """The layout check flags a stray module, a folder that is no layer, a nested module and a
+    layer without its __init__.py; the layer of a module is read from its name."""
+    package = tmp_path / PACKAGE
+    toy = ["__init__", "stray", "method __init__", "method x", "extra y", "method deep z"]
+    for name in toy:  # folders and module names, joined here: this file cites no such path
+        path = package.joinpath(*name.split()).with_suffix(".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    found = [(where.split("/"), why) for where, why in (m.split(": ") for m in misplaced(package))]
+    assert found == [
+        (["extra", "y.py"], "extra/ is no layer"),
+        (["method", "deep", "z.py"], "below its layer's folder"),
+        (["stray.py"], "at the top, not in its layer's folder"),
+        (["training", "__init__.py"], "missing"),
+        (["export", "__init__.py"], "missing"),
+        (["analysis", "__init__.py"], "missing"),
+    ]
+    top = PACKAGE + "."
+    assert [group_of(top + m) for m in ("export", "export.timing", "sweep", "method.x.y")] == [
+        "export",
+        "export",
+        "entry",
+        None,
+    ]
+    assert layer_violations({top + "sweep": [top + "training.engine"]}) == [
+        f"{top}sweep (entry) imports {top}training.engine (training)"
+    ]
 
 
 def test_layers_hold():
@@ -192,47 +231,52 @@ def test_no_import_cycle():
 def test_checks_can_fail():
     """The collector sees in-function and relative imports; the checks flag a bad toy graph."""
     source = (
-        "import strlowrank.budget as b\n"
+        "import strlowrank.method.budget as b\n"
         "from . import cache\n"
         "from .rnn import RNNLayer\n"
         "def f():\n"
-        "    from strlowrank import engine, budget_table\n"
+        "    from strlowrank.training import engine\n"
+        "    from strlowrank import budget_table\n"
         "    import vision.models\n"
     )
     known = {
         "strlowrank",
-        "strlowrank.budget",
-        "strlowrank.cache",
-        "strlowrank.rnn",
-        "strlowrank.engine",
+        "strlowrank.method.budget",
+        "strlowrank.method.cache",
+        "strlowrank.method.rnn",
+        "strlowrank.training.engine",
     }
-    found = imports(ast.parse(source), "strlowrank.lowrank", False, known)
+    found = imports(ast.parse(source), "strlowrank.method.lowrank", False, known)
     assert found == [
-        "strlowrank.budget",
-        "strlowrank.cache",
-        "strlowrank.rnn",
-        "strlowrank.engine",
+        "strlowrank.method.budget",
+        "strlowrank.method.cache",
+        "strlowrank.method.rnn",
+        "strlowrank.training.engine",
         "strlowrank",
         "vision.models",
     ]
-    assert imports(ast.parse("from . import engine"), "strlowrank", True, known) == [
-        "strlowrank.engine"
+    assert imports(ast.parse("from .training import engine"), "strlowrank", True, known) == [
+        "strlowrank.training.engine"
     ]
     toy = {
-        "strlowrank.lowrank": found,
-        "strlowrank.rnn": ["strlowrank.lowrank"],
-        "strlowrank.budget": [],
-        "strlowrank.cache": [],
-        "strlowrank.engine": [],
+        "strlowrank.method.lowrank": found,
+        "strlowrank.method.rnn": ["strlowrank.method.lowrank"],
+        "strlowrank.method.budget": [],
+        "strlowrank.method.cache": [],
+        "strlowrank.training.engine": [],
         "strlowrank": [],
     }
     assert layer_violations(toy) == [
-        "strlowrank.lowrank (method) imports strlowrank.engine (training)",
-        "strlowrank.lowrank (method) imports strlowrank (package)",
-        "strlowrank.lowrank imports the track module vision.models",
+        "strlowrank.method.lowrank (method) imports strlowrank.training.engine (training)",
+        "strlowrank.method.lowrank (method) imports strlowrank (package)",
+        "strlowrank.method.lowrank imports the track module vision.models",
     ]
-    assert find_cycle(toy) == ["strlowrank.lowrank", "strlowrank.rnn", "strlowrank.lowrank"]
-    toy["strlowrank.rnn"] = []
+    assert find_cycle(toy) == [
+        "strlowrank.method.lowrank",
+        "strlowrank.method.rnn",
+        "strlowrank.method.lowrank",
+    ]
+    toy["strlowrank.method.rnn"] = []
     assert find_cycle(toy) is None
     assert group_of("strlowrank.new_module") is None
 
@@ -243,8 +287,8 @@ def test_core_names_no_track():
         for path in sorted((ROOT / PACKAGE).rglob("*.py"))
         for hit in track_names(path.read_text())
     ]
-    assert not found, "the core names a track (reach it through strlowrank.tracks):\n" + "\n".join(
-        found
+    assert not found, (
+        "the core names a track (reach it through strlowrank.analysis.tracks):\n" + "\n".join(found)
     )
 
 
@@ -273,8 +317,10 @@ def test_import_has_no_side_effects():
     code = (
         "import sys, torch, strlowrank\n"
         "assert not any(m.split('.')[0] in ('vision', 'speech', 'matplotlib', 'onnx')\n"
-        "               or m in ('strlowrank.export', 'strlowrank.gru_cpp') for m in sys.modules)\n"
-        "import strlowrank.engine, strlowrank.cli, strlowrank.budget, strlowrank.export\n"
+        "               or m.startswith(('strlowrank.export', 'strlowrank.analysis'))\n"
+        "               for m in sys.modules)\n"
+        "import strlowrank.training.engine, strlowrank.training.cli\n"
+        "import strlowrank.method.budget, strlowrank.export\n"
         "assert not any(m.split('.')[0] in ('vision', 'speech') for m in sys.modules)\n"
         "assert not torch.distributed.is_available() or not torch.distributed.is_initialized()\n"
         "assert not hasattr(torch.ops.strlowrank_gru, 'forward')  # nothing compiled or loaded\n"

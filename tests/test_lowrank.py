@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from strlowrank.lowrank import (
+from strlowrank.method.lowrank import (
     FullMatrix,
     LowRankMatrix,
     MatrixSpec,

@@ -17,14 +17,14 @@ from torch import nn
 
 from strlowrank import apply_soft_threshold, soft_threshold
 from strlowrank.export import export_sparse_cnn
-from strlowrank.pruning import (
+from strlowrank.method.pruning import (
     apply_masks,
     masked_modules,
     set_global_density,
     set_layer_densities,
     uniform_densities,
 )
-from strlowrank.threshold import thresholded_modules
+from strlowrank.method.threshold import thresholded_modules
 from vision.models import build_model
 
 CL = torch.channels_last

@@ -15,13 +15,17 @@ from torch import nn
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from strlowrank import gru_cpp  # noqa: E402
-from strlowrank.export import export_gru, export_onnx, save_export  # noqa: E402
-from strlowrank.lowrank import MatrixSpec  # noqa: E402
-from strlowrank.onnx_export import ort_session, run_ort  # noqa: E402
-from strlowrank.pruning import apply_masks, set_layer_densities, uniform_densities  # noqa: E402
-from strlowrank.rnn import RNNLayer  # noqa: E402
-from strlowrank.threshold import apply_soft_threshold  # noqa: E402
+from strlowrank.export import (  # noqa: E402
+    export_gru,
+    export_onnx,
+    gru_cpp,  # noqa: E402
+    save_export,
+)
+from strlowrank.export.onnx_export import ort_session, run_ort  # noqa: E402
+from strlowrank.method.lowrank import MatrixSpec  # noqa: E402
+from strlowrank.method.pruning import apply_masks, set_layer_densities, uniform_densities  # noqa: E402
+from strlowrank.method.rnn import RNNLayer  # noqa: E402
+from strlowrank.method.threshold import apply_soft_threshold  # noqa: E402
 
 TOL = 1e-5
 

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from strlowrank import apply_soft_threshold
-from strlowrank.optim import (
+from strlowrank.training.optim import (
     NORM_TYPES,
     build_optimizer,
     describe_groups,
@@ -98,7 +98,7 @@ def test_role_optimizer_matches_torch(algo, reference):
         "weight_decay": hyper["weight_decay"],
         "nesterov": hyper.get("nesterov", False),
     }
-    from strlowrank.optim import RoleOptimizer
+    from strlowrank.training.optim import RoleOptimizer
 
     opt = RoleOptimizer([group], lr=hyper["lr"], momentum=hyper.get("momentum", 0.9))
     for _ in range(5):
@@ -143,8 +143,8 @@ def test_norm_types_cover_every_torch_norm_layer():
 
 
 def test_every_declared_role_is_a_known_role():
-    from strlowrank import lowrank, pruning, rnn, threshold
-    from strlowrank.optim import ROLES
+    from strlowrank.method import lowrank, pruning, rnn, threshold
+    from strlowrank.training.optim import ROLES
 
     declared = [
         set(c.param_roles.values())

@@ -1,4 +1,4 @@
-"""strlowrank.pruning: magnitude masks, GMP schedule and callback, budget transfer."""
+"""strlowrank.method.pruning: magnitude masks, GMP schedule and callback, budget transfer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from strlowrank.pruning import (
+from strlowrank.method.pruning import (
     GMPCallback,
     MagnitudeMask,
     apply_masks,

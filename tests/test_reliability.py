@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 from speech import train_gru
-from strlowrank.checkpoint import load_checkpoint
-from strlowrank.cli import run_main
+from strlowrank.training.checkpoint import load_checkpoint
+from strlowrank.training.cli import run_main
 from vision.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -525,9 +525,9 @@ def test_dead_layers_are_reported(tmp_path, capsys, tree):
 
 
 def test_thresholds_that_remove_every_singular_value_are_dead_layers():
-    from strlowrank.budget import budget_table, dead_layers
-    from strlowrank.lowrank import MatrixSpec
-    from strlowrank.rnn import RNNLayer
+    from strlowrank.method.budget import budget_table, dead_layers
+    from strlowrank.method.lowrank import MatrixSpec
+    from strlowrank.method.rnn import RNNLayer
 
     layer = RNNLayer("gru", 4, 3, MatrixSpec("str", s_init=20.0))  # g(s) ~ 1: every sigma cut
     table = budget_table(layer, torch.randn(1, 5, 4))

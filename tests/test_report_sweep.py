@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_analysis import write_run
 
-from strlowrank import report, sweep, tracks
+from strlowrank.analysis import report, sweep, tracks
 
 FAKE_TRAINER = """
 import json, sys
@@ -180,8 +180,9 @@ def test_sweep_failure_dry_run_and_bad_grid(tmp_path, capsys):
 
 
 def test_tracks_are_reached_through_their_modules():
-    """strlowrank.tracks: a track's entry point is its package's ENTRY_POINT, else <track>.train
-    (found, not run); its report part is <track>.report; neither is written in the core."""
+    """strlowrank.analysis.tracks: a track's entry point is its package's ENTRY_POINT, else
+    <track>.train (found, not run); its report part is <track>.report; neither is written in the
+    core."""
     import speech
     import speech.report
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from speech.models import SpeechModelConfig, build_model
-from strlowrank.budget import budget_table, matrix_params
-from strlowrank.lowrank import MatrixSpec, STRMatrix
-from strlowrank.rnn import RNNLayer, matrix_spectra
+from strlowrank.method.budget import budget_table, matrix_params
+from strlowrank.method.lowrank import MatrixSpec, STRMatrix
+from strlowrank.method.rnn import RNNLayer, matrix_spectra
 
 TORCH = {"gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -259,8 +259,8 @@ def test_per_gate_two_layer_keyword_spotter(cell, param):
 def _checkpoint(tmp_path, cfg: SpeechModelConfig, epochs: int = 2, done: int = 2, inputs: int = 5):
     """A trained-model checkpoint with its config, as the trainer writes it."""
     from speech.config import SpeechConfig
-    from strlowrank.checkpoint import save_checkpoint
-    from strlowrank.config import to_dict
+    from strlowrank.training.checkpoint import save_checkpoint
+    from strlowrank.training.config import to_dict
 
     torch.manual_seed(1)
     model = build_model(cfg, input_size=inputs, num_classes=4).eval()
@@ -325,7 +325,7 @@ def test_init_from_lowrank_is_the_truncated_svd(tmp_path):
 
 def test_init_from_mismatch_and_unfinished_name_the_file(tmp_path):
     from speech.models import init_from_checkpoint
-    from strlowrank.checkpoint import CheckpointError
+    from strlowrank.training.checkpoint import CheckpointError
 
     _, path = _checkpoint(tmp_path, SpeechModelConfig(param="full", hidden=6))
     lstm = build_model(SpeechModelConfig(cell="lstm", hidden=6), 5, 4)

@@ -8,12 +8,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from strlowrank import apply_soft_threshold
-from strlowrank.checkpoint import seed_everything
-from strlowrank.config import ConfigError
-from strlowrank.distributed import DistInfo
-from strlowrank.engine import Task, Trainer
-from strlowrank.measures import budget_warnings
-from strlowrank.train_config import TrainConfig, role_lrs
+from strlowrank.training.checkpoint import seed_everything
+from strlowrank.training.config import ConfigError
+from strlowrank.training.distributed import DistInfo
+from strlowrank.training.engine import Task, Trainer
+from strlowrank.training.measures import budget_warnings
+from strlowrank.training.train_config import TrainConfig, role_lrs
 
 
 def clusters(n: int, seed: int) -> TensorDataset:
@@ -72,7 +72,7 @@ def test_role_lrs_give_eta_over_the_run_length():
 
 def test_the_old_per_step_clock_is_one_override_away():
     from speech.config import SpeechConfig
-    from strlowrank.cli import parse_config
+    from strlowrank.training.cli import parse_config
 
     cfg, _ = parse_config(
         SpeechConfig,
@@ -186,7 +186,7 @@ def default_trainer(
     read."""
     from speech.config import SpeechConfig
     from speech.models import build_model as speech_model
-    from strlowrank.config import load_config
+    from strlowrank.training.config import load_config
     from vision.config import VisionConfig
     from vision.models import build_model as vision_model
 

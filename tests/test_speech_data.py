@@ -25,7 +25,7 @@ from speech.data import (
     read_wav,
     split_item,
 )
-from strlowrank.cache import cache_root
+from strlowrank.method.cache import cache_root
 
 SPEAKERS = ("aaaa0001", "bbbb0002", "cccc0003", "dddd0004")
 WORDS = ("yes", "no", "up", "cat", "dog")  # three keywords, two unknown words

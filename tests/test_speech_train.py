@@ -11,8 +11,8 @@ from speech.config import SpeechConfig
 from speech.frontier import frontier_points
 from speech.models import build_model
 from speech.train_gru import main
-from strlowrank.checkpoint import load_checkpoint
-from strlowrank.config import load_config, to_dict
+from strlowrank.training.checkpoint import load_checkpoint
+from strlowrank.training.config import load_config, to_dict
 
 FAST = [
     "--epochs",
@@ -184,7 +184,7 @@ def test_reduced_frontier_protocol(tmp_path, tiny_tree, monkeypatch):
     in this process (same command line) to keep the test fast."""
     import subprocess
 
-    from strlowrank import launch, report, sweep
+    from strlowrank.analysis import launch, report, sweep
 
     def in_process(line, **kwargs):
         assert line[1].endswith("speech/train_gru.py")

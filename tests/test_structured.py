@@ -18,15 +18,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from strlowrank import budget_table, totals
-from strlowrank.group_threshold import (
+from strlowrank.export.structured_export import channel_widths, export_pruned_cnn
+from strlowrank.method.group_threshold import (
     GroupSoftThreshold,
     apply_group_threshold,
     group_soft_threshold,
     group_thresholds,
     remove_group_threshold,
 )
-from strlowrank.optim import parameter_roles
-from strlowrank.structured_export import channel_widths, export_pruned_cnn
+from strlowrank.training.optim import parameter_roles
 from vision.models import build_model
 
 pytest.importorskip("torch_pruning")  # the optional dependency of structured STR (requirements)
@@ -181,7 +181,7 @@ def test_onnx_runtime_equals_masked():
     exact widths and with widths rounded up to multiples of 8."""
     pytest.importorskip("onnxruntime")
     from strlowrank.export import export_onnx
-    from strlowrank.onnx_export import ort_session, run_ort
+    from strlowrank.export.onnx_export import ort_session, run_ort
 
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10, in_chans=1)

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from strlowrank import apply_soft_threshold, remove_soft_threshold, soft_threshold
-from strlowrank.threshold import SoftThreshold, thresholded_modules
+from strlowrank.method.threshold import SoftThreshold, thresholded_modules
 
 
 def test_operator_values():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from strlowrank.threshold import apply_soft_threshold, select_modules
+from strlowrank.method.threshold import apply_soft_threshold, select_modules
 from vision.models import MODELS, build_model, first_last_layer_names
 
 # model -> (number of conv + linear layers STR applies to, stem name, classifier name, input side)

@@ -163,7 +163,7 @@ def test_structured_str_reaches_macs_target(tmp_path, tiny_tree):
     import torch
 
     from strlowrank import budget_table, totals
-    from strlowrank.structured_export import export_pruned_cnn
+    from strlowrank.export.structured_export import export_pruned_cnn
     from vision.models import build_model
 
     summary = run(tmp_path, tiny_tree, "--method.granularity=structured", "--target-macs=0.5")
@@ -174,7 +174,7 @@ def test_structured_str_reaches_macs_target(tmp_path, tiny_tree):
     assert summary["method"] == "str_structured"
     model = build_model("resnet20", 3)
     x = torch.randn(2, 3, 16, 16)
-    from strlowrank.group_threshold import apply_group_threshold
+    from strlowrank.method.group_threshold import apply_group_threshold
 
     apply_group_threshold(model, x[:1])
     model.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt")["model"])
@@ -220,7 +220,7 @@ def test_structured_bad_inputs_give_one_line(tmp_path, tiny_tree, capsys):
     pytest.importorskip("torch_pruning")  # structured STR's optional dependency
     import torch
 
-    from strlowrank.cli import run_main
+    from strlowrank.training.cli import run_main
     from vision.models import build_model
 
     (tmp_path / "notes.txt").write_text("not a checkpoint")

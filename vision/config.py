@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from strlowrank.config import option
-from strlowrank.controller_config import ControllerConfig
-from strlowrank.train_config import TrainConfig
+from strlowrank.training.config import option
+from strlowrank.training.controller_config import ControllerConfig
+from strlowrank.training.train_config import TrainConfig
 from vision.models import MODELS
 
 METHODS = ("dense", "str", "gmp", "uniform", "transfer", "group_norm")

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from strlowrank.cache import build_once, cache_root
+from strlowrank.method.cache import build_once, cache_root
 
 DATASETS = ("fashion_mnist", "imagenet", "cifar10", "imagefolder")
 ASSET = Path(__file__).parent / "assets" / "fashion_mnist_subset.npz"
@@ -147,9 +147,9 @@ def ensure_fashion_mnist_tree(cache_dir: str | Path | None = None) -> Path:
     """Write the shipped subset once as an ImageFolder tree and return its root.
 
     Location: ``<cache_dir>/fashion_mnist_subset``, where cache_dir defaults to
-    `strlowrank.cache.cache_root()`. Built with `strlowrank.cache.build_once` (temporary sibling,
-    renamed into place under an inter-process lock) with the npz's SHA-256 as its key, so
-    concurrent runs build it once and a changed asset rebuilds it.
+    `strlowrank.method.cache.cache_root()`. Built with `strlowrank.method.cache.build_once`
+    (temporary sibling, renamed into place under an inter-process lock) with the npz's SHA-256 as
+    its key, so concurrent runs build it once and a changed asset rebuilds it.
     """
     target = Path(cache_dir or cache_root()) / "fashion_mnist_subset"
     digest = hashlib.sha256(ASSET.read_bytes()).hexdigest()
@@ -346,7 +346,7 @@ def write_toy_tree(
     """A tiny ImageFolder tree of random RGB PNGs whose brightness encodes the class.
 
     For smoke tests and the notebooks' tiny mode (seconds, not minutes). Existing trees are kept;
-    a new one is built once (`strlowrank.cache.build_once`).
+    a new one is built once (`strlowrank.method.cache.build_once`).
     """
 
     def build(tmp: Path) -> None:

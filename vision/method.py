@@ -3,7 +3,7 @@
 ``method.name`` (vision/config.py) selects one: ``dense`` leaves the model as it is; ``str`` puts
 a soft threshold on the conv and linear weights (Kusupati et al., ICML 2020), or with
 ``granularity structured`` a soft threshold per conv output channel, on its BatchNorm's gamma
-(or the filter's norm without one; strlowrank.group_threshold: whole channels go); ``gmp``
+(or the filter's norm without one; strlowrank.method.group_threshold: whole channels go); ``gmp``
 prunes by magnitude on a schedule (ranked globally or per layer), ``uniform`` to the same
 sparsity in every layer, ``transfer`` each layer to the density an STR run learned (its
 budget.csv); ``group_norm`` removes channels once, before training, with torch-pruning's
@@ -18,11 +18,12 @@ import copy
 
 import torch
 
-from strlowrank import apply_soft_threshold, budget_table, pruning, totals
-from strlowrank.channel_groups import group_norm_prune
-from strlowrank.controller import BudgetController
-from strlowrank.group_threshold import apply_group_threshold, group_thresholds
-from strlowrank.measures import from_reduction
+from strlowrank import apply_soft_threshold, budget_table, totals
+from strlowrank.method import pruning
+from strlowrank.method.channel_groups import group_norm_prune
+from strlowrank.method.group_threshold import apply_group_threshold, group_thresholds
+from strlowrank.training.controller import BudgetController
+from strlowrank.training.measures import from_reduction
 from vision.config import VisionConfig
 from vision.models import first_last_layer_names
 

@@ -6,8 +6,8 @@ Small-image (32x32) variants: CIFAR ResNet-20 (He et al. 2016, section 4.2), Res
 3x3 stride-1 stem and no max-pool, and MobileNetV1 with a stride-1 stem.
 
 Every model is a plain ``nn.Module`` built from stock ``nn.Conv2d`` / ``nn.Linear`` layers: STR or
-magnitude masks are applied from outside by name pattern (``strlowrank.threshold``,
-``strlowrank.pruning``). Weights are initialised Kaiming-normal (fan_in, ReLU gain) as in the
+magnitude masks are applied from outside by name pattern (``strlowrank.method.threshold``,
+``strlowrank.method.pruning``). Weights are initialised Kaiming-normal (fan_in, ReLU gain) as in the
 paper's configs; BatchNorm starts at gamma = 1, beta = 0; biases at 0.
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock
 
-from strlowrank.checkpoint import CheckpointError, load_model_state
+from strlowrank.training.checkpoint import CheckpointError, load_model_state
 
 # MobileNetV1 body: (output channels, stride) of the 13 depthwise-separable blocks.
 _MOBILENET_V1_BLOCKS = (

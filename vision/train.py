@@ -19,10 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from strlowrank.cli import execute, parse_config, run_main
-from strlowrank.controller import build_controller
-from strlowrank.distributed import DistInfo
-from strlowrank.engine import Task
+from strlowrank.training.cli import execute, parse_config, run_main
+from strlowrank.training.controller import build_controller
+from strlowrank.training.distributed import DistInfo
+from strlowrank.training.engine import Task
 from vision.config import VisionConfig
 from vision.data import build_datasets
 from vision.method import check_reachable, sparsify
@@ -65,7 +65,7 @@ def build_task(cfg: VisionConfig, info: DistInfo) -> Task:
 
 def report(model: torch.nn.Module, out, summary: dict, plots: bool = True) -> None:
     if plots:
-        from strlowrank.plotting import plot_run
+        from strlowrank.analysis.plotting import plot_run
 
         for path in plot_run(out):
             print(f"plot: {path}")

@@ -1,10 +1,10 @@
 """How much a common threshold shift disturbs a trained STR network, plain or compensated.
 
 Loads the final checkpoint of a vision run folder, shifts every threshold by one delta so that
-the total sparsity lands at a few nearby values (``strlowrank.threshold_shift.shift_thresholds``),
-with and without survivor compensation, and prints the validation accuracy of each.
-Run (with the package installed, e.g. in .venv): python docs/experiments/shift_sensitivity.py
-RUN_DIR   (docs/CONTROLLER.md)
+the total sparsity lands at a few nearby values
+(``strlowrank.training.threshold_shift.shift_thresholds``), with and without survivor compensation,
+and prints the validation accuracy of each. Run (with the package installed, e.g. in .venv): python
+docs/experiments/shift_sensitivity.py RUN_DIR   (docs/CONTROLLER.md)
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import sys
 
 import torch
 
-from strlowrank.budget import budget_table, totals
-from strlowrank.checkpoint import load_checkpoint
-from strlowrank.config import load_config
-from strlowrank.measures import sparsity_metric
-from strlowrank.threshold_shift import shift_thresholds
+from strlowrank.method.budget import budget_table, totals
+from strlowrank.training.checkpoint import load_checkpoint
+from strlowrank.training.config import load_config
+from strlowrank.training.measures import sparsity_metric
+from strlowrank.training.threshold_shift import shift_thresholds
 from vision.config import VisionConfig
 from vision.data import build_datasets
 from vision.method import sparsify

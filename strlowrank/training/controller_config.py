@@ -1,14 +1,15 @@
 """The budget controller's settings: the ``controller.*`` section of both tracks' configs.
 
-What each knob does is in docs/CONTROLLER.md; the law that uses them is strlowrank.controller.
+What each knob does is in docs/CONTROLLER.md; the law that uses them is
+strlowrank.training.controller.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from strlowrank.config import option
-from strlowrank.measures import METRICS
+from strlowrank.training.config import option
+from strlowrank.training.measures import METRICS
 
 
 @dataclass

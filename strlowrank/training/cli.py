@@ -20,8 +20,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from strlowrank.config import ConfigError, describe_fields, load_config, parse_value
-from strlowrank.measures import METRICS
+from strlowrank.training.config import ConfigError, describe_fields, load_config, parse_value
+from strlowrank.training.measures import METRICS
 
 SHORTCUTS = {
     "epochs": "train.epochs",
@@ -149,7 +149,7 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
 
     Set STRLOWRANK_DEBUG=1 to get the traceback instead.
     """
-    from strlowrank.engine import Interrupted, TrainingError
+    from strlowrank.training.engine import Interrupted, TrainingError
 
     try:
         main(argv)
@@ -185,10 +185,10 @@ def execute(
     """
     from pathlib import Path
 
-    from strlowrank.checkpoint import load_checkpoint, load_model_state, seed_everything
-    from strlowrank.config import save_config, to_dict
-    from strlowrank.distributed import cleanup, init_distributed
-    from strlowrank.engine import Trainer
+    from strlowrank.training.checkpoint import load_checkpoint, load_model_state, seed_everything
+    from strlowrank.training.config import save_config, to_dict
+    from strlowrank.training.distributed import cleanup, init_distributed
+    from strlowrank.training.engine import Trainer
 
     info = init_distributed(cfg.train.device)
     try:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from strlowrank.cache import temp_siblings, write_atomic
+from strlowrank.method.cache import temp_siblings, write_atomic
 
 
 class CheckpointError(ValueError):
@@ -24,7 +24,7 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically (`strlowrank.cache.write_atomic`)."""
+    """Write ``state`` to ``path`` atomically (`strlowrank.method.cache.write_atomic`)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ multiplies beta_c and the filter W_c by 1[|gamma_c| > tau]. Either way a dead ch
 zero after its norm, and the network trains as the physically smaller one computes.
 
 Which channels the smaller network keeps (across residual adds a channel goes only when every
-conv that writes it is dead) is :mod:`strlowrank.channel_groups`' business; the coupling is
-traced once here and kept on the thresholds for :func:`strlowrank.budget.budget_table`.
+conv that writes it is dead) is :mod:`strlowrank.method.channel_groups`' business; the coupling is
+traced once here and kept on the thresholds for :func:`strlowrank.method.budget.budget_table`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from strlowrank.channel_groups import ChannelCoupling, coupled_channels, norm_after
-from strlowrank.threshold import select_modules
+from strlowrank.method.channel_groups import ChannelCoupling, coupled_channels, norm_after
+from strlowrank.method.threshold import select_modules
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -232,7 +232,8 @@ def model_coupling(model: nn.Module) -> ChannelCoupling | None:
 
 def remove_group_threshold(model: nn.Module) -> list[str]:
     """Bake the thresholds and gates into plain Parameters (same outputs); dead channels stay
-    as zeros (``strlowrank.structured_export`` removes them). Returns the thresholded names."""
+    as zeros (``strlowrank.export.structured_export`` removes them). Returns the thresholded
+    names."""
     gated = [
         (m, t)
         for m in model.modules()

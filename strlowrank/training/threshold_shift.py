@@ -1,7 +1,7 @@
 """Exact threshold shift: move every STR threshold by one common delta so that a total is met.
 
-Given a measure y(model) that is non-decreasing in the thresholds (strlowrank.measures), every
-threshold parameter s_l (role "threshold": STR layers, STR matrices) is shifted by one delta,
+Given a measure y(model) that is non-decreasing in the thresholds (strlowrank.training.measures),
+every threshold parameter s_l (role "threshold": STR layers, STR matrices) is shifted by one delta,
 found by bisection:
 
     s_l <- s_l + delta,     y(s + delta) = target
@@ -12,7 +12,7 @@ an entry v that survives the change keeps its soft-thresholded value sign(v) max
 |v| moves with the threshold t, so only the entries between the old and the new threshold change
 (magnitude pruning or reviving at the threshold). A target that no shift reaches (g saturates)
 moves the entries at the boundary instead, by one relative margin for every site. The budget
-controller (strlowrank.controller) calls :func:`shift_thresholds`; docs/CONTROLLER.md.
+controller (strlowrank.training.controller) calls :func:`shift_thresholds`; docs/CONTROLLER.md.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from strlowrank.group_threshold import group_thresholds
-from strlowrank.lowrank import STRMatrix
-from strlowrank.measures import Measure
-from strlowrank.optim import parameter_roles
-from strlowrank.threshold import thresholded_modules
+from strlowrank.method.group_threshold import group_thresholds
+from strlowrank.method.lowrank import STRMatrix
+from strlowrank.method.threshold import thresholded_modules
+from strlowrank.training.measures import Measure
+from strlowrank.training.optim import parameter_roles
 
 Site = tuple[torch.Tensor, Callable[[], torch.Tensor], bool]  # (values, threshold(), magnitude?)
 

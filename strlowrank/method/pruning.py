@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from strlowrank import budget as budget_mod
-from strlowrank.threshold import is_parametrized, select_modules, weight_parametrizations
+from strlowrank.method import budget as budget_mod
+from strlowrank.method.threshold import is_parametrized, select_modules, weight_parametrizations
 
 GMP_MODES = ("layer", "global")
 

@@ -1,8 +1,8 @@
 """The one training loop every track shares.
 
 A track hands the engine a :class:`Task` (model, datasets, an example input for the budget, optional
-callbacks (strlowrank.callbacks) and augmentation) and a
-:class:`~strlowrank.train_config.TrainConfig`; the engine trains with warm-up + cosine,
+callbacks (strlowrank.training.callbacks) and augmentation) and a
+:class:`~strlowrank.training.train_config.TrainConfig`; the engine trains with warm-up + cosine,
 label smoothing, SGD/Adam, clipping and autocast, evaluates every epoch, and keeps the run folder:
 
     config.yaml (written by the entry script), metrics.csv (a row per epoch), budget.csv,
@@ -31,26 +31,26 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from strlowrank import budget as budget_mod
-from strlowrank.cache import write_atomic
-from strlowrank.callbacks import Callback, call_hook, check_callbacks
-from strlowrank.checkpoint import (
+from strlowrank.method import budget as budget_mod
+from strlowrank.method.cache import write_atomic
+from strlowrank.training.callbacks import Callback, call_hook, check_callbacks
+from strlowrank.training.checkpoint import (
     load_checkpoint,
     load_model_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from strlowrank.distributed import DistInfo, EpochSampler, all_reduce_sum, replicas_in_sync
-from strlowrank.measures import budget_warnings
-from strlowrank.optim import (
+from strlowrank.training.distributed import DistInfo, EpochSampler, all_reduce_sum, replicas_in_sync
+from strlowrank.training.measures import budget_warnings
+from strlowrank.training.optim import (
     build_optimizer,
     describe_groups,
     param_groups,
     warmup_cosine,
     warmup_cosine_factor,
 )
-from strlowrank.train_config import TrainConfig, role_decays, role_lrs, use_channels_last
+from strlowrank.training.train_config import TrainConfig, role_decays, role_lrs, use_channels_last
 
 
 @dataclass

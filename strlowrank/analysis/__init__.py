@@ -30,7 +30,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-from strlowrank.budget import layers
+from strlowrank.method.budget import layers
 
 RUN_MARKERS = ("summary.json", "metrics.csv", "budget.csv")
 SUMMARY_COLUMNS = ("epochs", "val_acc", "test_acc", "sparsity", "nnz", "macs_sparse")

@@ -6,8 +6,8 @@ Conventions (docs/METHOD.md section 3, confirmed by the STR authors):
 - MACs of a conv/linear layer: dense MACs x density of its effective weight; a low-rank matrix
   reports its own MACs through ``budget_entries`` (T x r (out + in) instead of T x out x in).
 MACs are per example and need one forward pass (``example_input``); without it they are NaN.
-- a model with group (channel) thresholds (strlowrank.group_threshold) is counted as the
-  physically smaller network it exports to (strlowrank.channel_groups): every conv and linear
+- a model with group (channel) thresholds (strlowrank.method.group_threshold) is counted as the
+  physically smaller network it exports to (strlowrank.method.channel_groups): every conv and linear
   layer has ``channels`` of its ``channels_dense`` outputs and the inputs its producers keep,
   nnz is that layer's parameter count and MACs scale with it.
 """
@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from strlowrank.channel_groups import kept_channels
-from strlowrank.group_threshold import ChannelGate, GroupSoftThreshold, model_coupling
-from strlowrank.threshold import SoftThreshold, select_modules, weight_parametrizations
+from strlowrank.method.channel_groups import kept_channels
+from strlowrank.method.group_threshold import ChannelGate, GroupSoftThreshold, model_coupling
+from strlowrank.method.threshold import SoftThreshold, select_modules, weight_parametrizations
 
 COLUMNS = [
     "name",

@@ -3,15 +3,15 @@
 STR has no sparsity loss: the decay lambda_s on the threshold parameters s is its sparsity knob.
 Here lambda_s is a feedback variable (docs/METHOD.md section 4, docs/CONTROLLER.md). Every
 ``every`` steps the controller measures the total y (a fraction that rises with the thresholds;
-strlowrank.measures) at training fraction t and compares it with a ramp from y_0 (measured at
-t_start) to the target y_T (``strlowrank.pruning.ramp``, cubic as in Zhu & Gupta 2017):
+strlowrank.training.measures) at training fraction t and compares it with a ramp from y_0 (measured
+at t_start) to the target y_T (``strlowrank.method.pruning.ramp``, cubic as in Zhu & Gupta 2017):
 
     e_k = r(t_k) - y_k,   I_k = I_{k-1} + e_k (t_k - t_{k-1})
     lambda_s = clip(lambda_0 exp(k_p e_k + k_i I_k), lambda_min, lambda_max)
 
 with the integral frozen while the decay is saturated in the error's direction. When decay
 cannot do it (hold phase, overshoot, saturated lag, last step) one common shift of every s
-lands y on r(t) exactly and keeps STR's per-layer allocation (strlowrank.threshold_shift).
+lands y on r(t) exactly and keeps STR's per-layer allocation (strlowrank.training.threshold_shift).
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from strlowrank.controller_config import ControllerConfig
-from strlowrank.measures import (
+from strlowrank.method.pruning import ramp
+from strlowrank.training.controller_config import ControllerConfig
+from strlowrank.training.measures import (
     Measure,
     from_reduction,
     make_measure,
     to_reduction,
     unit_scale,
 )
-from strlowrank.pruning import ramp
-from strlowrank.threshold_shift import shift_thresholds
+from strlowrank.training.threshold_shift import shift_thresholds
 
 TRACE_COLUMNS = ["step", "target", "measured", "achieved", "decay"]
 

@@ -5,8 +5,8 @@ Given the singular values sigma_m (descending) of every matrix m of a trained mo
 
     sum_m compact_size(r_m, out_m, in_m) <= N
 
-(`strlowrank.lowrank.compact_size`: r (out + in) while factors are smaller, else out in). These
-are the post-training baselines a learned allocation has to beat (docs/LEARNED_RANK.md):
+(`strlowrank.method.lowrank.compact_size`: r (out + in) while factors are smaller, else out in).
+These are the post-training baselines a learned allocation has to beat (docs/LEARNED_RANK.md):
 
 - `energy_ranks`: one energy fraction f for every matrix; r_m(f) is the smallest rank whose
   leading singular values hold f of the matrix's energy sum sigma^2, and f is the largest
@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from strlowrank.lowrank import compact_size
+from strlowrank.method.lowrank import compact_size
 
 Spectra = Mapping[str, Sequence[float] | torch.Tensor]
 Shapes = Mapping[str, tuple[int, int]]

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from strlowrank.config import ConfigError, option
-from strlowrank.optim import ALGORITHMS, ROLES
+from strlowrank.training.config import ConfigError, option
+from strlowrank.training.optim import ALGORITHMS, ROLES
 
 
 @dataclass

@@ -5,11 +5,11 @@ Each layer holds two stacked matrices (gates in torch's order; GRU r, z, n; LSTM
     W [G H, I] (input to hidden),   U [G H, H] (hidden to hidden),   G = 3 (GRU), 4 (LSTM), 1
 
 where FastGRNN (G = 1) shares its one W and one U between the gate z and the update h~
-(`strlowrank.fastgrnn`), with biases b_z, b_h (stored as ``bias_ih``, ``bias_hh``) and two
+(`strlowrank.method.fastgrnn`), with biases b_z, b_h (stored as ``bias_ih``, ``bias_hh``) and two
 learned scalars ``zeta``, ``nu``;
 
 each a ``FullMatrix``, ``LowRankMatrix`` (W = W1 W2) or ``STRMatrix``
-(W = P_n diag(relu(sigma - g(s) max sigma)) Q_n^T), see ``strlowrank.lowrank``. With
+(W = P_n diag(relu(sigma - g(s) max sigma)) Q_n^T), see ``strlowrank.method.lowrank``. With
 ``split="per_gate"`` every gate has its own pair (GRU W_r, W_z, W_n, U_r, U_z, U_n), each
 [H, I] / [H, H] with its own rank, and the stacked matrices are their concatenation
 
@@ -32,8 +32,8 @@ import math
 import torch
 from torch import nn
 
-from strlowrank.fastgrnn import fastgrnn_recurrence
-from strlowrank.lowrank import (
+from strlowrank.method.fastgrnn import fastgrnn_recurrence
+from strlowrank.method.lowrank import (
     FullMatrix,
     LowRankMatrix,
     MatrixSpec,

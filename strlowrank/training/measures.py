@@ -1,16 +1,16 @@
 """Budget measures: the total a budget target counts, as a fraction that rises with the thresholds.
 
 A measure maps a model to y = 1 - sum(kept) / sum(full) over the per-layer rows of
-:func:`strlowrank.budget.budget_table` (the one implementation of the counts):
+:func:`strlowrank.method.budget.budget_table` (the one implementation of the counts):
 
     sparsity   1 - nnz / numel                  (low-rank matrices: nnz = their factors' params)
     macs       1 - macs_sparse / macs_dense     (one forward of an example input)
     params     1 - nnz / numel                  (the same measure; the target is a count)
     rank       1 - sum(rank) / sum(full_rank)   (low-rank matrices only)
 
-y is non-decreasing in every threshold, which the budget controller (strlowrank.controller) and
-the exact threshold shift (strlowrank.threshold_shift) rely on. A target in user units (a
-fraction, a parameter count, a sum of ranks) is converted to y by :func:`to_reduction`, with the
+y is non-decreasing in every threshold, which the budget controller (strlowrank.training.controller)
+and the exact threshold shift (strlowrank.training.threshold_shift) rely on. A target in user units
+(a fraction, a parameter count, a sum of ranks) is converted to y by :func:`to_reduction`, with the
 model's full size from :func:`unit_scale`. docs/CONTROLLER.md. :func:`budget_warnings` reads the
 same rows at the end of a run and names a budget that was not learned.
 """
@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from strlowrank.budget import budget_table, layers, ranked_layers
-from strlowrank.train_config import TrainConfig
+from strlowrank.method.budget import budget_table, layers, ranked_layers
+from strlowrank.training.train_config import TrainConfig
 
 METRICS = ("sparsity", "macs", "params", "rank")
 Measure = Callable[[nn.Module], float]

@@ -2,7 +2,7 @@
 
 ``export_pruned_cnn`` bakes every parametrization (group thresholds and their BatchNorm gates,
 soft thresholds, masks) into plain tensors (:func:`strlowrank.export.bake`), then removes every
-channel that the coupled layers all output as zero (:mod:`strlowrank.channel_groups`, through
+channel that the coupled layers all output as zero (:mod:`strlowrank.method.channel_groups`, through
 torch-pruning's dependency graph: residual adds and depthwise convs stay consistent). A removed
 channel contributed exactly zero everywhere, so the smaller network's outputs equal the pruned
 model's in eval mode up to float rounding; its convs, norms and linear layers are stock modules
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from strlowrank.channel_groups import remove_zero_channels
 from strlowrank.export import bake
+from strlowrank.method.channel_groups import remove_zero_channels
 
 
 def export_pruned_cnn(

@@ -1,8 +1,8 @@
 """Exports that make sparse and low-rank models faster at inference.
 
 Low-rank GRU (``export_gru``): an eager PyTorch module (``backend="eager"``) or the same math
-as one compiled C++ op with fused gates (``backend="cpp"``, ``strlowrank.gru_cpp``); a file that
-loads without this repo is the ONNX graph (``export_onnx``). With
+as one compiled C++ op with fused gates (``backend="cpp"``, ``strlowrank.export.gru_cpp``); a file
+that loads without this repo is the ONNX graph (``export_onnx``). With
 W = A_W B_W [3H, I] and U = A_U B_U [3H, H] (rank r, ``RNNLayer.export``), the input
 projection of all T steps is one matmul, x B_W^T A_W^T + b_ih, and each step costs two thin
 products (h B_U^T) A_U^T + b_hh (r (I + 3H) instead of 3H I MACs) and the gate arithmetic
@@ -12,7 +12,7 @@ of torch's GRU:
 
 A matrix whose factors cost more than its dense form is stored dense.
 
-Sparse CNN (``export_sparse_cnn``, kernels in ``strlowrank.sparse_cnn_ops``): every eval-mode
+Sparse CNN (``export_sparse_cnn``, kernels in ``strlowrank.export.sparse_cnn_ops``): every eval-mode
 BatchNorm is first folded into the conv before it (rows of W scaled, a bias added; zero
 patterns unchanged) and max-pools run through oneDNN. Then conv (groups 1) and linear layers
 whose weights are sparse are replaced by CSR sparse x dense products (1x1 convs directly on
@@ -22,7 +22,7 @@ timing that layer on its real input shape says the fastest CSR path beats the de
 every other layer stays dense (with its BN folded). Residual adds, ReLUs and pooling are
 untouched, so outputs equal the pruned model's within float rounding.
 
-ONNX (``export_onnx``, graphs in ``strlowrank.onnx_export``): a GRU layer as an ONNX ``Scan``
+ONNX (``export_onnx``, graphs in ``strlowrank.export.onnx_export``): a GRU layer as an ONNX ``Scan``
 over time whose step keeps the factors as two MatMuls (or ONNX's dense ``GRU`` op, the
 baseline); a pruned CNN with its thresholds baked and BN folded, weights dense with zeros.
 
@@ -47,18 +47,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from strlowrank import gru_cpp
-from strlowrank.gru_cpp import lowrank_gru_forward
-from strlowrank.lowrank import factored_is_cheaper
-from strlowrank.rnn import RNNLayer
-from strlowrank.sparse_cnn_ops import (
+from strlowrank.export import gru_cpp
+from strlowrank.export.gru_cpp import lowrank_gru_forward
+from strlowrank.export.sparse_cnn_ops import (
     SparseConv2d,
     SparseLinear,
     _set_submodule,
     fold_batchnorm_,
     use_onednn_maxpool_,
 )
-from strlowrank.timing import interleaved
+from strlowrank.export.timing import interleaved
+from strlowrank.method.lowrank import factored_is_cheaper
+from strlowrank.method.rnn import RNNLayer
 
 if TYPE_CHECKING:
     import onnx
@@ -128,7 +128,7 @@ def export_gru(layer: RNNLayer | nn.GRU, backend: str = "eager") -> nn.Module:
     layer's (out [B, T, H], h_T [B, H]) within float rounding.
 
     backend: ``"eager"``: a ``LowRankGRU`` (any device, autograd works); ``"cpp"``: a
-    ``strlowrank.gru_cpp.CompiledLowRankGRU`` (the whole time loop in one C++ op, built at
+    ``strlowrank.export.gru_cpp.CompiledLowRankGRU`` (the whole time loop in one C++ op, built at
     first use; CPU float32 inference), RuntimeError if it cannot be built here. For a file
     that runs without this repo, export the layer to ONNX (``export_onnx``).
     """
@@ -318,7 +318,7 @@ def export_onnx(
     folded, traced on ``example`` (input "x", output "y", batch dimension dynamic).
     Needs the ``onnx`` package (imported here only, so the other exports work without it).
     """
-    from strlowrank import onnx_export
+    from strlowrank.export import onnx_export
 
     if isinstance(model, RNNLayer) and model.cell == "fastgrnn":
         proto = onnx_export.fastgrnn_graph(model)

@@ -33,7 +33,7 @@ within 1e-6 (max abs, T = 99).
 
 Compiled with ``_FLAGS`` (-O3 -march=native ...) into ``cache_root()/torch_ext``, in a folder
 named by a hash of the source file's text (an edited source builds anew), the flags, torch's
-version and the CPU's instruction-set flags, with ``strlowrank.cache.build_once`` (concurrent
+version and the CPU's instruction-set flags, with ``strlowrank.method.cache.build_once`` (concurrent
 processes compile once, a killed compile is redone); nothing is compiled at import time.
 ``available()`` says whether the build works (``unavailable_reason()`` says why not).
 """
@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from strlowrank.cache import build_once, cache_root
+from strlowrank.method.cache import build_once, cache_root
 
 _NAME = "strlowrank_gru"
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno"]
@@ -172,7 +172,7 @@ def gru_forward(
     """The compiled op: weights = (w_at, w_bt, u_at, u_bt, bias_ih, bias_hh) as in
     ``LowRankGRU``; block = steps per input-projection block (0: auto)."""
     if not available():
-        raise RuntimeError(f"strlowrank.gru_cpp is unavailable: {unavailable_reason()}")
+        raise RuntimeError(f"strlowrank.export.gru_cpp is unavailable: {unavailable_reason()}")
     return torch.ops.strlowrank_gru.forward(x, h0, *weights, w_factored, u_factored, block)
 
 

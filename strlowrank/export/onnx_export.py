@@ -39,7 +39,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from strlowrank.lowrank import factored_is_cheaper
+from strlowrank.method.lowrank import factored_is_cheaper
 
 OPSET = 17
 FORMS = ("scan", "gru_op")
@@ -226,7 +226,7 @@ def run_ort(session, *inputs: torch.Tensor) -> list[torch.Tensor]:
 
 
 def fastgrnn_graph(layer: nn.Module, opset: int = OPSET) -> onnx.ModelProto:
-    """The ONNX graph of a FastGRNN ``RNNLayer`` (``strlowrank.fastgrnn``), at its exported
+    """The ONNX graph of a FastGRNN ``RNNLayer`` (``strlowrank.method.fastgrnn``), at its exported
     ranks: inputs x [B, T, I], h0 [B, H]; outputs y [B, T, H], h_T [B, H]. Outside the loop
     wx = (x B_W^T) A_W^T (one MatMul when W is dense) plus b_z and b_h; an ONNX ``Scan`` step is
 
