@@ -90,6 +90,16 @@ class _Stub:
 
 
 _PANDAS_NAMES = {"DataFrame", "BlockManager", "Index", "RangeIndex"}
+_NUMPY_NAMES = {  # the numpy and builtin names a pickled DataFrame of arrays uses
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),  # what numpy >= 2 writes
+    ("copy_reg", "_reconstructor"),
+    ("__builtin__", "object"),
+    ("__builtin__", "slice"),
+    ("_codecs", "encode"),
+}
 
 
 class _DataUnpickler(pickle.Unpickler):
@@ -101,17 +111,7 @@ class _DataUnpickler(pickle.Unpickler):
             return type(name, (_Stub,), {})
         if module.startswith("pandas.") and name == "_new_Index":
             return lambda cls, state: ("index", state)
-        allowed = {
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),  # what numpy >= 2 writes
-            ("copy_reg", "_reconstructor"),
-            ("__builtin__", "object"),
-            ("__builtin__", "slice"),
-            ("_codecs", "encode"),
-        }
-        if (module, name) not in allowed:
+        if (module, name) not in _NUMPY_NAMES:
             raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
         if name == "_reconstruct":
             return _reconstruct
