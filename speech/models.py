@@ -198,6 +198,14 @@ def init_from_checkpoint(model: KeywordSpotter, path: str | Path) -> None:
             f"{path}: classifier shape {shape}, expected {own_shape} (other classes?)"
         )
     source = build_model(theirs, model.rnns[0].input_size, model.classifier.out_features)
+    if theirs.allocation != "fixed":  # its ranks were chosen at run time: read them off W1
+        source.set_ranks_(
+            {
+                k.removesuffix(".W1"): int(v.shape[1])
+                for k, v in state["model"].items()
+                if k.endswith(".W1")
+            }
+        )
     try:
         load_model_state(source, state["model"], path)
     except CheckpointError as e:

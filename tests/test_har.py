@@ -313,5 +313,18 @@ def test_allocated_ranks_meet_the_budget_from_a_trained_model(tmp_path, rule):
     assert summary["cost_epochs"] == 2 and summary["allocation"] == rule  # 1 + the source's 1
     assert summary["params"] + 8 * 2 <= 400  # recurrent + the classifier's weights
     assert summary["params"] > 400 - 16 - (8 + 24)  # within one direction of U of the budget
+    again = tmp_path / f"{rule}_full"  # an allocated run is a valid --init-from source
+    main(
+        [
+            *common,
+            "--out",
+            str(again),
+            "--model.param",
+            "full",
+            "--init-from",
+            str(out / "checkpoint.pt"),
+        ]
+    )
+    assert json.loads((again / "summary.json").read_text())["cost_epochs"] == 3
     with pytest.raises(ValueError, match="needs --target-params"):
         main([*common, *args, "--out", str(tmp_path / "bad")])
