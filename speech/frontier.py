@@ -4,7 +4,8 @@ budget, over seeds (docs/LEARNED_RANK.md section 3, the grids configs/sweep_spee
 A frontier sweep tags each run with its budget (``tag``); a run started from a trained model
 (``model.init_from``) is the SVD baseline of its method (``svd-lowrank``: the truncated SVD,
 ``svd-str``: STR from the SVD, ``svd-energy`` / ``svd-greedy``: ranks allocated from the trained
-model's spectra, ``model.allocation``). Every point carries its compute, ``cost_epochs``: the
+model's spectra, ``model.allocation``); STR with another threshold unit than the default
+``init`` is ``str-<unit>`` (``svd-str-cost``). Every point carries its compute, ``cost_epochs``: the
 training epochs of its runs including the full-rank run an SVD start needs, and one more
 fine-tuning per extra split tried when a fixed split is chosen from a grid. The tables read a
 sweep's results.csv or ``analysis.summaries``:
@@ -53,6 +54,9 @@ def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
     if "allocation" in t:  # ranks allocated from the trained model's spectra
         rule = t["allocation"].fillna("fixed").astype(str)
         method = method.where(rule == "fixed", rule)
+    if "threshold_scale" in t:  # STR with another threshold unit than the default's (init)
+        unit = t["threshold_scale"].fillna("init").astype(str)
+        method = method.where((method != "str") | unit.isin(["init", "None"]), "str-" + unit)
     t["method"] = method.where(~started, "svd-" + method)
     t["budget"] = t["tag"].fillna("").astype(str) if "tag" in t else ""
     layout = t["split"].fillna("stacked").astype(str) if "split" in t else "stacked"

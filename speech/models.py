@@ -20,7 +20,7 @@ from torch import nn
 
 from strlowrank.method.allocation import energy_ranks, greedy_ranks
 from strlowrank.method.budget import budget_table, layers
-from strlowrank.method.lowrank import MatrixSpec
+from strlowrank.method.lowrank import MatrixSpec, share_threshold_unit_
 from strlowrank.method.rnn import CELLS, GATES, SPLITS, RNNLayer
 from strlowrank.training.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from strlowrank.training.config import ConfigError, from_dict, option
@@ -50,8 +50,10 @@ class SpeechModelConfig:
     )
     threshold_scale: str = option(
         "init",
-        "STR threshold unit: init (initial top singular value) | max | rms | one",
-        choices=("init", "max", "rms", "one"),
+        "STR threshold unit: init (each matrix's initial top singular value) | cost (one unit "
+        "per parameter shared by the model's matrices, so a common threshold keeps directions "
+        "by sigma per parameter) | max | rms | one",
+        choices=("init", "cost", "max", "rms", "one"),
     )
     s_bias: float = option(2.0, "STR: g = sigmoid(s + s_bias); decay pulls g to sigmoid(s_bias)")
     lowrank_init: str = option(
@@ -112,6 +114,7 @@ class KeywordSpotter(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.hidden, num_classes)
+        share_threshold_unit_(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled recurrent features [B, H]."""
@@ -214,6 +217,7 @@ def init_from_checkpoint(model: KeywordSpotter, path: str | Path) -> None:
         for mine, src in zip(model.rnns, source.rnns):
             mine.load_dense_(*src.stacked_weights(), src.bias_ih, src.bias_hh, **src.cell_scalars())
         model.classifier.load_state_dict(source.classifier.state_dict())
+    share_threshold_unit_(model)  # the unit of the trained spectra
 
 
 def allocate_ranks(model: KeywordSpotter, path: str | Path, target: float) -> dict[str, int]:

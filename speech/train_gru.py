@@ -112,6 +112,7 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
             "layers": cfg.model.layers,
             "init_from": cfg.model.init_from,
             "allocation": cfg.model.allocation,
+            "threshold_scale": cfg.model.threshold_scale if cfg.model.param == "str" else None,
             "epochs": cfg.train.epochs,
             "cost_epochs": training_cost(cfg.train.epochs, cfg.model.init_from),
             "tag": cfg.tag,

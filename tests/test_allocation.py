@@ -56,3 +56,43 @@ def test_mismatched_inputs_are_one_line():
         greedy_ranks({"A": [1.0] * 10}, SHAPES, 10)
     with pytest.raises(ValueError, match="B has 3 singular values"):
         energy_ranks({"A": [1.0] * 10, "B": [1.0] * 3}, SHAPES, 10)
+
+
+def test_cost_unit_thresholds_keep_what_greedy_keeps():
+    """With threshold_scale "cost" and one g(s) for every matrix, STR keeps the directions with
+    sigma / (out + in) above g u: the prefix of the greedy order that fits its own cost."""
+    from torch import nn
+
+    from strlowrank.method.lowrank import STRMatrix, share_threshold_unit_
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"W": (192, 16), "U": (192, 64), "V": (64, 64)}
+    mats = nn.ModuleDict(
+        {
+            n: STRMatrix(o, i, init=torch.randn(o, i, generator=gen) * (1 + k / 4), threshold_scale="cost")
+            for k, (n, (o, i)) in enumerate(shapes.items())
+        }
+    )
+    unit = share_threshold_unit_(mats)
+    per_param = {n: float(m.sigma.detach().max()) / sum(shapes[n]) for n, m in mats.items()}
+    assert unit == pytest.approx(float(max(per_param.values())))
+    for n, m in mats.items():  # one unit per parameter, scaled by a direction's cost
+        assert float(m.sigma_ref) == pytest.approx(unit * sum(shapes[n]))
+    spectra = {n: m.sigma.detach() for n, m in mats.items()}
+    checked = 0
+    for s in (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0):
+        for m in mats.values():
+            m.s.data.fill_(s)
+        ranks = {n: m.rank() for n, m in mats.items()}
+        if any(r * sum(shapes[n]) >= shapes[n][0] * shapes[n][1] for n, r in ranks.items()):
+            continue  # a dense matrix's extra directions are free to greedy, not to STR
+        budget = allocation_cost(ranks, shapes)
+        assert sum(ranks.values()) > 0
+        assert greedy_ranks(spectra, shapes, budget) == ranks
+        checked += 1
+    assert checked >= 4
+    top = max(mats.values(), key=lambda m: float(m.sigma_ref / m.sigma.max()))
+    for m in mats.values():
+        m.s.data.fill_(20.0)  # g -> 1: only the matrix that sets the unit keeps its top
+    assert top.rank() == 0 or float(top.sigma.max()) >= float(top.tau()) - 1e-6
+    assert sum(m.rank() for m in mats.values()) <= 1

@@ -381,3 +381,28 @@ def test_keyword_spotter_equals_stock_rnns(case):
             h = rnn(h)[0]
         expected = model.classifier(h.mean(dim=1))
         torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
+
+
+def test_init_from_with_the_cost_unit_shares_it_over_the_trained_spectra(tmp_path):
+    """threshold_scale cost: after --init-from every STR matrix's unit is u (out + in) with u
+    the largest trained sigma per parameter, and the model still equals the source at s -> -inf;
+    a resumed run keeps the unit it was trained with (a buffer in the state dict)."""
+    from speech.models import init_from_checkpoint
+
+    source, path = _checkpoint(tmp_path, SpeechModelConfig(param="full", hidden=6, layers=2))
+    cfg = SpeechModelConfig(
+        param="str", hidden=6, layers=2, split="per_gate", threshold_scale="cost", s_init=-100.0
+    )
+    model = build_model(cfg, input_size=5, num_classes=4).eval()
+    init_from_checkpoint(model, path)
+    x = torch.randn(2, 7, 5)
+    torch.testing.assert_close(model(x), source(x), atol=1e-5, rtol=1e-4)
+    mats = [m for rnn in model.rnns for m in rnn.matrices().values()]
+    cost = [m.P.shape[0] + m.Q.shape[0] for m in mats]
+    unit = max(float(m.sigma.max()) / c for m, c in zip(mats, cost))
+    for m, c in zip(mats, cost):
+        assert float(m.sigma_ref) == pytest.approx(unit * c, rel=1e-6)
+    fresh = build_model(cfg, input_size=5, num_classes=4)
+    assert float(fresh.rnns[0].W_r.sigma_ref) != pytest.approx(float(mats[0].sigma_ref))
+    fresh.load_state_dict(model.state_dict())
+    assert float(fresh.rnns[0].W_r.sigma_ref) == pytest.approx(float(mats[0].sigma_ref))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 KINDS = ("full", "lowrank", "str")
-THRESHOLD_SCALES = ("max", "rms", "init", "one")
+THRESHOLD_SCALES = ("max", "rms", "init", "one", "cost")
 LOWRANK_INITS = ("svd", "randn")
 
 
@@ -150,7 +150,9 @@ class STRMatrix(nn.Module):
     SVD of ``init`` (default: a standard uniform init), so at s -> -inf it equals ``init``.
 
     ``threshold_scale``: ``"max"`` (tau = g(s) max sigma, the default), ``"init"`` (g(s) times
-    the initial largest singular value, a fixed scale) or ``"one"`` (tau = g(s), raw STR).
+    the initial largest singular value, a fixed scale), ``"one"`` (tau = g(s), raw STR) or
+    ``"cost"`` (g(s) times a fixed unit shared by a model's matrices in proportion to what one
+    direction costs; `share_threshold_unit_` sets it, alone it is ``"init"``).
     """
 
     param_roles = {"P": "factor", "Q": "factor", "sigma": "spectrum", "s": "threshold"}
@@ -183,7 +185,7 @@ class STRMatrix(nn.Module):
             return _float32(self.sigma).max().clamp_min(0.0)
         if self.threshold_scale == "rms":  # sqrt(mean sigma^2) = ||W_sigma||_F / sqrt(k)
             return _float32(self.sigma).square().mean().sqrt()
-        if self.threshold_scale == "init":
+        if self.threshold_scale in ("init", "cost"):
             return self.sigma_ref.float()
         return torch.ones((), device=self.sigma.device)
 
@@ -320,6 +322,28 @@ def spec_of(matrix: nn.Module) -> MatrixSpec:
     if isinstance(matrix, LowRankMatrix):
         return MatrixSpec("lowrank", rank=matrix.rank())
     return MatrixSpec("full")
+
+
+@torch.no_grad()
+def share_threshold_unit_(model: nn.Module) -> float:
+    """Give every STR matrix of ``model`` with ``threshold_scale`` "cost" one threshold unit
+    per parameter: sigma_0,m = u (out_m + in_m), with
+
+        u = max_m sigma_max,m / (out_m + in_m)
+
+    over those matrices (sigma_max,m their current top singular value; out + in is what one
+    singular direction costs as factors). At equal g(s) a direction is then kept when its
+    sigma per parameter exceeds g u, the order in which a greedy allocation
+    (`strlowrank.method.allocation.greedy_ranks`) adds directions; g < 1 keeps the top
+    direction of the matrix that sets u. Returns u (0.0 when there is no such matrix)."""
+    mats = [m for m in model.modules() if isinstance(m, STRMatrix) and m.threshold_scale == "cost"]
+    if not mats:
+        return 0.0
+    cost = [m.P.shape[0] + m.Q.shape[0] for m in mats]
+    unit = max(float(m.sigma.float().max().clamp_min(0.0)) / c for m, c in zip(mats, cost))
+    for m, c in zip(mats, cost):
+        m.sigma_ref.fill_(unit * c)
+    return unit
 
 
 def refactorize_(model: nn.Module) -> int:

@@ -40,7 +40,7 @@ def threshold_sites(model: nn.Module) -> list[Site]:
     """(values, threshold(), magnitude?) for every thresholded tensor whose threshold does not
     depend on the values: STR weights (|W| against g(s)), BatchNorm scales with a channel
     threshold (|gamma| against g(s)) and the singular values of STR matrices with a fixed
-    threshold unit (sigma against tau; ``threshold_scale`` init or one).
+    threshold unit (sigma against tau; ``threshold_scale`` init, cost or one).
     With ``"max"`` / ``"rms"`` units tau moves with sigma, so those matrices are left out."""
     sites: list[Site] = [
         (module.parametrizations.weight.original, p.threshold, True)
@@ -49,7 +49,7 @@ def threshold_sites(model: nn.Module) -> list[Site]:
     sites += [
         (m.sigma, lambda m=m: m.tau().detach(), False)
         for m in model.modules()
-        if isinstance(m, STRMatrix) and m.threshold_scale in ("init", "one")
+        if isinstance(m, STRMatrix) and m.threshold_scale in ("init", "cost", "one")
     ]
     sites += [  # channel thresholds on BatchNorm scales: one entry per channel, like STR
         (module.parametrizations.weight.original, lambda p=p: p.threshold() * p.scale, True)
