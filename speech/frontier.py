@@ -83,8 +83,9 @@ def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFra
 
     ``table``: results.csv of a sweep or ``analysis.summaries`` (columns method, tag, init_from,
     params, ranks.*, and test_acc / val_acc / accuracy), labelled by :func:`frontier_runs`.
-    Every (method, budget, split) is aggregated over its seeds (``analysis.aggregate``,
-    ``params`` = mean recurrent parameters). Per method and budget one split is kept: the one
+    Every (method, layout, budget, split) is aggregated over its seeds (``analysis.aggregate``,
+    ``params`` = mean recurrent parameters), so one method in two layouts at a budget is two
+    points. Per method, layout and budget one split is kept: the one
     with the best mean validation accuracy when ``value`` is the test accuracy and val_acc is
     known (so the reported test mean is not the maximum of several noisy test means), else the
     best mean of ``value``; ``splits`` lists every split tried with its mean ``value`` (the
@@ -93,12 +94,13 @@ def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFra
     t = frontier_runs(table)
     value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
     select = "val_acc" if value == "test_acc" and "val_acc" in t else value
-    keys = ["method", "budget", "split"]
+    point = ["method", "layout", "budget"]  # one method in two layouts is two points
+    keys = [*point, "split"]
     costs = [c for c in ("cost_epochs", "epochs") if c in t]
     points = aggregate(t, keys, value, extra=["params", *costs])
     points["_select"] = aggregate(t, keys, select)["mean"].to_numpy() if len(points) else []
     grid = (
-        points.groupby(["method", "budget"], sort=False)
+        points.groupby(point, sort=False)
         .apply(
             lambda g: "; ".join(f"{s}: {100 * m:.2f}" for s, m in zip(g["split"], g["mean"]) if s),
             include_groups=False,
@@ -106,16 +108,14 @@ def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFra
         .rename("splits")
     )
     best = points.sort_values("_select", ascending=False, kind="stable")
-    best = best.drop_duplicates(["method", "budget"]).join(grid, on=["method", "budget"])
+    best = best.drop_duplicates(point).join(grid, on=point)
     best = best.drop(columns="_select").assign(select=select)
     if len(costs) == 2:  # choosing a split from a grid costs one fine-tuning per split tried
-        tried = points[points["split"] != ""].groupby(["method", "budget"])["split"].nunique()
-        extra = [max(tried.get((m, b), 1) - 1, 0) for m, b in zip(best["method"], best["budget"])]
+        tried = points[points["split"] != ""].groupby(point)["split"].nunique()
+        extra = [max(tried.get(k, 1) - 1, 0) for k in zip(*(best[c] for c in point))]
         best["cost_epochs"] = (
             best["cost_epochs"] + pd.Series(extra, index=best.index) * best["epochs"]
         )
-    layout = t.groupby(["method", "budget"], sort=False)["layout"].first()
-    best["layout"] = [layout.get((m, b), "stacked") for m, b in zip(best["method"], best["budget"])]
     return best.sort_values(["method", "params"], kind="stable").reset_index(drop=True)
 
 
@@ -130,22 +130,29 @@ def frontier_gaps(
     and budget (and seed s present in both) d_s = acc(method, s) - acc(baseline, s); the rows
     give mean, sd, n and the Student-t interval of d over the seeds (``analysis.aggregate``).
     Pairing removes what a seed does to both runs (the same data order), so the interval is
-    usually narrower than the difference of two independent intervals. Columns: method, budget, n,
-    mean, sd, ci, lo, hi, params (the method's), baseline_split.
+    usually narrower than the difference of two independent intervals. Columns: method, layout,
+    budget, n, mean, sd, ci, lo, hi, params (the method's), baseline_split.
     """
     t = frontier_runs(table)
     value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
     points = frontier_points(table, value)
-    kept = points.set_index(["method", "budget"])["split"]
-    t = t[[kept.get((m, b)) == s for m, b, s in zip(t["method"], t["budget"], t["split"])]]
-    chosen = points[points["method"] == baseline].set_index("budget")["split"]
-    base = t[t["method"] == baseline].set_index(["budget", "seed"])[value].rename("_base")
+    kept = points.set_index(["method", "layout", "budget"])["split"]
+    t = t[
+        [
+            kept.get((m, lay, b)) == s
+            for m, lay, b, s in zip(t["method"], t["layout"], t["budget"], t["split"])
+        ]
+    ]
+    chosen = points[points["method"] == baseline].drop_duplicates("budget")
+    chosen = chosen.set_index("budget")["split"]
+    base = t[t["method"] == baseline].drop_duplicates(["budget", "seed"])
+    base = base.set_index(["budget", "seed"])[value].rename("_base")
     rest = t[(t["method"] != baseline) & t["budget"].isin(chosen.index)]
     rest = rest.merge(base.reset_index(), on=["budget", "seed"], how="inner")
     rest["gap"] = pd.to_numeric(rest[value]) - rest["_base"]
-    gaps = aggregate(rest, ["method", "budget"], "gap", level=level, extra=["params"])
+    gaps = aggregate(rest, ["method", "layout", "budget"], "gap", level=level, extra=["params"])
     gaps["baseline_split"] = gaps["budget"].map(chosen)
-    return gaps.sort_values(["method", "params"], kind="stable").reset_index(drop=True)
+    return gaps.sort_values(["method", "layout", "params"], kind="stable").reset_index(drop=True)
 
 
 def split_label(split: str, layout: str) -> str:

@@ -96,6 +96,11 @@ class KeywordSpotter(nn.Module):
             raise ValueError(f"pool must be one of {POOLS}, got {cfg.pool!r}")
         self.cfg = cfg
         sizes = [input_size] + [cfg.hidden] * cfg.layers
+        if cfg.cell == "fastgrnn" and cfg.split != "stacked":
+            raise ValueError(
+                f"model.split: {cfg.split} needs a W and a U per gate; FastGRNN shares one W and "
+                "one U between its gates (use stacked)"
+            )
         if cfg.param == "lowrank" and cfg.allocation == "fixed":
             rows = cfg.hidden * (GATES[cfg.cell] if cfg.split == "stacked" else 1)
             for name, rank, cols in (

@@ -32,13 +32,13 @@ def _interval(row: pd.Series, fmt: str) -> str:
 def frontier_markdown(points: pd.DataFrame) -> str:
     """The frontier as a markdown table: accuracy in % as mean +- 95% half width (n seeds)."""
     lines = [
-        "| method | budget | params (K) | accuracy % (mean +- 95%) | sd | n | split | "
+        "| method | layout | budget | params (K) | accuracy % (mean +- 95%) | sd | n | split | "
         "splits tried (mean %) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for _, r in points.iterrows():
         lines.append(
-            f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
+            f"| {r['method']} | {r.get('layout', 'stacked')} | {r['budget']} | {r['params'] / 1e3:.1f} | "
             f"{_interval(r, '.2f')} | {format_cell(100 * r['sd'], '.2f')} | {r['n']} | "
             f"{r['split']} | {r.get('splits') or ''} |"
         )
@@ -48,13 +48,13 @@ def frontier_markdown(points: pd.DataFrame) -> str:
 def gaps_markdown(gaps: pd.DataFrame) -> str:
     """Paired gaps to the best fixed split as a markdown table, in accuracy points."""
     lines = [
-        "| method | budget | params (K) | minus best fixed split, points (mean +- 95%, "
+        "| method | layout | budget | params (K) | minus best fixed split, points (mean +- 95%, "
         "paired by seed) | n | fixed split |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for _, r in gaps.iterrows():
         lines.append(
-            f"| {r['method']} | {r['budget']} | {r['params'] / 1e3:.1f} | "
+            f"| {r['method']} | {r.get('layout', 'stacked')} | {r['budget']} | {r['params'] / 1e3:.1f} | "
             f"{_interval(r, '+.2f')} | {r['n']} | {r['baseline_split']} |"
         )
     return "\n".join(lines) + "\n"

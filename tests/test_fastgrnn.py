@@ -104,6 +104,11 @@ def test_lowrank_is_fastgrnns_w1_w2_and_str_is_full_at_very_negative_threshold()
 def test_per_gate_split_is_refused():
     with pytest.raises(ValueError, match="FastGRNN shares one W and one U"):
         RNNLayer("fastgrnn", 4, 6, split="per_gate")
+    from speech.models import SpeechModelConfig, build_model
+
+    cfg = SpeechModelConfig(cell="fastgrnn", split="per_gate", hidden=6)
+    with pytest.raises(ValueError, match=r"^model\.split: per_gate .*FastGRNN shares"):
+        build_model(cfg, input_size=4, num_classes=2)
 
 
 def test_export_keeps_outputs_scalars_and_counts_fastgrnns_parameters():

@@ -95,6 +95,25 @@ def test_frontier_split_chosen_by_validation_and_paired_gaps():
     assert reverse.loc["lowrank", "mean"] == pytest.approx(-d.mean())
 
 
+def test_two_layouts_of_a_method_at_one_budget_are_two_points_and_two_gaps():
+    """STR stacked and per gate under one budget tag are kept apart, each paired with the
+    baseline by seed."""
+    rows = []
+    for s in range(3):
+        base = {"tag": "b5k", "seed": s, "status": "ok", "params": 5000}
+        rows.append(base | {"method": "lowrank", "test_acc": 0.70, "ranks.rnns.0.W": 2})
+        rows.append(base | {"method": "str", "split": "stacked", "test_acc": 0.71 + 0.01 * s})
+        rows.append(base | {"method": "str", "split": "per_gate", "test_acc": 0.75})
+    table = pd.DataFrame(rows)
+    points = frontier_points(table).set_index(["method", "layout"])
+    assert points.loc[("str", "stacked"), "mean"] == pytest.approx(0.72)
+    assert points.loc[("str", "per_gate"), "mean"] == pytest.approx(0.75)
+    gaps = frontier_gaps(table).set_index(["method", "layout"])
+    assert gaps.loc[("str", "stacked"), "mean"] == pytest.approx(0.02)
+    assert gaps.loc[("str", "per_gate"), "mean"] == pytest.approx(0.05)
+    assert (gaps["n"] == 3).all()
+
+
 def test_frontier_labels_a_per_gate_split_by_matrix():
     assert split_label("8/8/8/6/6/6/8/8/8/6/6/6", "per_gate x2") == "8/6/8/6"
     assert split_label("6/6/6/6/6/6/6/6", "lstm per_gate") == "6/6"
@@ -146,8 +165,8 @@ def test_report_part_writes_the_frontier_of_tagged_runs(tmp_path: Path):
         "speech_frontier.png",
     }
     table = (tmp_path / "frontier.md").read_text()
-    assert "| str | b5k | 5.0 | 73.00 +- 2.48 | 1.00 | 3 |  |" in table
-    assert "| str | b5k | 5.0 | +2.00 +- 0.00 | 3 | 2/8 |" in table
+    assert "| str | stacked | b5k | 5.0 | 73.00 +- 2.48 | 1.00 | 3 |  |" in table
+    assert "| str | stacked | b5k | 5.0 | +2.00 +- 0.00 | 3 | 2/8 |" in table
     assert report.write(summary.drop(columns="tag"), tmp_path / "none") == []
 
 

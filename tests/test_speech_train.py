@@ -8,7 +8,7 @@ import torch
 from test_speech_data import make_tree
 
 from speech.config import SpeechConfig
-from speech.frontier import frontier_points
+from speech.frontier import frontier_gaps, frontier_points
 from speech.models import build_model
 from speech.train_gru import main
 from strlowrank.training.checkpoint import load_checkpoint
@@ -220,6 +220,60 @@ def test_reduced_frontier_protocol(tmp_path, tiny_tree, monkeypatch):
     assert frontier.loc[("str", "b2"), "params"] < frontier.loc[("full", "full"), "params"]
     assert report.main([str(out), "--out", str(tmp_path / "report"), "--no-per-run"]) == 0
     table = (tmp_path / "report" / "frontier.md").read_text()
-    assert "| svd-str | b2 |" in table and (tmp_path / "report" / "speech_frontier.png").is_file()
+    assert "| svd-str | stacked | b2 |" in table and (tmp_path / "report" / "speech_frontier.png").is_file()
     gaps = pd.read_csv(tmp_path / "report" / "frontier_gaps.csv").set_index(["method", "budget"])
     assert ("str", "b1") in gaps.index and "minus the chosen fixed split" in table
+
+
+def test_reduced_equal_compute_protocol(tmp_path, tiny_tree, monkeypatch):
+    """configs/sweep_speech_equal_compute.yaml reduced (1 seed, the GRU's first 2 budgets,
+    hidden 16, 2 + 1 epochs against 3): every method is labelled apart (STR stacked and per
+    gate, the truncated SVD, energy, greedy, STR from the SVD with the cost unit), every method
+    is charged the same compute, and the gaps pair each with the truncated SVD."""
+    import subprocess
+
+    import yaml
+
+    from strlowrank.analysis import launch, sweep
+
+    def in_process(line, **kwargs):
+        main(line[2:])
+        return subprocess.CompletedProcess(line, 0)
+
+    monkeypatch.setattr(launch.subprocess, "run", in_process)
+    grid = yaml.safe_load(open("configs/sweep_speech_equal_compute.yaml"))
+    targets, rank_w, rank_u = {6536: 992, 11536: 1592}, {6: 5, 7: 9}, {5: 6, 14: 10}
+    runs = []
+    for run in grid["runs"]:
+        if run["tag"] not in ("full", "b05k", "b10k"):
+            continue
+        if "epochs" in run:  # the full-rank source trains the base's 2
+            run = dict(run, epochs={30: 3, 10: 1}[run["epochs"]])
+        if "controller.target" in run:
+            run["controller.target"] = targets[run["controller.target"]]
+        if "model.rank_w" in run:
+            run["model.rank_w"] = rank_w[run["model.rank_w"]]
+            run["model.rank_u"] = rank_u[run["model.rank_u"]]
+        runs.append(run)
+    base = {"epochs": 2, "train.plots": False, "model.hidden": 16, "device": "cpu"}
+    base |= {"data.silence_fraction": 0.5, "data.root": str(tiny_tree)}
+    path = tmp_path / "equal.yaml"
+    path.write_text(yaml.safe_dump({"base": grid["base"] | base, "runs": runs}, sort_keys=False))
+    out = tmp_path / "sweep"
+    argv = ["--track", "speech", "--grid", str(path), "--out", str(out), "--seeds", "0"]
+    assert sweep.main(argv) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 13 and set(results["status"]) == {"ok"}
+    points = frontier_points(results).set_index(["method", "layout", "budget"])
+    methods = {(m, lay) for m, lay, b in points.index if b == "b05k"}
+    assert methods == {
+        ("str", "stacked"),
+        ("str", "per_gate"),
+        ("svd-lowrank", "stacked"),
+        ("svd-energy", "stacked"),
+        ("svd-greedy", "stacked"),
+        ("svd-str-cost", "stacked"),
+    }
+    assert set(points.drop(index="full", level="budget")["cost_epochs"]) == {3}
+    gaps = frontier_gaps(results, baseline="svd-lowrank")
+    assert len(gaps) == 2 * 5 and (gaps["n"] == 1).all()
