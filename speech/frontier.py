@@ -5,7 +5,8 @@ A frontier sweep tags each run with its budget (``tag``); a run started from a t
 (``model.init_from``) is the SVD baseline of its method (``svd-lowrank``: the truncated SVD,
 ``svd-str``: STR from the SVD, ``svd-energy`` / ``svd-greedy``: ranks allocated from the trained
 model's spectra, ``model.allocation``); STR with another threshold unit than the default
-``init`` is ``str-<unit>`` (``svd-str-cost``). Every point carries its compute, ``cost_epochs``: the
+``init`` is ``str-<unit>`` (``svd-str-cost``), and a model fine-tuned at the ranks its STR
+source learned (``model.allocation learned``) is ``str-fixed``. Every point carries its compute, ``cost_epochs``: the
 training epochs of its runs including the full-rank run an SVD start needs, and one more
 fine-tuning per extra split tried when a fixed split is chosen from a grid. The tables read a
 sweep's results.csv or ``analysis.summaries``:
@@ -58,6 +59,8 @@ def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
         unit = t["threshold_scale"].fillna("init").astype(str)
         method = method.where((method != "str") | unit.isin(["init", "None"]), "str-" + unit)
     t["method"] = method.where(~started, "svd-" + method)
+    if "allocation" in t:  # an STR run's learned ranks, then fine-tuned at them
+        t["method"] = t["method"].where(t["allocation"].astype(str) != "learned", "str-fixed")
     t["budget"] = t["tag"].fillna("").astype(str) if "tag" in t else ""
     layout = t["split"].fillna("stacked").astype(str) if "split" in t else "stacked"
     if "layers" in t:  # a multi-layer model's layout names its depth: "stacked x2"
@@ -78,26 +81,37 @@ def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
-def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFrame:
+def _point_keys(runs: pd.DataFrame) -> list[str]:
+    """What makes two runs two frontier points besides their split: the method, the matrix
+    layout, the budget and, where recorded, the compute (STR for 20 and for 30 epochs)."""
+    return ["method", "layout", "budget", *(["cost_epochs"] if "cost_epochs" in runs else [])]
+
+
+def frontier_points(
+    table: pd.DataFrame, value: str | None = None, charge_splits: bool = True
+) -> pd.DataFrame:
     """The parameter/accuracy frontier of a sweep, one row per method and budget.
 
     ``table``: results.csv of a sweep or ``analysis.summaries`` (columns method, tag, init_from,
     params, ranks.*, and test_acc / val_acc / accuracy), labelled by :func:`frontier_runs`.
     Every (method, layout, budget, split) is aggregated over its seeds (``analysis.aggregate``,
-    ``params`` = mean recurrent parameters), so one method in two layouts at a budget is two
-    points. Per method, layout and budget one split is kept: the one
+    ``params`` = mean recurrent parameters), so one method in two layouts or at two costs at a
+    budget is two points. Per method, layout, budget and cost one split is kept: the one
     with the best mean validation accuracy when ``value`` is the test accuracy and val_acc is
     known (so the reported test mean is not the maximum of several noisy test means), else the
     best mean of ``value``; ``splits`` lists every split tried with its mean ``value`` (the
     grid), ``select`` the column the split was chosen by and ``layout`` the matrix layout.
+    ``charge_splits`` adds one fine-tuning per extra split tried to a point's ``cost_epochs``
+    (off: the cost of its runs, which identifies them).
     """
     t = frontier_runs(table)
     value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
     select = "val_acc" if value == "test_acc" and "val_acc" in t else value
-    point = ["method", "layout", "budget"]  # one method in two layouts is two points
+    point = _point_keys(t)
     keys = [*point, "split"]
     costs = [c for c in ("cost_epochs", "epochs") if c in t]
-    points = aggregate(t, keys, value, extra=["params", *costs])
+    extra = ["params", *(c for c in costs if c not in point)]
+    points = aggregate(t, keys, value, extra=extra)
     points["_select"] = aggregate(t, keys, select)["mean"].to_numpy() if len(points) else []
     grid = (
         points.groupby(point, sort=False)
@@ -110,7 +124,7 @@ def frontier_points(table: pd.DataFrame, value: str | None = None) -> pd.DataFra
     best = points.sort_values("_select", ascending=False, kind="stable")
     best = best.drop_duplicates(point).join(grid, on=point)
     best = best.drop(columns="_select").assign(select=select)
-    if len(costs) == 2:  # choosing a split from a grid costs one fine-tuning per split tried
+    if charge_splits and len(costs) == 2:  # a split chosen from a grid: a fine-tuning per split
         tried = points[points["split"] != ""].groupby(point)["split"].nunique()
         extra = [max(tried.get(k, 1) - 1, 0) for k in zip(*(best[c] for c in point))]
         best["cost_epochs"] = (
@@ -135,14 +149,10 @@ def frontier_gaps(
     """
     t = frontier_runs(table)
     value = value or (accuracy_column(t) if "accuracy" not in t else "accuracy")
-    points = frontier_points(table, value)
-    kept = points.set_index(["method", "layout", "budget"])["split"]
-    t = t[
-        [
-            kept.get((m, lay, b)) == s
-            for m, lay, b, s in zip(t["method"], t["layout"], t["budget"], t["split"])
-        ]
-    ]
+    points = frontier_points(table, value, charge_splits=False)
+    point = _point_keys(t)
+    kept = points.set_index(point)["split"]
+    t = t[[kept.get(k) == s for k, s in zip(zip(*(t[c] for c in point)), t["split"])]]
     chosen = points[points["method"] == baseline].drop_duplicates("budget")
     chosen = chosen.set_index("budget")["split"]
     base = t[t["method"] == baseline].drop_duplicates(["budget", "seed"])
@@ -150,7 +160,7 @@ def frontier_gaps(
     rest = t[(t["method"] != baseline) & t["budget"].isin(chosen.index)]
     rest = rest.merge(base.reset_index(), on=["budget", "seed"], how="inner")
     rest["gap"] = pd.to_numeric(rest[value]) - rest["_base"]
-    gaps = aggregate(rest, ["method", "layout", "budget"], "gap", level=level, extra=["params"])
+    gaps = aggregate(rest, point, "gap", level=level, extra=["params"])
     gaps["baseline_split"] = gaps["budget"].map(chosen)
     return gaps.sort_values(["method", "layout", "params"], kind="stable").reset_index(drop=True)
 

@@ -26,7 +26,7 @@ from strlowrank.training.checkpoint import CheckpointError, load_checkpoint, loa
 from strlowrank.training.config import ConfigError, from_dict, option
 
 POOLS = ("last", "mean")
-ALLOCATIONS = ("fixed", "energy", "greedy")
+ALLOCATIONS = ("fixed", "energy", "greedy", "learned")
 
 
 @dataclass
@@ -76,7 +76,8 @@ class SpeechModelConfig:
         "fixed",
         "param=lowrank ranks: fixed (rank_w / rank_u) | energy (one spectral energy fraction "
         "for every matrix) | greedy (singular directions by sigma per parameter), chosen per "
-        "matrix from the init_from model's spectra to meet --target-params",
+        "matrix from the init_from model's spectra to meet --target-params | learned (the "
+        "ranks the init_from model has, e.g. an STR run's: its matrices, fine-tuned at them)",
         choices=ALLOCATIONS,
     )
     init_from: str | None = option(
@@ -171,12 +172,23 @@ def build_model(cfg: SpeechModelConfig, input_size: int, num_classes: int) -> Ke
 def init_from_checkpoint(model: KeywordSpotter, path: str | Path) -> None:
     """Initialize ``model`` from the trained model in checkpoint ``path``.
 
-    The source is rebuilt from the checkpoint's own config (any param or split); each layer's
-    effective stacked W [G H, I], U [G H, H] goes through ``RNNLayer.load_dense_`` (full: copy,
-    lowrank: truncated SVD, str: SVD), biases and classifier are copied. Cell, hidden size,
-    layers, input size and classes must match and the run must be finished (else a one-line
-    ``CheckpointError`` naming the file).
+    The source is rebuilt from the checkpoint's own config (any param or split,
+    :func:`load_source`); each layer's effective stacked W [G H, I], U [G H, H] goes through
+    ``RNNLayer.load_dense_`` (full: copy, lowrank: truncated SVD, str: SVD), biases and
+    classifier are copied.
     """
+    source = load_source(model, path)
+    with torch.no_grad():
+        for mine, src in zip(model.rnns, source.rnns):
+            mine.load_dense_(*src.stacked_weights(), src.bias_ih, src.bias_hh, **src.cell_scalars())
+        model.classifier.load_state_dict(source.classifier.state_dict())
+    share_threshold_unit_(model)  # the unit of the trained spectra
+
+
+def load_source(model: KeywordSpotter, path: str | Path) -> KeywordSpotter:
+    """The trained model in checkpoint ``path``, rebuilt from the checkpoint's own config.
+    Cell, hidden size, layers, input size and classes must match ``model``'s and the run must be
+    finished (else a one-line ``CheckpointError`` naming the file)."""
     state = load_checkpoint(path)
     try:
         source_cfg = from_dict(SpeechModelConfig, dict(state.get("config", {}).get("model", {})))
@@ -218,18 +230,19 @@ def init_from_checkpoint(model: KeywordSpotter, path: str | Path) -> None:
         load_model_state(source, state["model"], path)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (another input size?)") from None
-    with torch.no_grad():
-        for mine, src in zip(model.rnns, source.rnns):
-            mine.load_dense_(*src.stacked_weights(), src.bias_ih, src.bias_hh, **src.cell_scalars())
-        model.classifier.load_state_dict(source.classifier.state_dict())
-    share_threshold_unit_(model)  # the unit of the trained spectra
+    return source
 
 
-def allocate_ranks(model: KeywordSpotter, path: str | Path, target: float) -> dict[str, int]:
+def allocate_ranks(
+    model: KeywordSpotter, path: str | Path, target: float | None
+) -> dict[str, int]:
     """Ranks per matrix ({"rnns.0.W": r, ...}) by ``model.cfg.allocation`` (energy | greedy,
     `strlowrank.method.allocation`) from the singular values of the trained model in checkpoint
     ``path``, in ``model``'s matrix layout, for ``target`` parameters counted as
-    ``--target-params`` counts them (the budget table: recurrent matrices and the classifier)."""
+    ``--target-params`` counts them (the budget table: recurrent matrices and the classifier);
+    ``learned``: the ranks that model has (:func:`learned_ranks`, no target)."""
+    if model.cfg.allocation == "learned":
+        return learned_ranks(model, path)
     rule = {"energy": energy_ranks, "greedy": greedy_ranks}[model.cfg.allocation]
     twin_cfg = copy.deepcopy(model.cfg)
     twin_cfg.param, twin_cfg.init_from = "full", None
@@ -251,6 +264,22 @@ def allocate_ranks(model: KeywordSpotter, path: str | Path, target: float) -> di
         spectra = {name: torch.linalg.svdvals(w.float()) for name, w in matrices.items()}
     shapes = {name: tuple(w.shape) for name, w in matrices.items()}
     return rule(spectra, shapes, int(target - others))
+
+
+def learned_ranks(model: KeywordSpotter, path: str | Path) -> dict[str, int]:
+    """The rank of every matrix of the trained model in checkpoint ``path`` (an STR run's learned
+    ranks), by ``model``'s matrix names; the two must have the same matrix layout (split)."""
+    source = load_source(model, path)
+    if source.cfg.split != model.cfg.split:
+        raise CheckpointError(
+            f"{path}: model.split is {source.cfg.split!r} in the checkpoint, "
+            f"{model.cfg.split!r} here (model.allocation learned keeps its matrices)"
+        )
+    return {
+        f"rnns.{i}.{name}": m.rank()
+        for i, rnn in enumerate(source.rnns)
+        for name, m in rnn.matrices().items()
+    }
 
 
 def training_cost(epochs: int, init_from: str | Path | None) -> int:

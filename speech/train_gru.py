@@ -75,6 +75,8 @@ def allocated(cfg: SpeechConfig, model: torch.nn.Module) -> dict[str, int]:
         raise ValueError(
             f"model.allocation {cfg.model.allocation}: needs model.param lowrank and --init-from"
         )
+    if cfg.model.allocation == "learned":
+        return allocate_ranks(model, cfg.model.init_from, None)
     if c.metric != "params" or c.target is None:
         raise ValueError(f"model.allocation {cfg.model.allocation}: needs --target-params N")
     return allocate_ranks(model, cfg.model.init_from, c.target)

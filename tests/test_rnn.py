@@ -406,3 +406,41 @@ def test_init_from_with_the_cost_unit_shares_it_over_the_trained_spectra(tmp_pat
     assert float(fresh.rnns[0].W_r.sigma_ref) != pytest.approx(float(mats[0].sigma_ref))
     fresh.load_state_dict(model.state_dict())
     assert float(fresh.rnns[0].W_r.sigma_ref) == pytest.approx(float(mats[0].sigma_ref))
+
+
+def test_learned_allocation_keeps_the_str_sources_ranks_and_function(tmp_path):
+    """model.allocation learned: a fixed-rank model at the ranks an STR checkpoint learned, equal
+    to it (a rank-r matrix truncated at r is itself); another split is refused with one line."""
+    from speech.models import allocate_ranks, init_from_checkpoint
+    from strlowrank.training.checkpoint import CheckpointError
+
+    for split in ("stacked", "per_gate"):
+        src_cfg = SpeechModelConfig(param="str", hidden=6, split=split, s_init=-100.0)
+        torch.manual_seed(2)
+        src = build_model(src_cfg, input_size=5, num_classes=4).eval()
+        for k, m in enumerate(src.rnns[0].matrices().values()):  # ranks 0, 1, 2, ...
+            m.s.data.fill_(10.0)
+            m.sigma_ref.fill_(float(m.sigma.detach().sort(descending=True).values[k]) * 1.0001)
+        src_ranks = src.rnns[0].ranks()
+        assert len(set(src_ranks)) > 1 and 0 in src_ranks
+        from speech.config import SpeechConfig
+        from strlowrank.training.checkpoint import save_checkpoint
+        from strlowrank.training.config import to_dict
+
+        path = tmp_path / split / "checkpoint.pt"
+        state = {"model": src.state_dict(), "config": to_dict(SpeechConfig(model=src_cfg))}
+        save_checkpoint(state | {"epoch": 20}, path)
+        cfg = SpeechModelConfig(param="lowrank", hidden=6, split=split, allocation="learned")
+        model = build_model(cfg, input_size=5, num_classes=4)
+        ranks = allocate_ranks(model, path, None)
+        assert tuple(ranks.values()) == src_ranks
+        model.set_ranks_(ranks)
+        init_from_checkpoint(model, path)
+        assert model.rnns[0].ranks() == src_ranks
+        x = torch.randn(2, 7, 5)
+        torch.testing.assert_close(model.eval()(x), src(x), atol=1e-5, rtol=1e-4)
+    other = build_model(
+        SpeechModelConfig(param="lowrank", hidden=6, allocation="learned"), 5, 4
+    )
+    with pytest.raises(CheckpointError, match="model.split is 'per_gate' in the checkpoint"):
+        allocate_ranks(other, path, None)

@@ -228,8 +228,9 @@ def test_reduced_frontier_protocol(tmp_path, tiny_tree, monkeypatch):
 def test_reduced_equal_compute_protocol(tmp_path, tiny_tree, monkeypatch):
     """configs/sweep_speech_equal_compute.yaml reduced (1 seed, the GRU's first 2 budgets,
     hidden 16, 2 + 1 epochs against 3): every method is labelled apart (STR stacked and per
-    gate, the truncated SVD, energy, greedy, STR from the SVD with the cost unit), every method
-    is charged the same compute, and the gaps pair each with the truncated SVD."""
+    gate, the truncated SVD, energy, greedy, STR from the SVD with the cost unit, STR then
+    fine-tuned at its learned ranks), every method is charged the same compute, and the gaps
+    pair each with the truncated SVD."""
     import subprocess
 
     import yaml
@@ -254,6 +255,9 @@ def test_reduced_equal_compute_protocol(tmp_path, tiny_tree, monkeypatch):
         if "model.rank_w" in run:
             run["model.rank_w"] = rank_w[run["model.rank_w"]]
             run["model.rank_u"] = rank_u[run["model.rank_u"]]
+        for old, new in targets.items():  # an STR source's name carries its target
+            if "model.init_from" in run:
+                run["model.init_from"] = run["model.init_from"].replace(f"={old}_", f"={new}_")
         runs.append(run)
     base = {"epochs": 2, "train.plots": False, "model.hidden": 16, "device": "cpu"}
     base |= {"data.silence_fraction": 0.5, "data.root": str(tiny_tree)}
@@ -263,7 +267,7 @@ def test_reduced_equal_compute_protocol(tmp_path, tiny_tree, monkeypatch):
     argv = ["--track", "speech", "--grid", str(path), "--out", str(out), "--seeds", "0"]
     assert sweep.main(argv) == 0
     results = pd.read_csv(out / "results.csv")
-    assert len(results) == 13 and set(results["status"]) == {"ok"}
+    assert len(results) == 21 and set(results["status"]) == {"ok"}
     points = frontier_points(results).set_index(["method", "layout", "budget"])
     methods = {(m, lay) for m, lay, b in points.index if b == "b05k"}
     assert methods == {
@@ -273,7 +277,13 @@ def test_reduced_equal_compute_protocol(tmp_path, tiny_tree, monkeypatch):
         ("svd-energy", "stacked"),
         ("svd-greedy", "stacked"),
         ("svd-str-cost", "stacked"),
+        ("str-fixed", "stacked"),
+        ("str-fixed", "per_gate"),
     }
-    assert set(points.drop(index="full", level="budget")["cost_epochs"]) == {3}
+    costs = points.drop(index="full", level="budget")["cost_epochs"]
+    assert set(costs.drop(index=["str"], level="method")) == {3}  # the STR sources cost 2
+    fixed = results[results["allocation"] == "learned"].set_index(["tag", "split"])
+    sources = results[results["run"].isin(fixed["init_from"].str.split("/").str[-2])]
+    assert sorted(fixed["params"]) == sorted(sources["params"])  # the learned ranks kept
     gaps = frontier_gaps(results, baseline="svd-lowrank")
-    assert len(gaps) == 2 * 5 and (gaps["n"] == 1).all()
+    assert len(gaps) == 2 * 9 and (gaps["n"] == 1).all()  # STR at 20 and 30 epochs apart
