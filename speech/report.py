@@ -7,6 +7,7 @@ track's rows of ``analysis.summaries``) writes, when runs carry a ``tag`` (a fro
                                 t-interval (``speech.frontier.frontier_points``: the fixed-rank
                                 split best on validation, with the grid tried)
     frontier_gaps.csv           each method minus that split, paired by seed
+    frontier_gaps_svd.csv       each method minus the truncated SVD of a trained model
                                 (``speech.frontier.frontier_gaps``; also in frontier.md)
     speech_frontier.png         ``speech.frontier.plot_frontier``
 """
@@ -32,13 +33,14 @@ def _interval(row: pd.Series, fmt: str) -> str:
 def frontier_markdown(points: pd.DataFrame) -> str:
     """The frontier as a markdown table: accuracy in % as mean +- 95% half width (n seeds)."""
     lines = [
-        "| method | layout | budget | params (K) | accuracy % (mean +- 95%) | sd | n | split | "
-        "splits tried (mean %) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | layout | budget | epochs (cost) | params (K) | accuracy % (mean +- 95%) | sd | "
+        "n | split | splits tried (mean %) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, r in points.iterrows():
         lines.append(
-            f"| {r['method']} | {r.get('layout', 'stacked')} | {r['budget']} | {r['params'] / 1e3:.1f} | "
+            f"| {r['method']} | {r.get('layout', 'stacked')} | {r['budget']} | "
+            f"{format_cell(r.get('cost_epochs', float('nan')), '.0f')} | {r['params'] / 1e3:.1f} | "
             f"{_interval(r, '.2f')} | {format_cell(100 * r['sd'], '.2f')} | {r['n']} | "
             f"{r['split']} | {r.get('splits') or ''} |"
         )
@@ -48,13 +50,14 @@ def frontier_markdown(points: pd.DataFrame) -> str:
 def gaps_markdown(gaps: pd.DataFrame) -> str:
     """Paired gaps to the best fixed split as a markdown table, in accuracy points."""
     lines = [
-        "| method | layout | budget | params (K) | minus best fixed split, points (mean +- 95%, "
-        "paired by seed) | n | fixed split |",
-        "|---|---|---|---|---|---|---|",
+        "| method | layout | budget | epochs (cost) | params (K) | minus best fixed split, points "
+        "(mean +- 95%, paired by seed) | n | fixed split |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for _, r in gaps.iterrows():
         lines.append(
-            f"| {r['method']} | {r.get('layout', 'stacked')} | {r['budget']} | {r['params'] / 1e3:.1f} | "
+            f"| {r['method']} | {r.get('layout', 'stacked')} | {r['budget']} | "
+            f"{format_cell(r.get('cost_epochs', float('nan')), '.0f')} | {r['params'] / 1e3:.1f} | "
             f"{_interval(r, '+.2f')} | {r['n']} | {r['baseline_split']} |"
         )
     return "\n".join(lines) + "\n"
@@ -69,10 +72,15 @@ def write(summary: pd.DataFrame, out: Path) -> list[Path]:
     points = frontier_points(tagged)
     points.to_csv(out / "frontier.csv", index=False)
     text = frontier_markdown(points)
-    if (points["method"] == "lowrank").any() and "seed" in tagged:
-        gaps = frontier_gaps(tagged)
-        gaps.to_csv(out / "frontier_gaps.csv", index=False)
-        text += "\nEach method minus the chosen fixed split at the same budget:\n\n"
-        text += gaps_markdown(gaps)
+    baselines = (
+        ("lowrank", "frontier_gaps.csv", "the chosen fixed split"),
+        ("svd-lowrank", "frontier_gaps_svd.csv", "the truncated SVD at its chosen split"),
+    )
+    for baseline, name, what in baselines:
+        if (points["method"] == baseline).any() and "seed" in tagged:
+            gaps = frontier_gaps(tagged, baseline=baseline)
+            gaps.to_csv(out / name, index=False)
+            text += f"\nEach method minus {what} at the same budget:\n\n"
+            text += gaps_markdown(gaps)
     (out / "frontier.md").write_text(text)
     return [save_figure(plot_frontier(points), out / "speech_frontier.png")]

@@ -165,8 +165,8 @@ def test_report_part_writes_the_frontier_of_tagged_runs(tmp_path: Path):
         "speech_frontier.png",
     }
     table = (tmp_path / "frontier.md").read_text()
-    assert "| str | stacked | b5k | 5.0 | 73.00 +- 2.48 | 1.00 | 3 |  |" in table
-    assert "| str | stacked | b5k | 5.0 | +2.00 +- 0.00 | 3 | 2/8 |" in table
+    assert "| str | stacked | b5k |  | 5.0 | 73.00 +- 2.48 | 1.00 | 3 |  |" in table
+    assert "| str | stacked | b5k |  | 5.0 | +2.00 +- 0.00 | 3 | 2/8 |" in table
     assert report.write(summary.drop(columns="tag"), tmp_path / "none") == []
 
 

@@ -287,3 +287,11 @@ def test_reduced_equal_compute_protocol(tmp_path, tiny_tree, monkeypatch):
     assert sorted(fixed["params"]) == sorted(sources["params"])  # the learned ranks kept
     gaps = frontier_gaps(results, baseline="svd-lowrank")
     assert len(gaps) == 2 * 9 and (gaps["n"] == 1).all()  # STR at 20 and 30 epochs apart
+    from strlowrank.analysis import report
+
+    assert report.main([str(out), "--out", str(tmp_path / "report"), "--no-per-run"]) == 0
+    table = (tmp_path / "report" / "frontier.md").read_text()
+    assert "minus the truncated SVD at its chosen split" in table
+    assert "| str-fixed | per_gate | b05k | 3 |" in table
+    written = pd.read_csv(tmp_path / "report" / "frontier_gaps_svd.csv")
+    assert len(written) == len(gaps)
