@@ -177,11 +177,27 @@ def test_structured_str_reaches_macs_target(tmp_path, tiny_tree):
     from strlowrank.method.group_threshold import apply_group_threshold
 
     apply_group_threshold(model, x[:1])
-    model.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt")["model"])
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    model.load_state_dict(torch.load(ckpt)["model"])
     small = export_pruned_cnn(model, x[:1])
     assert totals(budget_table(small, x[:1]))["macs_dense"] == summary["macs_sparse"]
     with torch.no_grad():
         torch.testing.assert_close(small(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+    # --init-from the structured run: the smaller network it learned, then trained as it is
+    from vision.config import VisionConfig
+    from vision.method import smaller_network, structured_source
+
+    source = structured_source(str(ckpt))
+    assert isinstance(source, VisionConfig) and structured_source(str(ckpt) + ".x") is None
+    learned = smaller_network(build_model("resnet20", 3), source, str(ckpt), x[:1])
+    assert learned.training and all(p.requires_grad for p in learned.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(learned.eval()(x), model(x), rtol=1e-4, atol=1e-5)
+    tuned = run(tmp_path / "ft", tiny_tree, "--method.name=dense", f"--init-from={ckpt}")
+    assert tuned["macs_dense"] == summary["macs_sparse"] and tuned["method"] == "dense"
+    ft = pd.read_csv(tmp_path / "ft" / "run" / "budget.csv")
+    sizes = [m.weight.numel() for m in learned.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert ft[ft["kind"].str.contains("conv")]["numel"].tolist() == sizes
 
 
 def test_init_from_dense_run_and_group_norm_baseline(tmp_path, tiny_tree):

@@ -35,7 +35,9 @@ class VisionModelConfig:
     name: str = option("resnet20", "network (the vision.models registry)", choices=MODELS)
     width: float = option(1.0, "width multiplier (MobileNetV1, CIFAR ResNets)", min=0.05)
     init_from: str | None = option(
-        None, "initial weights: a dense run's checkpoint.pt or a torchvision state_dict file"
+        None,
+        "initial weights: a dense run's checkpoint.pt or a torchvision state_dict file; a "
+        "structured STR run's checkpoint.pt starts from the smaller network it learned",
     )
 
 

@@ -9,7 +9,8 @@ sparsity in every layer, ``transfer`` each layer to the density an STR run learn
 budget.csv); ``group_norm`` removes channels once, before training, with torch-pruning's
 group-norm magnitude pruner to ``final_macs`` of the model's MACs (the structured baseline:
 start it ``--init-from`` a trained dense run). The first and last layers stay dense when the
-config says so.
+config says so. ``--init-from`` a structured STR run starts from the smaller network it learned
+(`smaller_network`: its dead channels removed), which any method then trains.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from strlowrank import apply_soft_threshold, budget_table, totals
 from strlowrank.method import pruning
 from strlowrank.method.channel_groups import group_norm_prune
 from strlowrank.method.group_threshold import apply_group_threshold, group_thresholds
+from strlowrank.training.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from strlowrank.training.config import ConfigError, from_dict
 from strlowrank.training.controller import BudgetController
 from strlowrank.training.measures import from_reduction
 from vision.config import VisionConfig
@@ -111,3 +114,37 @@ def check_reachable(model: torch.nn.Module, controller: BudgetController) -> Non
             f"controller.target: {cfg.target:g} {cfg.metric} is out of reach of this "
             f"structured model (at most down to {reach:.4g}; layers kept dense keep channels)"
         )
+
+
+def structured_source(path: str) -> VisionConfig | None:
+    """The config of the run in checkpoint ``path`` when it is a structured STR run (its
+    thresholds choose channels), else None (a dense run, a torchvision file)."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:
+        return None  # not a run's checkpoint: load_pretrained says what it is
+    config = state.get("config") if isinstance(state, dict) else None
+    method = config.get("method", {}) if isinstance(config, dict) else {}
+    if method.get("name") != "str" or method.get("granularity") != "structured":
+        return None
+    try:
+        return from_dict(VisionConfig, config)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"model.init_from: {path}: not a vision run's config ({e})") from None
+
+
+def smaller_network(
+    model: torch.nn.Module, source: VisionConfig, path: str, example: torch.Tensor
+) -> torch.nn.Module:
+    """The network a structured STR run learned: ``model`` (built like the run's) gets the run's
+    channel thresholds and its weights from checkpoint ``path``, then its dead channels are
+    removed (`strlowrank.export.structured_export.export_pruned_cnn`: outputs unchanged). The
+    result is a plain, trainable CNN with fewer channels."""
+    from strlowrank.export.structured_export import export_pruned_cnn
+
+    sparsify(model, source, example)
+    load_model_state(model, load_checkpoint(path)["model"], path)
+    smaller = export_pruned_cnn(model, example)
+    for p in smaller.parameters():
+        p.requires_grad_(True)
+    return smaller.train()

@@ -5,6 +5,8 @@
     python vision/train.py --method.granularity structured --target-macs 0.3 \\
         --controller.correction track                     # whole channels: a smaller CNN
     python vision/train.py --init-from runs/dense/checkpoint.pt --target-sparsity 0.9 --epochs 7
+    python vision/train.py --init-from runs/structured/checkpoint.pt --method.name dense
+                                                          # fine-tune the smaller CNN it learned
     python vision/train.py --config configs/vision_resnet50_str90.yaml --data-dir /data/imagenet
     torchrun --nproc_per_node=8 vision/train.py --config ... # DistributedDataParallel
 
@@ -25,7 +27,7 @@ from strlowrank.training.distributed import DistInfo
 from strlowrank.training.engine import Task
 from vision.config import VisionConfig
 from vision.data import build_datasets
-from vision.method import check_reachable, sparsify
+from vision.method import check_reachable, smaller_network, sparsify, structured_source
 from vision.models import build_model, load_pretrained
 
 
@@ -35,10 +37,13 @@ def build_task(cfg: VisionConfig, info: DistInfo) -> Task:
         d.name, d.root, d.image_size, augment=d.augment, skip_bad_images=d.skip_bad_images
     )
     model = build_model(cfg.model.name, num_classes, in_chans, width=cfg.model.width)
-    if cfg.model.init_from:
+    example = val_set[0][0].unsqueeze(0)
+    source = structured_source(cfg.model.init_from) if cfg.model.init_from else None
+    if source is not None:  # the smaller network a structured STR run learned
+        model = smaller_network(model, source, cfg.model.init_from, example)
+    elif cfg.model.init_from:
         for name in load_pretrained(model, cfg.model.init_from):
             print(f"init_from: {name} has another shape (classes): freshly initialized")
-    example = val_set[0][0].unsqueeze(0)
     callbacks = sparsify(model, cfg, example)
     controller = build_controller(cfg.controller, model, example)
     if controller is not None:
