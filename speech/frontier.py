@@ -6,10 +6,10 @@ A frontier sweep tags each run with its budget (``tag``); a run started from a t
 ``svd-str``: STR from the SVD, ``svd-energy`` / ``svd-greedy``: ranks allocated from the trained
 model's spectra, ``model.allocation``); STR with another threshold unit than the default
 ``init`` is ``str-<unit>`` (``svd-str-cost``), and a model fine-tuned at the ranks its STR
-source learned (``model.allocation learned``) is ``str-fixed``. Every point carries its compute, ``cost_epochs``: the
-training epochs of its runs including the full-rank run an SVD start needs, and one more
-fine-tuning per extra split tried when a fixed split is chosen from a grid. The tables read a
-sweep's results.csv or ``analysis.summaries``:
+source learned (``model.allocation learned``) is ``str-fixed``. Every point carries its
+compute, ``cost_epochs``: the training epochs of its runs including the full-rank run an SVD
+start needs, and one more fine-tuning per extra split tried when a fixed split is chosen from a
+grid. The tables read a sweep's results.csv or ``analysis.summaries``:
 
     frontier_runs(table)     the finished runs labelled with method, budget, split and layout
     frontier_points(table)   per method and budget: mean +- 95% t-interval over seeds, the

@@ -80,6 +80,13 @@ class SpeechModelConfig:
         "ranks the init_from model has, e.g. an STR run's: its matrices, fine-tuned at them)",
         choices=ALLOCATIONS,
     )
+    fixed_epochs: int = option(
+        0,
+        "param=str: after its epochs, train this many more at the ranks it learned (a fixed-rank "
+        "model from its matrices, no threshold or spectrum decay); the STR part goes to "
+        "<out>/str, the final model to <out> (0: off)",
+        min=0,
+    )
     init_from: str | None = option(
         None,
         "checkpoint.pt of a trained model with the same cell, hidden, layers and classes: "
@@ -233,9 +240,7 @@ def load_source(model: KeywordSpotter, path: str | Path) -> KeywordSpotter:
     return source
 
 
-def allocate_ranks(
-    model: KeywordSpotter, path: str | Path, target: float | None
-) -> dict[str, int]:
+def allocate_ranks(model: KeywordSpotter, path: str | Path, target: float | None) -> dict[str, int]:
     """Ranks per matrix ({"rnns.0.W": r, ...}) by ``model.cfg.allocation`` (energy | greedy,
     `strlowrank.method.allocation`) from the singular values of the trained model in checkpoint
     ``path``, in ``model``'s matrix layout, for ``target`` parameters counted as

@@ -4,14 +4,18 @@
     python speech/train_gru.py --model.param lowrank --model.rank_w 16 --model.rank_u 25
     python speech/train_gru.py --config configs/speech_gru100_lowrank.yaml --data-dir /data/sc_v1
     python speech/train_gru.py --init-from runs/full/checkpoint.pt --target-params 12000
+    python speech/train_gru.py --target-params 6536 --model.fixed_epochs 10  # STR, then fixed ranks
 
 Without --data-dir the synthetic espeak-ng Speech Commands tree is generated once into the cache
 (about half a minute). The run folder gets config.yaml, metrics.csv, budget.csv (rank per matrix),
-summary.json (test_acc, val_acc, params, ranks), spectra.csv, checkpoint.pt and plots/.
+summary.json (test_acc, val_acc, params, ranks), spectra.csv, checkpoint.pt and plots/. With
+--model.fixed_epochs N the STR run goes to <out>/str and <out> gets the model trained N more epochs
+at the ranks it learned.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,10 +155,32 @@ def report(model: torch.nn.Module, out: Path, summary: dict, plots: bool = True)
             print(f"plot: {path}")
 
 
+def then_fixed(cfg: SpeechConfig) -> tuple[SpeechConfig, SpeechConfig]:
+    """The two runs of ``--model.fixed_epochs N``: STR as configured into <out>/str, then the
+    model at the ranks it learned (``model.allocation learned``) trained N epochs into <out>."""
+    if cfg.model.param != "str":
+        raise ValueError("model.fixed_epochs: needs model.param str (it fixes learned ranks)")
+    learn = copy.deepcopy(cfg)
+    learn.out, learn.model.fixed_epochs = str(Path(cfg.out) / "str"), 0
+    fixed = copy.deepcopy(cfg)
+    fixed.model.param, fixed.model.allocation, fixed.model.fixed_epochs = "lowrank", "learned", 0
+    fixed.model.init_from = str(Path(learn.out) / "checkpoint.pt")
+    fixed.train.epochs = cfg.model.fixed_epochs
+    return learn, fixed
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     about = __doc__.split("\n\n")[0]
     cfg, args = parse_config(SpeechConfig, about, argv, prog="speech/train_gru.py")
-    return execute(cfg, args, build_task, report)
+    if not cfg.model.fixed_epochs:
+        return execute(cfg, args, build_task, report)
+    learn, fixed = then_fixed(cfg)
+    if not args.test_only and not (Path(learn.out) / "summary.json").is_file():
+        partial = Path(learn.out) / "checkpoint.pt"  # an interrupted STR part goes on
+        first = copy.copy(args)
+        first.resume = str(partial) if partial.is_file() else None
+        execute(learn, first, build_task, report)
+    return execute(fixed, args, build_task, report)
 
 
 if __name__ == "__main__":

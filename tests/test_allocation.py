@@ -69,7 +69,9 @@ def test_cost_unit_thresholds_keep_what_greedy_keeps():
     shapes = {"W": (192, 16), "U": (192, 64), "V": (64, 64)}
     mats = nn.ModuleDict(
         {
-            n: STRMatrix(o, i, init=torch.randn(o, i, generator=gen) * (1 + k / 4), threshold_scale="cost")
+            n: STRMatrix(
+                o, i, init=torch.randn(o, i, generator=gen) * (1 + k / 4), threshold_scale="cost"
+            )
             for k, (n, (o, i)) in enumerate(shapes.items())
         }
     )

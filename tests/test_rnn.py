@@ -439,8 +439,6 @@ def test_learned_allocation_keeps_the_str_sources_ranks_and_function(tmp_path):
         assert model.rnns[0].ranks() == src_ranks
         x = torch.randn(2, 7, 5)
         torch.testing.assert_close(model.eval()(x), src(x), atol=1e-5, rtol=1e-4)
-    other = build_model(
-        SpeechModelConfig(param="lowrank", hidden=6, allocation="learned"), 5, 4
-    )
+    other = build_model(SpeechModelConfig(param="lowrank", hidden=6, allocation="learned"), 5, 4)
     with pytest.raises(CheckpointError, match="model.split is 'per_gate' in the checkpoint"):
         allocate_ranks(other, path, None)

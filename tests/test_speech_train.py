@@ -220,7 +220,10 @@ def test_reduced_frontier_protocol(tmp_path, tiny_tree, monkeypatch):
     assert frontier.loc[("str", "b2"), "params"] < frontier.loc[("full", "full"), "params"]
     assert report.main([str(out), "--out", str(tmp_path / "report"), "--no-per-run"]) == 0
     table = (tmp_path / "report" / "frontier.md").read_text()
-    assert "| svd-str | stacked | b2 |" in table and (tmp_path / "report" / "speech_frontier.png").is_file()
+    assert (
+        "| svd-str | stacked | b2 |" in table
+        and (tmp_path / "report" / "speech_frontier.png").is_file()
+    )
     gaps = pd.read_csv(tmp_path / "report" / "frontier_gaps.csv").set_index(["method", "budget"])
     assert ("str", "b1") in gaps.index and "minus the chosen fixed split" in table
 
@@ -294,3 +297,45 @@ def test_reduced_equal_compute_protocol(tmp_path, tiny_tree, monkeypatch):
     assert "| str-fixed | stacked | b05k | 3 |" in table
     written = pd.read_csv(tmp_path / "report" / "frontier_gaps_svd.csv")
     assert len(written) == len(gaps)
+
+
+def test_fixed_epochs_is_the_str_run_then_its_ranks_fine_tuned(tmp_path, tiny_tree):
+    """--model.fixed_epochs N: one command equals the two runs it stands for (STR, then
+    --model.allocation learned from its checkpoint for N epochs), bit for bit; the STR part is
+    kept in <out>/str and not run again; another param is refused with one line."""
+    common = ["--data-dir", str(tiny_tree), *FAST, "--target-params", "1200"]
+    one = main(["--out", str(tmp_path / "one"), *common, "--model.fixed_epochs", "1"])
+    main(["--out", str(tmp_path / "a"), *common])
+    two = main(
+        [
+            "--out",
+            str(tmp_path / "b"),
+            *common,
+            "--model.param",
+            "lowrank",
+            "--model.allocation",
+            "learned",
+            "--init-from",
+            str(tmp_path / "a" / "checkpoint.pt"),
+        ]
+    )
+    keys = ("test_acc", "val_acc", "params", "ranks", "cost_epochs", "method", "allocation")
+    assert {k: one[k] for k in keys} == {k: two[k] for k in keys}
+    assert one["cost_epochs"] == 2 and one["allocation"] == "learned"
+    learned = json.loads((tmp_path / "one" / "str" / "summary.json").read_text())
+    assert learned["method"] == "str" and learned["params"] == one["params"]
+    stamp = (tmp_path / "one" / "str" / "summary.json").stat().st_mtime_ns
+    main(["--out", str(tmp_path / "one"), *common, "--model.fixed_epochs", "1"])
+    assert (tmp_path / "one" / "str" / "summary.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="^model.fixed_epochs: needs model.param str"):
+        main(
+            [
+                "--out",
+                str(tmp_path / "c"),
+                *common[:-2],
+                "--model.param",
+                "full",
+                "--model.fixed_epochs",
+                "1",
+            ]
+        )
