@@ -6,7 +6,8 @@ A frontier sweep tags each run with its budget (``tag``); a run started from a t
 ``svd-str``: STR from the SVD, ``svd-energy`` / ``svd-greedy``: ranks allocated from the trained
 model's spectra, ``model.allocation``); STR with another threshold unit than the default
 ``init`` is ``str-<unit>`` (``svd-str-cost``), and a model fine-tuned at the ranks its STR
-source learned (``model.allocation learned``) is ``str-fixed``. Every point carries its
+source learned (``model.allocation learned``) is ``str-fixed`` (``svd-str-fixed`` when that
+STR run started from a trained model). Every point carries its
 compute, ``cost_epochs``: the training epochs of its runs including the full-rank run an SVD
 start needs, and one more fine-tuning per extra split tried when a fixed split is chosen from a
 grid. The tables read a sweep's results.csv or ``analysis.summaries``:
@@ -22,6 +23,7 @@ grid. The tables read a sweep's results.csv or ``analysis.summaries``:
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
@@ -60,7 +62,9 @@ def frontier_runs(table: pd.DataFrame) -> pd.DataFrame:
         method = method.where((method != "str") | unit.isin(["init", "None"]), "str-" + unit)
     t["method"] = method.where(~started, "svd-" + method)
     if "allocation" in t:  # an STR run's learned ranks, then fine-tuned at them
-        t["method"] = t["method"].where(t["allocation"].astype(str) != "learned", "str-fixed")
+        src = t["source_init_from"] if "source_init_from" in t else pd.Series(None, index=t.index)
+        fixed = np.where(src.notna() & (src.astype(str) != ""), "svd-str-fixed", "str-fixed")
+        t["method"] = t["method"].where(t["allocation"].astype(str) != "learned", fixed)
     t["budget"] = t["tag"].fillna("").astype(str) if "tag" in t else ""
     layout = t["split"].fillna("stacked").astype(str) if "split" in t else "stacked"
     if "layers" in t:  # a multi-layer model's layout names its depth: "stacked x2"

@@ -16,6 +16,7 @@ at the ranks it learned.
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -117,6 +118,7 @@ def build_task(cfg: SpeechConfig, info: DistInfo) -> Task:
             "split": cfg.model.split,
             "layers": cfg.model.layers,
             "init_from": cfg.model.init_from,
+            "source_init_from": source_start(cfg.model.init_from),
             "allocation": cfg.model.allocation,
             "threshold_scale": cfg.model.threshold_scale if cfg.model.param == "str" else None,
             "epochs": cfg.train.epochs,
@@ -153,6 +155,18 @@ def report(model: torch.nn.Module, out: Path, summary: dict, plots: bool = True)
 
         for path in plot_run(out):
             print(f"plot: {path}")
+
+
+def source_start(init_from: str | None) -> str | None:
+    """Where the run a model started from started itself (its summary.json ``init_from``): tells
+    STR from scratch from STR from a trained model when ``model.allocation learned`` fixes its
+    ranks."""
+    if not init_from:
+        return None
+    try:
+        return json.loads(Path(init_from).with_name("summary.json").read_text()).get("init_from")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def then_fixed(cfg: SpeechConfig) -> tuple[SpeechConfig, SpeechConfig]:

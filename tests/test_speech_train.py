@@ -1,6 +1,7 @@
 """speech/train_gru.py end to end on a tiny tree: run folder, ranks, spectra, export, resume."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -230,8 +231,8 @@ def test_reduced_frontier_protocol(tmp_path, tiny_tree, monkeypatch):
 
 def test_reduced_equal_compute_protocol(tmp_path, tiny_tree, monkeypatch):
     """configs/sweep_speech_equal_compute.yaml reduced (1 seed, the GRU's first 2 budgets,
-    hidden 16, 2 + 1 epochs against 3): every method is labelled apart (STR stacked and per
-    gate, the truncated SVD, energy, greedy, STR from the SVD with the cost unit, STR then
+    hidden 16, 2 + 2 or 2 + 1 + 1 epochs against 4): every method is labelled apart (STR stacked
+    and per gate, the truncated SVD, energy, greedy, STR from the SVD with the cost unit, STR then
     fine-tuned at its learned ranks), every method is charged the same compute, and the gaps
     pair each with the truncated SVD."""
     import subprocess
@@ -251,8 +252,10 @@ def test_reduced_equal_compute_protocol(tmp_path, tiny_tree, monkeypatch):
     for run in grid["runs"]:
         if run["tag"] not in ("full", "b05k", "b10k"):
             continue
-        if "epochs" in run:  # the full-rank source trains the base's 2
-            run = dict(run, epochs={30: 3, 10: 1}[run["epochs"]])
+        if "epochs" in run:  # the full-rank source trains the base's 2: everything costs 4
+            run = dict(run, epochs={30: 4, 10: 2, 5: 1}[run["epochs"]])
+        if "model.fixed_epochs" in run:
+            run["model.fixed_epochs"] = 1
         if "controller.target" in run:
             run["controller.target"] = targets[run["controller.target"]]
         if "model.rank_w" in run:
@@ -270,7 +273,7 @@ def test_reduced_equal_compute_protocol(tmp_path, tiny_tree, monkeypatch):
     argv = ["--track", "speech", "--grid", str(path), "--out", str(out), "--seeds", "0"]
     assert sweep.main(argv) == 0
     results = pd.read_csv(out / "results.csv")
-    assert len(results) == 17 and set(results["status"]) == {"ok"}
+    assert len(results) == 19 and set(results["status"]) == {"ok"}
     points = frontier_points(results).set_index(["method", "layout", "budget"])
     methods = {(m, lay) for m, lay, b in points.index if b == "b05k"}
     assert methods == {
@@ -281,22 +284,25 @@ def test_reduced_equal_compute_protocol(tmp_path, tiny_tree, monkeypatch):
         ("svd-greedy", "stacked"),
         ("svd-str-cost", "stacked"),
         ("str-fixed", "stacked"),
+        ("svd-str-fixed", "stacked"),
     }
     costs = points.drop(index="full", level="budget")["cost_epochs"]
-    assert set(costs.drop(index=["str"], level="method")) == {3}  # the STR sources cost 2
-    fixed = results[results["allocation"] == "learned"].set_index(["tag", "split"])
-    sources = results[results["run"].isin(fixed["init_from"].str.split("/").str[-2])]
-    assert sorted(fixed["params"]) == sorted(sources["params"])  # the learned ranks kept
+    assert set(costs.drop(index=["str"], level="method")) == {4}  # the STR sources cost 2
+    fixed = results[results["allocation"] == "learned"]
+    assert len(fixed) == 4
+    for init_from, params in zip(fixed["init_from"], fixed["params"]):  # learned ranks kept
+        source = json.loads((Path(init_from).parent / "summary.json").read_text())
+        assert source["method"] == "str" and source["params"] == params
     gaps = frontier_gaps(results, baseline="svd-lowrank")
-    assert len(gaps) == 2 * 7 and (gaps["n"] == 1).all()  # STR at 20 and 30 epochs apart
+    assert len(gaps) == 2 * 8 and (gaps["n"] == 1).all()  # STR at 20 and 30 epochs apart
     from strlowrank.analysis import report
 
     assert report.main([str(out), "--out", str(tmp_path / "report"), "--no-per-run"]) == 0
     table = (tmp_path / "report" / "frontier.md").read_text()
     assert "minus the truncated SVD at its chosen split" in table
-    assert "| str-fixed | stacked | b05k | 3 |" in table
+    assert "| str-fixed | stacked | b05k | 4 |" in table
     written = pd.read_csv(tmp_path / "report" / "frontier_gaps_svd.csv")
-    assert len(written) == len(gaps)
+    assert len(written) == len(gaps) + 2  # the report also finds the STR parts in <run>/str
 
 
 def test_fixed_epochs_is_the_str_run_then_its_ranks_fine_tuned(tmp_path, tiny_tree):
