@@ -35,9 +35,11 @@ class SpeechModelConfig:
         "gru", "gru | lstm | fastgrnn (one W, U shared by gate and update)", choices=CELLS
     )
     param: str = option(
-        "str",
-        "recurrent matrices: full | lowrank (fixed ranks) | str (learned)",
-        choices=("full", "lowrank", "str"),
+        "auto",
+        "recurrent matrices: full | lowrank (fixed ranks) | str (learned) | auto: str, except "
+        "with --init-from and --target-params, where the trained model's ranks are allocated "
+        "by spectral energy and fine-tuned (lowrank, allocation energy; docs/LEARNED_RANK.md)",
+        choices=("auto", "full", "lowrank", "str"),
     )
     hidden: int = option(128, "hidden units per layer", min=1)
     layers: int = option(1, "stacked recurrent layers", min=1)
@@ -161,7 +163,7 @@ def matrix_specs(cfg: SpeechModelConfig) -> tuple[MatrixSpec, MatrixSpec]:
     """The ``MatrixSpec`` of every W and of every U of the model (they differ in the fixed rank;
     an allocated model starts at rank 0 until `KeywordSpotter.set_ranks_`)."""
     common = dict(
-        kind=cfg.param,
+        kind="str" if cfg.param == "auto" else cfg.param,
         s_init=cfg.s_init,
         threshold_scale=cfg.threshold_scale,
         s_bias=cfg.s_bias,

@@ -169,6 +169,19 @@ def source_start(init_from: str | None) -> str | None:
         return None
 
 
+def resolve_param(cfg: SpeechConfig) -> None:
+    """``model.param auto``: STR (learned ranks), except from a trained model to a parameter
+    target, where the energy allocation of its spectra, fine-tuned, is what to use at equal
+    compute (docs/RESULTS.md, "Equal compute"): lowrank with ``model.allocation energy``."""
+    m = cfg.model
+    if m.param != "auto":
+        return
+    compressing = m.init_from and cfg.controller.metric == "params" and cfg.controller.target
+    m.param = "lowrank" if compressing else "str"
+    if compressing and m.allocation == "fixed":
+        m.allocation = "energy"
+
+
 def then_fixed(cfg: SpeechConfig) -> tuple[SpeechConfig, SpeechConfig]:
     """The two runs of ``--model.fixed_epochs N``: STR as configured into <out>/str, then the
     model at the ranks it learned (``model.allocation learned``) trained N epochs into <out>."""
@@ -186,6 +199,7 @@ def then_fixed(cfg: SpeechConfig) -> tuple[SpeechConfig, SpeechConfig]:
 def main(argv: Sequence[str] | None = None) -> dict:
     about = __doc__.split("\n\n")[0]
     cfg, args = parse_config(SpeechConfig, about, argv, prog="speech/train_gru.py")
+    resolve_param(cfg)
     if not cfg.model.fixed_epochs:
         return execute(cfg, args, build_task, report)
     learn, fixed = then_fixed(cfg)

@@ -345,3 +345,21 @@ def test_fixed_epochs_is_the_str_run_then_its_ranks_fine_tuned(tmp_path, tiny_tr
                 "1",
             ]
         )
+
+
+def test_auto_param_is_str_or_from_a_trained_model_the_energy_allocation(tmp_path, tiny_tree):
+    """model.param auto (the default): STR; with --init-from and --target-params the trained
+    model's ranks allocated by energy and fine-tuned; an explicit --model.param str keeps STR
+    fine-tuning from the SVD. The resolved choice is what config.yaml and summary.json record."""
+    common = ["--data-dir", str(tiny_tree), *FAST]
+    assert main(["--out", str(tmp_path / "str"), *common])["method"] == "str"
+    main(["--out", str(tmp_path / "full"), *common, "--model.param", "full"])
+    start = ["--init-from", str(tmp_path / "full" / "checkpoint.pt"), "--target-params", "1200"]
+    auto = main(["--out", str(tmp_path / "auto"), *common, *start])
+    assert (auto["method"], auto["allocation"]) == ("lowrank", "energy")
+    assert auto["params"] + 16 * 12 <= 1200  # recurrent + classifier within the target
+    assert load_config(SpeechConfig, tmp_path / "auto" / "config.yaml").model.param == "lowrank"
+    kept = main(["--out", str(tmp_path / "kept"), *common, *start, "--model.param", "str"])
+    assert (kept["method"], kept["allocation"]) == ("str", "fixed")
+    ranked = main(["--out", str(tmp_path / "r"), *common, *start[:2], "--target-rank", "10"])
+    assert ranked["method"] == "str"
