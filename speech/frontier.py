@@ -181,6 +181,17 @@ def split_label(split: str, layout: str) -> str:
     return "/".join(g[0] for g in groups)
 
 
+def _line_name(method: str, layout: str, cost: float, costs: pd.Series) -> tuple[str, str]:
+    """A frontier line's label and style: per gate dashed; where a method and layout come at
+    several costs (``costs``: their nunique and max), each line names its epochs and the cheaper
+    ones are dotted."""
+    label = f"{method}, {layout.replace('_', ' ')}" if layout != "stacked" else method
+    style = "--" if "per_gate" in layout else "-"
+    if costs["nunique"] > 1:
+        return f"{label}, {cost:g} epochs", style if cost == costs["max"] else ":"
+    return label, style
+
+
 @styled
 def plot_frontier(
     points: pd.DataFrame, title: str = "Parameters vs accuracy", max_cost: float | None = None
@@ -201,12 +212,17 @@ def plot_frontier(
     fig, (ax,) = new_figure(size=(9.0, 4.8))
     if "layout" not in points:
         points = points.assign(layout="stacked")
-    for (method, layout), rows in points.groupby(["method", "layout"], sort=False):
+    if "cost_epochs" not in points:
+        points = points.assign(cost_epochs=float("nan"))
+    most = points.groupby(["method", "layout"])["cost_epochs"].agg(["nunique", "max"])
+    for (method, layout, cost), rows in points.groupby(
+        ["method", "layout", "cost_epochs"], sort=False, dropna=False
+    ):
         rows = rows.sort_values("params")
         color, marker = method_color(str(method)), METHOD_MARKERS.get(str(method), "o")
         layout = str(layout)
         other = layout not in ("stacked", "per_gate")  # another model: two layers, an LSTM
-        style = "--" if "per_gate" in layout else "-"
+        label, style = _line_name(str(method), layout, cost, most.loc[(method, layout)])
         ax.errorbar(
             rows["params"] / 1e3,
             rows["mean"],
@@ -214,7 +230,7 @@ def plot_frontier(
             color=color,
             marker=marker,
             capsize=3,
-            label=f"{method}, {layout.replace('_', ' ')}" if layout != "stacked" else str(method),
+            label=label,
             markersize=9 if method == "full" else 6,
             linestyle=style,
             linewidth=1.0 if other else 1.5,

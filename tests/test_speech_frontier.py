@@ -212,3 +212,28 @@ def test_points_charge_their_compute_and_name_allocations():
     fig = plot_frontier(points.reset_index(), max_cost=30)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "svd-lowrank" not in labels and "svd-greedy" in labels and "str" in labels
+
+
+def test_frontier_draws_one_line_per_compute_and_a_color_per_method():
+    """STR at 20 and 30 epochs are two lines named by their epochs; the compressed methods get
+    colors of their own."""
+    from matplotlib.colors import to_hex
+
+    base = {"layout": "stacked", "budget": "b", "ci": 0.01, "split": ""}
+    points = pd.DataFrame(
+        [
+            base | {"method": "str", "params": p, "mean": 0.9, "cost_epochs": c}
+            for p in (5e3, 1e4)
+            for c in (20, 30)
+        ]
+        + [
+            base | {"method": m, "params": 5e3, "mean": 0.9, "cost_epochs": 30}
+            for m in ("svd-lowrank", "svd-energy", "svd-greedy", "str-fixed")
+        ]
+    )
+    ax = plot_frontier(points).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "str, 20 epochs" in labels and "str, 30 epochs" in labels
+    colors = {c.get_label(): to_hex(c.lines[0].get_color()) for c in ax.containers}
+    methods = ["svd-lowrank", "svd-energy", "svd-greedy", "str-fixed", "str, 30 epochs"]
+    assert len({colors[m] for m in methods}) == len(methods)

@@ -44,6 +44,13 @@ METHOD_COLORS = {
     "uniform": "#2ca02c",
     "transfer": "#9467bd",
     "lowrank": "#d62728",
+    "svd-lowrank": "#7f7f7f",
+    "svd-energy": "#bcbd22",
+    "svd-greedy": "#8c564b",
+    "svd-str": "#17becf",
+    "svd-str-cost": "#9edae5",
+    "str-fixed": "#e377c2",
+    "svd-str-fixed": "#f7b6d2",
 }
 _EXTRA_COLORS = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f")
 METHOD_MARKERS = {
