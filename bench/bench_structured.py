@@ -23,7 +23,6 @@ Run: python -m bench.bench_structured --threads 1 [--run RUN_DIR] [--batch 1 64]
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -32,8 +31,8 @@ from torch import nn
 from bench.common import add_common_args, interleaved, print_table, setup, summarize, write_json
 from strlowrank import budget_table, totals
 from strlowrank.export.structured_export import export_pruned_cnn
-from strlowrank.method.group_threshold import apply_group_threshold
-from vision.method import prune_to_macs
+from vision.data import input_size
+from vision.method import prune_to_macs, sparsify, structured_source
 from vision.models import build_model, first_last_layer_names
 
 
@@ -41,14 +40,17 @@ def learned_resnet20(
     run: Path, round_to: int | None = None
 ) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
     """(dense ResNet-20, the run's exported smaller network, input shape [C, H, W])."""
-    summary = json.loads((run / "summary.json").read_text())
+    cfg = structured_source(str(run / "checkpoint.pt"))
+    if cfg is None:
+        raise SystemExit(f"--run {run}: not a structured STR run (--method.granularity structured)")
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
-    size = state["config"]["data"].get("image_size") or 28
-    shape = (1, size, size)
+    size = input_size(cfg.data.name, cfg.data.image_size)
+    stem = next(v for k, v in state["model"].items() if k.startswith("conv1.") and v.dim() == 4)
+    shape = (stem.shape[1], size, size)
     classes = state["model"]["fc.weight"].shape[0]
-    model = build_model(summary.get("model", "resnet20"), classes, in_chans=1)
-    dense = build_model(summary.get("model", "resnet20"), classes, in_chans=1)
-    apply_group_threshold(model, torch.randn(1, *shape))
+    model = build_model(cfg.model.name, classes, in_chans=shape[0], width=cfg.model.width)
+    dense = build_model(cfg.model.name, classes, in_chans=shape[0])
+    sparsify(model, cfg, torch.randn(1, *shape))  # its thresholds (soft or hard gate)
     model.load_state_dict(state["model"])
     return dense.eval(), export_pruned_cnn(model, torch.randn(1, *shape), round_to), shape
 

@@ -25,7 +25,7 @@ CFG = dict(epochs=2, batch_size=16, lr=0.1, progress=False)  # 4 steps per epoch
 
 
 class StepCounter:
-    """Two of the six hooks: counts steps, reports the count as a metrics.csv column."""
+    """Two of the seven hooks: counts steps, reports the count as a metrics.csv column."""
 
     def __init__(self) -> None:
         self.steps: list[int] = []
@@ -38,10 +38,16 @@ class StepCounter:
 
 
 class AllHooks(StepCounter):
-    """All six hooks."""
+    """All seven hooks; on_before_step sees every gradient of the step before the weights move."""
 
     def bind(self, optimizer) -> None:
         self.optimizer = optimizer
+        self.before: list[bool] = []
+
+    def on_before_step(self, model) -> None:
+        # every gradient is there, and this step's on_step_end has not run yet
+        grads = all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        self.before.append(grads and len(self.steps) == len(self.before))
 
     def on_train_start(self, model, steps_per_epoch: int, epochs: int) -> None:
         self.plan = (steps_per_epoch, epochs)
@@ -61,6 +67,7 @@ def test_hooks_a_callback_lacks_are_skipped_and_the_others_called(tmp_path):
     assert full.optimizer is trainer.optimizer  # bind: once the optimizer exists
     trainer.fit()
     assert partial.steps == full.steps == list(range(8)) and full.plan == (4, 2)
+    assert full.before == [True] * 8
     assert list(pd.read_csv(tmp_path / "metrics.csv")["counted_steps"]) == [4.0, 8.0]
     assert trainer.state_dict()["callbacks"] == [{}, {"steps": list(range(8))}]
     again = make_task()
@@ -112,6 +119,6 @@ def test_the_library_callbacks_follow_the_protocols():
     assert isinstance(refactorize, OnStepEnd) and isinstance(refactorize, OnEpochEnd)
     assert not isinstance(refactorize, Stateful)
     check_callbacks([controller, gmp, refactorize])
-    # the dispatch table names each protocol's own methods, all six hooks
+    # the dispatch table names each protocol's own methods, all seven hooks
     assert all(hasattr(protocol, hook) for hook, protocol in HOOKS.items())
-    assert len(HOOKS) == 6
+    assert len(HOOKS) == 7

@@ -5,7 +5,9 @@ local processes; a restarted parallel sweep runs only what is missing."""
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -145,3 +147,50 @@ def test_threads_and_torchrun_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert multi[4:7] == ["--nnodes=2", "--node_rank=1", "--master_addr=n0"]
     with pytest.raises(ValueError, match="cluster"):
         launch.ClusterConfig(cluster="pbs")
+
+
+class _Threads:
+    """A stand-in for a submitit executor: every job starts at once in its own thread."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=4)
+
+    def update_parameters(self, **kwargs) -> None:
+        pass
+
+    def submit(self, fn):
+        future = self.pool.submit(fn)
+        return SimpleNamespace(done=future.done, result=future.result, job_id="t")
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_run_starts_after_the_run_it_starts_from(
+    tmp_path: Path, ordered: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two slots (and with jobs that all start at once), a launch whose ``after`` names
+    another starts once that one has finished (it reads the file the other writes last);
+    without ``after`` both start at once and it fails. The sweep fills ``after`` from the
+    ``{sweep}/<run>/`` references."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    write = f"import time, pathlib; time.sleep(1.5); pathlib.Path({str(first / 'x')!r}).touch()"
+    read = f"import pathlib, sys; sys.exit(0 if pathlib.Path({str(first / 'x')!r}).exists() else 3)"
+    launches = [
+        launch.Launch("a", [sys.executable, "-c", write], first),
+        launch.Launch("b", [sys.executable, "-c", read], second, ("a",) if ordered else ()),
+    ]
+    status = dict(launch.run_local(launches, jobs=2, threads=1))
+    assert status == {"a": 0, "b": 0 if ordered else 3}
+    (first / "x").unlink()
+    monkeypatch.setattr(launch, "executor", lambda folder, cfg: _Threads())
+    cluster = launch.ClusterConfig(poll_seconds=0.05)
+    assert dict(launch.run_submitit(launches, tmp_path / "jobs", cluster)) == status
+    runs = sweep.expand(
+        {
+            "runs": [
+                {"method.name": "dense"},
+                {"model.init_from": "{sweep}/name=dense__seed={seed}/c.pt"},
+            ]
+        },
+        seeds=[4],
+    )
+    assert sweep._references(runs[1]) == ("name=dense__seed=4",) and not sweep._references(runs[0])

@@ -79,6 +79,30 @@ def test_operator_equals_formula_and_gradients():
     assert torch.autograd.gradcheck(group_soft_threshold, (w_x, s_x))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_hard_gate_passes_kept_channels_whole_with_the_soft_gradient_for_s(fused):
+    """``hard``: kept channels equal W_c (no shrinkage), dead ones zero; dL/dW is the upstream
+    gradient on the kept channels, and dL/ds equals the soft threshold's dL/ds (float64, on
+    filters and on a 1-d gamma)."""
+    torch.manual_seed(0)
+    for w in (torch.randn(6, 3, 3, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)):
+        w[1] *= 0.05
+        s = torch.tensor(-1.5 if w.dim() > 1 else -0.5, dtype=torch.float64)
+        upstream = torch.randn_like(w)
+        grads = {}
+        for hard in (False, True):
+            w_x, s_x = w.clone().requires_grad_(), s.clone().requires_grad_()
+            out = group_soft_threshold(w_x, s_x, fused=fused, hard=hard)
+            grads[hard] = (out, *torch.autograd.grad(out, (w_x, s_x), upstream))
+        out, gw, gs = grads[True]
+        alive = (grads[False][0] != 0).to(w.dtype)
+        assert 0 < alive.sum() < alive.numel()
+        torch.testing.assert_close(out, w * alive)
+        torch.testing.assert_close(gw, upstream * alive)
+        torch.testing.assert_close(gs, grads[False][2])
+        assert gs != 0
+
+
 def test_filter_threshold_before_a_batchnorm_gets_no_gradient():
     """Why a conv followed by a BatchNorm is thresholded on gamma: in training the norm undoes
     each filter's scale, so a threshold on the filter norms gets no task gradient (up to the
@@ -219,12 +243,13 @@ def _net() -> nn.Module:
     )
 
 
-def test_channels_last_equals_contiguous():
-    """Outputs and gradients of W, s and BN of a channels_last structured net equal the
-    contiguous net's."""
+@pytest.mark.parametrize("hard", [False, True])
+def test_channels_last_equals_contiguous(hard):
+    """Outputs and gradients of W, s and BN of a channels_last structured net (soft threshold
+    or hard gate) equal the contiguous net's."""
     x = torch.randn(2, 3, 12, 12)
     ref = _net()
-    apply_group_threshold(ref, x[:1], s_init=-2.5)  # some channels dead, not all
+    apply_group_threshold(ref, x[:1], s_init=-2.5, hard=hard)  # some channels dead, not all
     model = copy.deepcopy(ref).to(memory_format=CL)
     F.cross_entropy(ref(x), torch.tensor([1, 2])).backward()
     F.cross_entropy(model(x.contiguous(memory_format=CL)), torch.tensor([1, 2])).backward()
@@ -234,13 +259,14 @@ def test_channels_last_equals_contiguous():
     assert all(p.s.grad.abs() > 0 for _, _, p in group_thresholds(model))
 
 
-def test_compile_equals_eager():
-    """torch.compile (one graph, no breaks) of a channels_last structured net: eager values and
-    gradients (the aot_eager backend: the graph capture without inductor's code generation,
-    which takes about a minute on a 2-core machine)."""
+@pytest.mark.parametrize("hard", [False, True])
+def test_compile_equals_eager(hard):
+    """torch.compile (one graph, no breaks) of a channels_last structured net (soft threshold
+    or hard gate): eager values and gradients (the aot_eager backend: the graph capture without
+    inductor's code generation, which takes about a minute on a 2-core machine)."""
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=CL)
     eager = _net()
-    apply_group_threshold(eager, x[:1], s_init=-2.5)
+    apply_group_threshold(eager, x[:1], s_init=-2.5, hard=hard)
     eager = eager.to(memory_format=CL)
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")

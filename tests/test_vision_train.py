@@ -156,17 +156,28 @@ def test_ddp_two_processes_agree(tmp_path, tiny_tree):
     assert proc.stdout.count("optimizer groups") == 1  # only rank 0 logs
 
 
-def test_structured_str_reaches_macs_target(tmp_path, tiny_tree):
-    """Structured STR with a MACs target: the structured budget (channels kept, MACs of the
-    smaller network) ends on the target, and the run's checkpoint exports to that network."""
+@pytest.mark.parametrize("gate", ["soft", "hard"])
+def test_structured_str_reaches_macs_target(tmp_path, tiny_tree, gate):
+    """Structured STR with a MACs target (soft threshold or hard gate): the structured budget
+    (channels kept, MACs of the smaller network) ends on the target, and the run's checkpoint
+    exports to that network."""
     pytest.importorskip("torch_pruning")  # structured STR's optional dependency
     import torch
 
     from strlowrank import budget_table, totals
     from strlowrank.export.structured_export import export_pruned_cnn
+    from strlowrank.method.group_threshold import group_thresholds
+    from vision.config import VisionConfig
+    from vision.method import smaller_network, sparsify, structured_source
     from vision.models import build_model
 
-    summary = run(tmp_path, tiny_tree, "--method.granularity=structured", "--target-macs=0.5")
+    summary = run(
+        tmp_path,
+        tiny_tree,
+        "--method.granularity=structured",
+        "--target-macs=0.5",
+        f"--method.gate={gate}",
+    )
     budget = pd.read_csv(tmp_path / "run" / "budget.csv")
     convs = budget[budget["kind"].str.contains("conv")]
     assert set(convs["param"]) == {"group"} and (convs["channels"] < convs["channels_dense"]).any()
@@ -174,21 +185,29 @@ def test_structured_str_reaches_macs_target(tmp_path, tiny_tree):
     assert summary["method"] == "str_structured"
     model = build_model("resnet20", 3)
     x = torch.randn(2, 3, 16, 16)
-    from strlowrank.method.group_threshold import apply_group_threshold
-
-    apply_group_threshold(model, x[:1])
     ckpt = tmp_path / "run" / "checkpoint.pt"
+    source = structured_source(str(ckpt))
+    assert isinstance(source, VisionConfig) and structured_source(str(ckpt) + ".x") is None
+    sparsify(model, source, x[:1])
+    assert {p.hard for _, _, p in group_thresholds(model)} == {gate == "hard"}
     model.load_state_dict(torch.load(ckpt)["model"])
     small = export_pruned_cnn(model, x[:1])
     assert totals(budget_table(small, x[:1]))["macs_dense"] == summary["macs_sparse"]
     with torch.no_grad():
         torch.testing.assert_close(small(x), model.eval()(x), rtol=1e-4, atol=1e-5)
-    # --init-from the structured run: the smaller network it learned, then trained as it is
-    from vision.config import VisionConfig
-    from vision.method import smaller_network, structured_source
+    # P5 (bench/bench_structured.py) times the same smaller network against the dense one
+    from bench.bench_structured import learned_resnet20
+    from bench.bench_structured import main as bench_main
 
-    source = structured_source(str(ckpt))
-    assert isinstance(source, VisionConfig) and structured_source(str(ckpt) + ".x") is None
+    bench_small = learned_resnet20(tmp_path / "run")[1]
+    with torch.no_grad():
+        torch.testing.assert_close(bench_small(x), small(x))
+    flags = ["--threads", "1", "--repeats", "1", "--batch", "2", "--models", "resnet20"]
+    (row,) = bench_main(
+        [*flags, "--run", str(tmp_path / "run"), "--json", str(tmp_path / "p5.json")]
+    )
+    assert row["macs_kept"] == pytest.approx(summary["macs_sparse"] / summary["macs_dense"])
+    # --init-from the structured run: the smaller network it learned, then trained as it is
     learned = smaller_network(build_model("resnet20", 3), source, str(ckpt), x[:1])
     assert learned.training and all(p.requires_grad for p in learned.parameters())
     with torch.no_grad():
@@ -229,6 +248,45 @@ def test_init_from_dense_run_and_group_norm_baseline(tmp_path, tiny_tree):
     assert load_pretrained(model, plain) == ["fc.weight", "fc.bias"]
 
 
+def test_group_regularization_then_group_norm_prune(tmp_path, tiny_tree):
+    """torch-pruning's sparse training (``--method.name group_reg``) from a dense run: at
+    coefficient 0 it is that run trained on, weight for weight; at a large one the BatchNorm
+    scales shrink, the least important channels most; a ``group_norm`` run started from it
+    prunes to the MACs asked for."""
+    pytest.importorskip("torch_pruning")
+    import torch
+
+    run(tmp_path / "dense", tiny_tree, "--method.name=dense")
+    ckpt = tmp_path / "dense" / "run" / "checkpoint.pt"
+    start = f"--init-from={ckpt}"
+    states = {}
+    for name, extra in [
+        ("plain", ["--method.name=dense"]),
+        ("reg0", ["--method.name=group_reg", "--method.group_reg=0"]),
+        ("reg", ["--method.name=group_reg", "--method.group_reg=0.05"]),
+    ]:
+        summary = run(tmp_path / name, tiny_tree, start, *extra)
+        states[name] = torch.load(tmp_path / name / "run" / "checkpoint.pt")["model"]
+    assert summary["method"] == "group_reg"
+    assert all(torch.equal(v, states["reg0"][k]) for k, v in states["plain"].items())
+    gammas = {
+        n: torch.cat([v.abs() for k, v in s.items() if "bn" in k and k.endswith("weight")])
+        for n, s in states.items()
+    }
+    low = gammas["plain"] < gammas["plain"].median()
+    shrink = gammas["reg"] / gammas["plain"]
+    assert shrink.mean() < 1 and shrink[low].mean() < shrink[~low].mean()
+    reg_ckpt = tmp_path / "reg" / "run" / "checkpoint.pt"
+    pruned = run(
+        tmp_path / "gn",
+        tiny_tree,
+        "--method.name=group_norm",
+        "--method.final_macs=0.4",
+        f"--init-from={reg_ckpt}",
+    )
+    assert 0.3 < pruned["macs_sparse"] / summary["macs_sparse"] <= 0.4
+
+
 def test_structured_bad_inputs_give_one_line(tmp_path, tiny_tree, capsys):
     """A wrong --init-from file, another architecture's checkpoint, a structured target the
     model cannot reach: one line each, exit status 2 (in process: `run_main` is what the
@@ -253,6 +311,7 @@ def test_structured_bad_inputs_give_one_line(tmp_path, tiny_tree, capsys):
             ],
             "out of reach of this structured model",
         ),
+        (["--method.gate=hard"], "method.gate: hard gates channels"),
     ]
     line = ["--out", str(tmp_path / "bad"), "--data-dir", str(tiny_tree), *FAST]
     for extra, message in cases:

@@ -11,7 +11,7 @@ from strlowrank.training.controller_config import ControllerConfig
 from strlowrank.training.train_config import TrainConfig
 from vision.models import MODELS
 
-METHODS = ("dense", "str", "gmp", "uniform", "transfer", "group_norm")
+METHODS = ("dense", "str", "gmp", "uniform", "transfer", "group_norm", "group_reg")
 GRANULARITIES = ("layer", "channel", "global", "structured")
 
 
@@ -46,7 +46,7 @@ class MethodConfig:
     """How the network is sparsified."""
 
     name: str = option(
-        "str", "dense | str | gmp | uniform | transfer | group_norm", choices=METHODS
+        "str", "dense | str | gmp | uniform | transfer | group_norm | group_reg", choices=METHODS
     )
     s_init: float = option(-10.0, "STR: initial threshold parameter; g(s_init) is the threshold")
     granularity: str = option(
@@ -54,6 +54,12 @@ class MethodConfig:
         "STR threshold: layer | channel | global (on weights) | structured (on each conv "
         "output channel, its BatchNorm's gamma or filter norm: removes channels)",
         choices=GRANULARITIES,
+    )
+    gate: str = option(
+        "soft",
+        "structured STR: soft (kept channels shrink by the threshold, as in STR) | hard (kept "
+        "channels pass whole; the threshold trains with the soft threshold's gradient)",
+        choices=("soft", "hard"),
     )
     keep_first_dense: bool = option(False, "leave the stem conv unsparsified")
     keep_last_dense: bool = option(False, "leave the classifier unsparsified")
@@ -69,6 +75,12 @@ class MethodConfig:
     budget: str | None = option(None, "transfer: budget.csv of an STR run (per-layer densities)")
     final_macs: float = option(
         0.5, "group_norm: MACs kept by the one-shot channel pruning, a fraction", min=0.001, max=1.0
+    )
+    group_reg: float = option(
+        5e-4,
+        "group_reg: coefficient of torch-pruning's group regularization (sparse training of the "
+        "dense network before a group_norm prune)",
+        min=0.0,
     )
 
 

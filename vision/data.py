@@ -290,6 +290,12 @@ def _cifar10(root: Path, image_size: int, augment: bool) -> tuple:
     return train, val
 
 
+def input_size(name: str, image_size: int | None = None) -> int:
+    """The model input side of dataset ``name``: ``image_size``, else 28 for fashion_mnist (its
+    native size: no padding, about 25% fewer MACs than 32), 32 cifar10, 224 otherwise."""
+    return image_size or {"fashion_mnist": 28, "cifar10": 32}.get(name, 224)
+
+
 def build_datasets(
     name: str = "fashion_mnist",
     root: str | Path | None = None,
@@ -316,7 +322,7 @@ def build_datasets(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "fashion_mnist":
-        size = image_size or 28  # native size: no padding, about 25% fewer MACs than 32
+        size = input_size(name, image_size)
         path = Path(root) if root is not None else ensure_fashion_mnist_tree(cache_dir)
         tfs = small_image_transforms(size, 28, FASHION_MEAN_STD, augment)
         train, val = image_folder_pair(path, *tfs, mode="L", skip_bad_images=skip_bad_images)
@@ -326,11 +332,11 @@ def build_datasets(
     if name == "cifar10":
         if not Path(root).is_dir():
             raise ValueError(f"data directory {root} does not exist")
-        train, val = _cifar10(Path(root), image_size or 32, augment)
+        train, val = _cifar10(Path(root), input_size(name, image_size), augment)
         return train, val, 10, 3
     mode = "L" if grayscale and name == "imagefolder" else "RGB"
     mean_std = ((0.5,), (0.5,)) if mode == "L" else IMAGENET_MEAN_STD
-    train_tf, val_tf = imagenet_transforms(image_size or 224, mean_std)
+    train_tf, val_tf = imagenet_transforms(input_size(name, image_size), mean_std)
     train, val = image_folder_pair(root, train_tf, val_tf, mode, skip_bad_images)
     return train, val, len(train.classes), 1 if mode == "L" else 3
 

@@ -8,7 +8,9 @@ prunes by magnitude on a schedule (ranked globally or per layer), ``uniform`` to
 sparsity in every layer, ``transfer`` each layer to the density an STR run learned (its
 budget.csv); ``group_norm`` removes channels once, before training, with torch-pruning's
 group-norm magnitude pruner to ``final_macs`` of the model's MACs (the structured baseline:
-start it ``--init-from`` a trained dense run). The first and last layers stay dense when the
+start it ``--init-from`` a trained dense run); ``group_reg`` trains the dense network under
+torch-pruning's group regularization (its sparse training: a ``group_norm`` run started
+``--init-from`` it then prunes). The first and last layers stay dense when the
 config says so. ``--init-from`` a structured STR run starts from the smaller network it learned
 (`smaller_network`: its dead channels removed), which any method then trains.
 """
@@ -21,7 +23,7 @@ import torch
 
 from strlowrank import apply_soft_threshold, budget_table, totals
 from strlowrank.method import pruning
-from strlowrank.method.channel_groups import group_norm_prune
+from strlowrank.method.channel_groups import GroupRegularizer, group_norm_prune
 from strlowrank.method.group_threshold import apply_group_threshold, group_thresholds
 from strlowrank.training.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from strlowrank.training.config import ConfigError, from_dict
@@ -40,8 +42,14 @@ def sparsify(model: torch.nn.Module, cfg: VisionConfig, example: torch.Tensor) -
     exclude = tuple(name for name, dense in keep if dense)
     if m.name == "dense":
         return []
+    if m.gate == "hard" and (m.name != "str" or m.granularity != "structured"):
+        raise ValueError(
+            "method.gate: hard gates channels; it needs --method.granularity structured"
+        )
     if m.name == "str" and m.granularity == "structured":
-        apply_group_threshold(model, example, exclude=exclude, s_init=m.s_init)
+        apply_group_threshold(
+            model, example, exclude=exclude, s_init=m.s_init, hard=m.gate == "hard"
+        )
         return []
     if m.name == "str":
         apply_soft_threshold(model, exclude=exclude, s_init=m.s_init, granularity=m.granularity)
@@ -49,6 +57,8 @@ def sparsify(model: torch.nn.Module, cfg: VisionConfig, example: torch.Tensor) -
     if m.name == "group_norm":
         prune_to_macs(model, example, m.final_macs, exclude=(last,))
         return []
+    if m.name == "group_reg":
+        return [GroupRegularizer(model, example, m.group_reg, [model.get_submodule(last)])]
     pruning.apply_masks(model, exclude=exclude)
     common = dict(start_epoch=m.start_epoch, end_epoch=m.end_epoch, update_every=m.update_every)
     if m.name == "transfer":

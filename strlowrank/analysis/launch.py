@@ -1,8 +1,10 @@
 """Launchers for the runs of a sweep: processes on this machine, or jobs on a cluster.
 
-A launch is a list of `Launch` items (a run's name, its command line and its run folder); each
-launcher yields ``(name, exit status)`` as runs finish, in whatever order they finish. The
-command's output goes to ``<folder>/train.log``.
+A launch is a list of `Launch` items (a run's name, its command line, its run folder and the
+runs it starts from); each launcher yields ``(name, exit status)`` as runs finish, in whatever
+order they finish, and starts a run only once the runs it names in ``after`` have finished (a
+run started ``--init-from`` another run's checkpoint). The command's output goes to
+``<folder>/train.log``.
 
 - `run_local(launches, jobs, threads)`: ``jobs`` runs at once as subprocesses, each with
   ``threads`` CPU threads (OMP_NUM_THREADS / MKL_NUM_THREADS; `threads_per_run` divides the
@@ -20,7 +22,7 @@ import shlex
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +31,18 @@ CLUSTERS = ("slurm", "local", "debug")
 
 @dataclass
 class Launch:
-    """One run to start: its name, its command line and its run folder."""
+    """One run to start: its name, its command line, its run folder and the names of the
+    launches that must finish before it starts."""
 
     name: str
     line: list[str]
     folder: Path
+    after: tuple[str, ...] = ()
+
+
+def _ready(waiting: list[Launch], pending: set[str]) -> list[Launch]:
+    """The launches of ``waiting`` that wait for none of ``pending`` (in order)."""
+    return [item for item in waiting if not pending.intersection(item.after)]
 
 
 @dataclass
@@ -95,12 +104,22 @@ def run_local(
 ) -> Iterator[tuple[str, int]]:
     """Run ``jobs`` launches at once on this machine, each with ``threads`` CPU threads (default
     `threads_per_run(jobs)`); yield (name, exit status) as each finishes."""
-    n = threads or threads_per_run(jobs)
+    n, slots = threads or threads_per_run(jobs), max(jobs, 1)
     env = {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
-    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        futures = {pool.submit(execute, item.line, item.folder, env): item for item in launches}
-        for future in as_completed(futures):
-            yield futures[future].name, future.result()
+    waiting, pending = list(launches), {item.name for item in launches}
+    with ThreadPoolExecutor(max_workers=slots) as pool:
+        running = {}
+        while waiting or running:
+            for item in _ready(waiting, pending)[: slots - len(running)]:
+                waiting.remove(item)
+                running[pool.submit(execute, item.line, item.folder, env)] = item
+            if not running:
+                raise ValueError(f"launches wait for each other: {[i.name for i in waiting]}")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                item = running.pop(future)
+                pending.discard(item.name)
+                yield item.name, future.result()
 
 
 @dataclass
@@ -188,13 +207,17 @@ def run_submitit(
     its reason is appended to the run's train.log."""
     ex = executor(folder, cfg)
     jobs = {}
-    for item in launches:
-        ex.update_parameters(name=item.name[:64])
-        jobs[item.name] = (
-            item,
-            ex.submit(ClusterJob(item.line, item.folder, cfg.nodes, cfg.gpus_per_node)),
-        )
-    while jobs:
+    waiting, pending = list(launches), {item.name for item in launches}
+    while waiting or jobs:
+        for item in _ready(waiting, pending):
+            waiting.remove(item)
+            ex.update_parameters(name=item.name[:64])
+            jobs[item.name] = (
+                item,
+                ex.submit(ClusterJob(item.line, item.folder, cfg.nodes, cfg.gpus_per_node)),
+            )
+        if not jobs:
+            raise ValueError(f"launches wait for each other: {[i.name for i in waiting]}")
         for name, (item, job) in list(jobs.items()):
             if not job.done():
                 continue
@@ -206,6 +229,7 @@ def run_submitit(
                 with open(item.folder / "train.log", "a") as log:
                     log.write(f"job {job.job_id} failed: {str(exc).strip()[-2000:]}\n")
                 status = -1
+            pending.discard(name)
             yield name, status
-        if jobs:
+        if jobs and not _ready(waiting, pending):
             time.sleep(cfg.poll_seconds)

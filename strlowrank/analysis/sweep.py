@@ -211,8 +211,18 @@ def _plan(
             print(shlex.join(line))
             rows[run.name] = result_row(run, folder, "pending")
         else:
-            todo.append(Launch(run.name, line, folder))
+            todo.append(Launch(run.name, line, folder, _references(run)))
     return rows, todo
+
+
+def _references(run: SweepRun) -> tuple[str, ...]:
+    """The runs of the sweep that ``run``'s values name as ``{sweep}/<run>/...``."""
+    seed = str(run.overrides.get("seed"))
+    return tuple(
+        ref.replace("{seed}", seed)
+        for value in run.overrides.values()
+        for ref in RUN_REFERENCE.findall(str(value))
+    )
 
 
 def run_sweep(

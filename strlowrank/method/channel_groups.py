@@ -242,3 +242,32 @@ def group_norm_prune(
         pruner.step()
     finally:
         model.train(was_training)
+
+
+class GroupRegularizer:
+    """torch-pruning's sparse training (``GroupNormPruner.regularize``, Fang et al., DepGraph,
+    CVPR 2023) as an engine callback: before every optimizer step, each coupled channel group's
+    weights (convs, linear inputs, BatchNorm scales) get ``reg`` * gamma_c * w added to their
+    gradient, gamma_c growing from 1 (the group's most important channel by L2 norm) to 16 (its
+    least), so unimportant channels decay towards zero before a one-shot group-norm prune
+    (`group_norm_prune`). ``ignored``: layers whose outputs stay (the classifier)."""
+
+    def __init__(
+        self, model: nn.Module, example_input: torch.Tensor, reg: float, ignored: list[nn.Module]
+    ) -> None:
+        tp = _torch_pruning()
+        was_training = model.training
+        model.eval()
+        try:
+            self.pruner = tp.pruner.GroupNormPruner(
+                model,
+                example_input,
+                importance=tp.importance.GroupMagnitudeImportance(p=2),
+                reg=reg,
+                ignored_layers=ignored,
+            )
+        finally:
+            model.train(was_training)
+
+    def on_before_step(self, model: nn.Module) -> None:
+        self.pruner.regularize(model)

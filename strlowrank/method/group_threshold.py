@@ -22,6 +22,11 @@ unit) is STR's S_g(gamma, s) (Kusupati et al., equation (2)), and a :class:`Chan
 multiplies beta_c and the filter W_c by 1[|gamma_c| > tau]. Either way a dead channel is exactly
 zero after its norm, and the network trains as the physically smaller one computes.
 
+``hard=True`` gates instead of shrinking: S_c = W_c 1[||W_c|| > tau], so a kept channel passes
+whole (no bias of tau on the channels that stay, as a relaxed lasso refits on the support the
+lasso selected), dL/dW_c = G_c 1[n_c > tau], and s gets the soft threshold's gradient above (a
+straight-through estimate: the change of the loss if every kept channel shrank with tau).
+
 Which channels the smaller network keeps (across residual adds a channel goes only when every
 conv that writes it is dead) is :mod:`strlowrank.method.channel_groups`' business; the coupling is
 traced once here and kept on the thresholds for :func:`strlowrank.method.budget.budget_table`.
@@ -55,17 +60,17 @@ def _group_norms(w: torch.Tensor) -> torch.Tensor:
 
 
 class _GroupSoftThresholdFn(torch.autograd.Function):
-    """S_c = W_c relu(n_c - tau) / n_c, tau = g(s) scale, in float32 (float64 for float64 W),
-    with the exact gradients of the module docstring. Saves W and s (leaves that live anyway)
-    and recomputes the norms."""
+    """S_c = W_c relu(n_c - tau) / n_c (``hard``: W_c 1[n_c > tau]), tau = g(s) scale, in
+    float32 (float64 for float64 W), with the gradients of the module docstring. Saves W and s
+    (leaves that live anyway) and recomputes the norms."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, s: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, s: torch.Tensor, scale: float, hard: bool) -> torch.Tensor:
         norms = _group_norms(w)
         tau = torch.sigmoid(_wide(s)) * scale
-        out = _wide(w) * (torch.relu(norms - tau) / norms.clamp_min(_TINY))
+        out = _shrink(_wide(w), norms, tau, hard)
         ctx.save_for_backward(w, s)
-        ctx.scale = scale
+        ctx.scale, ctx.hard = scale, hard
         return out.to(w.dtype)
 
     @staticmethod
@@ -80,38 +85,56 @@ class _GroupSoftThresholdFn(torch.autograd.Function):
         inner = (g32 * w32).sum(dim=tuple(range(1, w.dim())), keepdim=True)  # <G_c, W_c>
         zero = torch.zeros_like(norms)
         grad_w = grad_s = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.hard:
+            grad_w = (g32 * alive).to(grad.dtype)
+        elif ctx.needs_input_grad[0]:
             a = torch.where(alive, 1.0 - tau / safe, zero)
             b = torch.where(alive, tau * inner / safe**3, zero)
             grad_w = (a * g32 + b * w32).to(grad.dtype)
         if ctx.needs_input_grad[1]:
             d_tau = -torch.where(alive, inner / safe, zero).sum()
             grad_s = (d_tau * g * (1.0 - g) * ctx.scale).reshape(s.shape).to(s.dtype)
-        return grad_w, grad_s, None
+        return grad_w, grad_s, None, None
 
 
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def _shrink(w: torch.Tensor, norms: torch.Tensor, tau: torch.Tensor, hard: bool) -> torch.Tensor:
+    if hard:
+        return w * (norms > tau)
+    return w * (torch.relu(norms - tau) / norms.clamp_min(_TINY))
+
+
 def group_soft_threshold(
-    w: torch.Tensor, s: torch.Tensor, scale: float | None = None, fused: bool = True
+    w: torch.Tensor,
+    s: torch.Tensor,
+    scale: float | None = None,
+    fused: bool = True,
+    hard: bool = False,
 ) -> torch.Tensor:
-    """Return W_c relu(||W_c|| - tau) / ||W_c|| for every output channel c of ``w``.
+    """Return W_c relu(||W_c|| - tau) / ||W_c|| (``hard``: W_c 1[||W_c|| > tau]) for every
+    output channel c of ``w``.
 
     ``w`` [out, ...] (a 1-d ``w``: every entry its own group, sign(w) relu(|w| - tau)), ``s`` a
     scalar, tau = g(s) ``scale`` (default sqrt(n), n entries per channel). Computed in float32
     (float64 for float64 inputs; also under autocast) and cast back. ``fused=False`` gives the
-    plain expression, whose autograd has the same values and (sub-)gradients.
+    plain expression, whose autograd has the same values and (sub-)gradients (``hard``: the
+    gated W plus the soft threshold of a detached W, less its value, for the gradient of s).
     """
     if w.dim() == 1:
-        return group_soft_threshold(w.unsqueeze(1), s, scale, fused).squeeze(1)
+        return group_soft_threshold(w.unsqueeze(1), s, scale, fused, hard).squeeze(1)
     scale = math.sqrt(w[0].numel()) if scale is None else float(scale)
     with torch.autocast(device_type=w.device.type, enabled=False):
         if fused:
-            return _GroupSoftThresholdFn.apply(w, s, scale)
+            return _GroupSoftThresholdFn.apply(w, s, scale, hard)
         norms = _group_norms(w)
         tau = torch.sigmoid(_wide(s)) * scale
-        return (_wide(w) * (torch.relu(norms - tau) / norms.clamp_min(_TINY))).to(w.dtype)
+        out = _shrink(_wide(w), norms, tau, hard)
+        if hard:  # s's gradient: the soft threshold's, with W held fixed
+            soft = _shrink(_wide(w.detach()), norms.detach(), tau, False)
+            out = out + (soft - soft.detach())
+        return out.to(w.dtype)
 
 
 class GroupSoftThreshold(nn.Module):
@@ -119,21 +142,25 @@ class GroupSoftThreshold(nn.Module):
     on a conv's filters (``scale`` None: tau = g(s) sqrt(n)) or on a BatchNorm's gamma (1-d,
     ``scale`` 1: tau = g(s), gamma's initial value 1 as the unit).
 
-    ``coupling`` (set by :func:`apply_group_threshold`, shared by every layer of a model) says
-    which channels of which layers the physically smaller network removes together.
+    ``hard``: kept channels pass whole (a gate, no shrinkage). ``coupling`` (set by
+    :func:`apply_group_threshold`, shared by every layer of a model) says which channels of
+    which layers the physically smaller network removes together.
     """
 
     param_roles = {"s": "threshold"}
 
-    def __init__(self, s: nn.Parameter, scale: float | None = None, fused: bool = True) -> None:
+    def __init__(
+        self, s: nn.Parameter, scale: float | None = None, fused: bool = True, hard: bool = False
+    ) -> None:
         super().__init__()
         self.s = s
         self.scale = scale
         self.fused = fused
+        self.hard = hard
         self.coupling: ChannelCoupling | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return group_soft_threshold(w, self.s, self.scale, fused=self.fused)
+        return group_soft_threshold(w, self.s, self.scale, fused=self.fused, hard=self.hard)
 
     def threshold(self) -> torch.Tensor:
         """g(s), detached: the filter RMS (or |gamma|) below which a channel is zero."""
@@ -175,11 +202,13 @@ def apply_group_threshold(
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
     s_init: float = -10.0,
+    hard: bool = False,
 ) -> list[str]:
     """Give every selected conv of ``model`` a channel threshold and trace the channel coupling
     of the smaller network (one forward of ``example_input``). A conv followed by a BatchNorm:
     the soft threshold on gamma, beta and the conv's filters gated; otherwise on the filters'
-    norms. Linear layers are left alone (a classifier's outputs are its classes).
+    norms. Linear layers are left alone (a classifier's outputs are its classes). ``hard``:
+    kept channels pass whole (:class:`GroupSoftThreshold`).
 
     Returns the qualified names of the convs, in network order.
     """
@@ -195,9 +224,9 @@ def apply_group_threshold(
         s = nn.Parameter(torch.tensor(float(s_init), device=module.weight.device))
         bn = modules[norms[name]] if name in norms else None
         if bn is None or getattr(bn, "weight", None) is None or _parametrized(bn):
-            _register(module, "weight", GroupSoftThreshold(s), coupling)
+            _register(module, "weight", GroupSoftThreshold(s, hard=hard), coupling)
             continue
-        _register(bn, "weight", GroupSoftThreshold(s, scale=1.0), coupling)
+        _register(bn, "weight", GroupSoftThreshold(s, scale=1.0, hard=hard), coupling)
         _register(bn, "bias", ChannelGate(bn.parametrizations.weight))
         _register(module, "weight", ChannelGate(bn.parametrizations.weight))
     return [n for n, _ in selected]

@@ -1,14 +1,17 @@
-"""The engine's callback protocol: six optional hooks, one Protocol each, and one dispatch.
+"""The engine's callback protocol: seven optional hooks, one Protocol each, and one dispatch.
 
 A callback is any object with some of these methods; the engine calls each one it has:
 
     bind(optimizer)                                    once the optimizer exists (it may steer it)
     on_train_start(model, steps_per_epoch, epochs)     before the first step (also on resume)
+    on_before_step(model)                              after backward, gradients unscaled, before
+                                                       optimizer.step() (a regularizer's gradient)
     on_step_end(model, step)                           after optimizer.step(); step counts from 0
     on_epoch_end(model, epoch) -> dict | None          extra metrics.csv columns of the epoch
     state_dict() -> dict, load_state_dict(state)       stored in and restored from the checkpoint
 
-GMP mask updates, low-rank re-factorization and the budget controller are callbacks. A public
+GMP mask updates, low-rank re-factorization, the budget controller and torch-pruning's group
+regularization are callbacks. A public
 name ``on_*`` that is no hook (a misspelt ``on_epoch_ends``) and a ``state_dict`` without its
 ``load_state_dict`` (or the reverse) are errors (:func:`check_callbacks`), never skipped.
 """
@@ -33,6 +36,11 @@ class OnTrainStart(Protocol):
 
 
 @runtime_checkable
+class OnBeforeStep(Protocol):
+    def on_before_step(self, model: nn.Module) -> None: ...
+
+
+@runtime_checkable
 class OnStepEnd(Protocol):
     def on_step_end(self, model: nn.Module, step: int) -> None: ...
 
@@ -49,12 +57,13 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-Callback = Bind | OnTrainStart | OnStepEnd | OnEpochEnd | Stateful
+Callback = Bind | OnTrainStart | OnBeforeStep | OnStepEnd | OnEpochEnd | Stateful
 
 # every hook the engine calls -> the protocol that declares it
 HOOKS: dict[str, type] = {
     "bind": Bind,
     "on_train_start": OnTrainStart,
+    "on_before_step": OnBeforeStep,
     "on_step_end": OnStepEnd,
     "on_epoch_end": OnEpochEnd,
     "state_dict": Stateful,

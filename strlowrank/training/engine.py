@@ -218,8 +218,12 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.cfg.clip_grad > 0:
+        before = [cb for cb in self.task.callbacks if hasattr(cb, "on_before_step")]
+        if self.cfg.clip_grad > 0 or before:
             self.scaler.unscale_(self.optimizer)
+        for cb in before:
+            call_hook(cb, "on_before_step", self.model)
+        if self.cfg.clip_grad > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
