@@ -107,7 +107,8 @@ def config_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Fi
     return out
 
 
-FREE_TEXT = {"out", "tag", "data.root", "method.budget", "model.init_from"}  # paths and labels
+# paths, labels and name patterns
+FREE_TEXT = {"out", "tag", "data.root", "method.budget", "model.init_from", "method.dense_layers"}
 
 
 @pytest.mark.parametrize("track", ["vision", "speech"])

@@ -248,6 +248,27 @@ def test_init_from_dense_run_and_group_norm_baseline(tmp_path, tiny_tree):
     assert load_pretrained(model, plain) == ["fc.weight", "fc.bias"]
 
 
+def test_structured_str_on_the_inner_widths_only(tmp_path, tiny_tree):
+    """``--method.streams keep``: the convs that write a residual stream (found from the
+    channel coupling) keep every channel (no threshold), the blocks' inner convs carry the
+    thresholds, and the MACs target is met by the inner widths alone. On ResNet-20 it is
+    ``--method.dense_layers`` with the streams' writers by name, run for run."""
+    pytest.importorskip("torch_pruning")
+    streams = '["conv1", "*.conv2", "*.downsample.*"]'
+    flags = ["--method.granularity=structured", "--target-macs=0.5"]
+    summary = run(tmp_path, tiny_tree, *flags, "--method.streams=keep")
+    by_name = run(tmp_path / "names", tiny_tree, *flags, f"--method.dense_layers={streams}")
+    assert summary["val_acc"] == by_name["val_acc"] and summary["nnz"] == by_name["nnz"]
+    budget = pd.read_csv(tmp_path / "run" / "budget.csv")
+    convs = budget[budget["kind"].str.contains("conv")].set_index("name")
+    stream = convs.index.str.endswith(("conv2", "downsample.0")) | (convs.index == "conv1")
+    assert (convs.loc[stream, "param"] == "dense").all()
+    assert (convs.loc[stream, "channels"] == convs.loc[stream, "channels_dense"]).all()
+    assert (convs.loc[~stream, "param"] == "group").all()
+    assert (convs.loc[~stream, "channels"] < convs.loc[~stream, "channels_dense"]).any()
+    assert summary["macs_sparse"] / summary["macs_dense"] == pytest.approx(0.5, abs=0.03)
+
+
 def test_group_regularization_then_group_norm_prune(tmp_path, tiny_tree):
     """torch-pruning's sparse training (``--method.name group_reg``) from a dense run: at
     coefficient 0 it is that run trained on, weight for weight; at a large one the BatchNorm
@@ -311,7 +332,8 @@ def test_structured_bad_inputs_give_one_line(tmp_path, tiny_tree, capsys):
             ],
             "out of reach of this structured model",
         ),
-        (["--method.gate=hard"], "method.gate: hard gates channels"),
+        (["--method.gate=hard"], "method.gate / method.streams: channel options"),
+        (['--method.dense_layers=["*.conv9"]'], "method.dense_layers: '*.conv9' matches no layer"),
     ]
     line = ["--out", str(tmp_path / "bad"), "--data-dir", str(tiny_tree), *FAST]
     for extra, message in cases:

@@ -61,7 +61,19 @@ class MethodConfig:
         "channels pass whole; the threshold trains with the soft threshold's gradient)",
         choices=("soft", "hard"),
     )
+    streams: str = option(
+        "learn",
+        "structured STR: learn (threshold every conv) | keep (no threshold on convs that write a "
+        "residual stream with others: only the blocks' inner widths are learned)",
+        choices=("learn", "keep"),
+    )
     keep_first_dense: bool = option(False, "leave the stem conv unsparsified")
+    dense_layers: list[str] = option(
+        help="layers left unsparsified, as name patterns (fnmatch over qualified module names), "
+        'e.g. ["*.conv2", "*.downsample.*"]: structured STR then learns only the residual '
+        "blocks' inner widths (the streams keep theirs)",
+        factory=list,
+    )
     keep_last_dense: bool = option(False, "leave the classifier unsparsified")
     final_sparsity: float = option(0.9, "gmp/uniform: final overall sparsity", min=0.0, max=0.999)
     gmp_scope: str = option(

@@ -18,6 +18,7 @@ config says so. ``--init-from`` a structured STR run starts from the smaller net
 from __future__ import annotations
 
 import copy
+import fnmatch
 
 import torch
 
@@ -39,16 +40,29 @@ def sparsify(model: torch.nn.Module, cfg: VisionConfig, example: torch.Tensor) -
     m = cfg.method
     first, last = first_last_layer_names(model)
     keep = ((first, m.keep_first_dense), (last, m.keep_last_dense))
-    exclude = tuple(name for name, dense in keep if dense)
+    exclude = tuple(name for name, dense in keep if dense) + tuple(m.dense_layers)
+    names = [name for name, _ in model.named_modules()]
+    for pattern in m.dense_layers:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(
+                f"method.dense_layers: {pattern!r} matches no layer of {cfg.model.name}"
+            )
     if m.name == "dense":
         return []
-    if m.gate == "hard" and (m.name != "str" or m.granularity != "structured"):
+    structured = m.name == "str" and m.granularity == "structured"
+    if not structured and (m.gate == "hard" or m.streams == "keep"):
         raise ValueError(
-            "method.gate: hard gates channels; it needs --method.granularity structured"
+            "method.gate / method.streams: channel options; they need --method.granularity "
+            "structured"
         )
-    if m.name == "str" and m.granularity == "structured":
+    if structured:
         apply_group_threshold(
-            model, example, exclude=exclude, s_init=m.s_init, hard=m.gate == "hard"
+            model,
+            example,
+            exclude=exclude,
+            s_init=m.s_init,
+            hard=m.gate == "hard",
+            keep_streams=m.streams == "keep",
         )
         return []
     if m.name == "str":

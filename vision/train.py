@@ -2,8 +2,8 @@
 
     python vision/train.py                                  # STR ResNet-20 on the shipped subset
     python vision/train.py --method.name gmp --method.final_sparsity 0.9
-    python vision/train.py --method.granularity structured --target-macs 0.3 \\
-        --controller.correction track                     # whole channels: a smaller CNN
+    python vision/train.py --method.granularity structured --method.streams keep \\
+        --target-macs 0.3 --controller.correction track   # whole channels: a smaller CNN
     python vision/train.py --init-from runs/dense/checkpoint.pt --target-sparsity 0.9 --epochs 7
     python vision/train.py --init-from runs/structured/checkpoint.pt --method.name dense
                                                           # fine-tune the smaller CNN it learned

@@ -203,12 +203,16 @@ def apply_group_threshold(
     exclude: Sequence[str] = (),
     s_init: float = -10.0,
     hard: bool = False,
+    keep_streams: bool = False,
 ) -> list[str]:
     """Give every selected conv of ``model`` a channel threshold and trace the channel coupling
     of the smaller network (one forward of ``example_input``). A conv followed by a BatchNorm:
     the soft threshold on gamma, beta and the conv's filters gated; otherwise on the filters'
     norms. Linear layers are left alone (a classifier's outputs are its classes). ``hard``:
-    kept channels pass whole (:class:`GroupSoftThreshold`).
+    kept channels pass whole (:class:`GroupSoftThreshold`). ``keep_streams``: convs whose
+    output channels other convs write too (a residual stream: the stem, every block's last conv,
+    the shortcuts) get no threshold, so only channels with one writer (a block's inner width) are
+    learned.
 
     Returns the qualified names of the convs, in network order.
     """
@@ -218,6 +222,15 @@ def apply_group_threshold(
     if not selected:
         raise ValueError(f"apply_group_threshold: no conv module matches include={include}")
     coupling = coupled_channels(model, example_input)
+    if keep_streams:
+        shared = {
+            m.name
+            for g in coupling.groups
+            if sum(m.side == "out" for m in g.members) > 1
+            for m in g.members
+            if m.side == "out"
+        }
+        selected = [(n, m) for n, m in selected if n not in shared]
     norms = norm_after(model, example_input)
     modules = dict(model.named_modules())
     for name, module in selected:
