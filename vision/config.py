@@ -70,8 +70,8 @@ class MethodConfig:
     keep_first_dense: bool = option(False, "leave the stem conv unsparsified")
     dense_layers: list[str] = option(
         help="layers left unsparsified, as name patterns (fnmatch over qualified module names), "
-        'e.g. ["*.conv2", "*.downsample.*"]: structured STR then learns only the residual '
-        "blocks' inner widths (the streams keep theirs)",
+        'e.g. ["fc"] or, on a ResNet-20, ["conv1", "*.conv2", "*.downsample.*"] (the convs that '
+        "--method.streams keep leaves unthresholded)",
         factory=list,
     )
     keep_last_dense: bool = option(False, "leave the classifier unsparsified")
