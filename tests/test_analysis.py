@@ -374,3 +374,20 @@ def test_every_figure_is_drawn_in_the_project_style():
     unstyled = [f.__name__ for f in figures if not hasattr(f, "__wrapped__")]
     assert not unstyled, unstyled
     assert not hasattr(plotting.new_figure, "__wrapped__")
+
+
+def test_a_long_run_name_stays_inside_its_figures(tmp_path):
+    """A sweep run's folder name (about 100 characters) is wrapped in every title and legend
+    entry, so no line of text is wider than its figure; short names stay on the title's line."""
+    name = "name=str__granularity=structured__dense_layers=-conv1-.conv2-.downsample.-__" + "x" * 30
+    figs = plotting.run_figures(analysis.load_run(write_run(tmp_path / name, method="str")))
+    for fig in figs.values():
+        fig.canvas.draw()
+        width = fig.bbox.width
+        texts = [fig._suptitle] + [t for ax in fig.axes for t in ax.texts + [ax.title]]
+        texts += [t for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        texts += [t for leg in fig.legends for t in leg.get_texts()]
+        for text in texts:
+            if text is not None and text.get_text():
+                assert text.get_window_extent().width <= width, text.get_text()
+    assert "\n" not in plotting.wrapped("short") and plotting.wrapped("a" * 130).count("\n") == 1

@@ -332,8 +332,12 @@ def test_structured_bad_inputs_give_one_line(tmp_path, tiny_tree, capsys):
             ],
             "out of reach of this structured model",
         ),
-        (["--method.gate=hard"], "method.gate / method.streams: channel options"),
-        (['--method.dense_layers=["*.conv9"]'], "method.dense_layers: '*.conv9' matches no layer"),
+        (["--method.gate=hard"], "method.gate hard: a channel option"),
+        (["--method.streams=keep"], "method.streams keep: a channel option"),
+        (
+            ['--method.dense_layers=["*.conv9"]'],
+            "method.dense_layers: '*.conv9' matches no conv or linear layer",
+        ),
     ]
     line = ["--out", str(tmp_path / "bad"), "--data-dir", str(tiny_tree), *FAST]
     for extra, message in cases:

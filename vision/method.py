@@ -18,7 +18,6 @@ config says so. ``--init-from`` a structured STR run starts from the smaller net
 from __future__ import annotations
 
 import copy
-import fnmatch
 
 import torch
 
@@ -26,6 +25,7 @@ from strlowrank import apply_soft_threshold, budget_table, totals
 from strlowrank.method import pruning
 from strlowrank.method.channel_groups import GroupRegularizer, group_norm_prune
 from strlowrank.method.group_threshold import apply_group_threshold, group_thresholds
+from strlowrank.method.threshold import select_modules
 from strlowrank.training.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from strlowrank.training.config import ConfigError, from_dict
 from strlowrank.training.controller import BudgetController
@@ -41,20 +41,21 @@ def sparsify(model: torch.nn.Module, cfg: VisionConfig, example: torch.Tensor) -
     first, last = first_last_layer_names(model)
     keep = ((first, m.keep_first_dense), (last, m.keep_last_dense))
     exclude = tuple(name for name, dense in keep if dense) + tuple(m.dense_layers)
-    names = [name for name, _ in model.named_modules()]
     for pattern in m.dense_layers:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+        if not select_modules(model, (pattern,)):
             raise ValueError(
-                f"method.dense_layers: {pattern!r} matches no layer of {cfg.model.name}"
+                f"method.dense_layers: {pattern!r} matches no conv or linear layer of "
+                f"{cfg.model.name}"
             )
     if m.name == "dense":
         return []
     structured = m.name == "str" and m.granularity == "structured"
-    if not structured and (m.gate == "hard" or m.streams == "keep"):
-        raise ValueError(
-            "method.gate / method.streams: channel options; they need --method.granularity "
-            "structured"
-        )
+    for field, value in (("gate", m.gate), ("streams", m.streams)):
+        if not structured and value in ("hard", "keep"):
+            raise ValueError(
+                f"method.{field} {value}: a channel option; it needs --method.granularity "
+                "structured"
+            )
     if structured:
         apply_group_threshold(
             model,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ParamSpec
@@ -101,6 +102,12 @@ def styled(plot: Callable[P, Figure]) -> Callable[P, Figure]:
     return wrapper
 
 
+def wrapped(text: str, width: int = 90) -> str:
+    """``text`` in lines of at most ``width`` characters (long run names break anywhere), so a
+    title or legend entry stays inside its figure."""
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text
+
+
 def method_color(method: str) -> str:
     """The one color of a method in every figure (unknown methods get a stable extra color)."""
     if method in METHOD_COLORS:
@@ -150,7 +157,7 @@ def _run_styles(table: pd.DataFrame) -> dict[str, dict]:
         }
     for run, st in out.items():  # legend label: each run, or each method when there are many
         st["label"] = (
-            f"{run} ({st['method']})"
+            wrapped(f"{run} ({st['method']})", 70)
             if len(out) <= MAX_LEGEND
             else (st["method"] if st["first"] else "_nolegend_")
         )
@@ -537,6 +544,8 @@ def run_figures(run: Run) -> dict[str, Figure]:
     """The single-run figures that apply to ``run``, by file stem."""
     figs: dict[str, Figure] = {}
     name = f"{run.label} ({run.method})"
+    if len(name) > 60:  # titles get their own lines: "Per-layer budget:\n<long run name>"
+        name = "\n" + wrapped(name, 60)
     budget = analysis.budgets([run])
     if budget is not None:
         figs["budget"] = plot_layer_budget(budget, f"Per-layer budget: {name}")

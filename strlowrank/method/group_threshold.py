@@ -231,6 +231,8 @@ def apply_group_threshold(
             if m.side == "out"
         }
         selected = [(n, m) for n, m in selected if n not in shared]
+        if not selected:
+            raise ValueError("apply_group_threshold: every selected conv writes a residual stream")
     norms = norm_after(model, example_input)
     modules = dict(model.named_modules())
     for name, module in selected:

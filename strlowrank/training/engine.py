@@ -140,6 +140,7 @@ class Trainer:
             self.groups, cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.role_optimizer
         )
         check_callbacks(task.callbacks)
+        self.before_step = [cb for cb in task.callbacks if hasattr(cb, "on_before_step")]
         for cb in task.callbacks:  # callbacks that steer the optimizer (budget controller)
             call_hook(cb, "bind", self.optimizer)
         self.warmup_steps, self.total_steps = round(cfg.warmup_epochs * self.steps_per_epoch), total
@@ -218,10 +219,9 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        before = [cb for cb in self.task.callbacks if hasattr(cb, "on_before_step")]
-        if self.cfg.clip_grad > 0 or before:
+        if self.cfg.clip_grad > 0 or self.before_step:
             self.scaler.unscale_(self.optimizer)
-        for cb in before:
+        for cb in self.before_step:
             call_hook(cb, "on_before_step", self.model)
         if self.cfg.clip_grad > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
